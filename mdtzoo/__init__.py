@@ -1,0 +1,10 @@
+"""mdtzoo: a modular component zoo for mask-diffusion research (MDT, DiT).
+
+Importing the package registers every built-in component. Registration modules
+are imported here by name, so nothing registers by accident (STYLE.md).
+"""
+
+__version__ = "0.1.0"
+
+from mdtzoo import registry  # noqa: F401
+from mdtzoo import masking, posenc, interp, models  # noqa: F401,E402  (registration)

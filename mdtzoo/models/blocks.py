@@ -1,0 +1,157 @@
+"""The transformer parts shared by DiT and MDT: embedders, adaLN-Zero block, final layer.
+
+Facts follow the DiT / MDT reference code (SPEC section 2); key names inside a
+block match the reference checkpoints so that conversion only renames prefixes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from torch import nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation. x: (B, N, D); shift, scale: (B, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None, impl: str = "sdpa"
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v. q, k, v: (B, H, N, d); bias: (H, N, N) or (B, H, N, N).
+
+    The one place attention is computed, so a faster kernel for the biased case can
+    replace it. ``impl="explicit"`` spells the maths out (the reference for tests).
+    """
+    if impl == "sdpa":
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    if impl == "explicit":
+        logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        if bias is not None:
+            logits = logits + bias
+        return logits.softmax(dim=-1) @ v
+    raise ValueError(f"unknown attention impl {impl!r}; valid: 'sdpa', 'explicit'")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with an optional relative position bias module.
+
+    x: (B, N, D) -> (B, N, D). ``ids_keep`` (B, K) tells the bias which grid
+    positions the N = K tokens sit at in the masked pass.
+    """
+
+    def __init__(self, dim: int, num_heads: int, rel_pos_bias: nn.Module | None = None, impl: str = "sdpa"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_bias = rel_pos_bias
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        bias = self.rel_pos_bias(ids_keep) if self.rel_pos_bias is not None else None
+        out = attention(q, k, v, bias, impl=self.impl)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """DiT block with adaLN-Zero conditioning; optionally fuses a skip input first (MDT v2).
+
+    x: (B, N, D), c: (B, D), skip: (B, N, D) or None -> (B, N, D).
+    With ``skip_linear``: x <- Linear(2D -> D)([x, skip]) before the block (U-ViT long skips,
+    MDT v2 dense input skips).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        rel_pos_bias: nn.Module | None = None,
+        skip: bool = False,
+        attn_impl: str = "sdpa",
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads, rel_pos_bias=rel_pos_bias, impl=attn_impl)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+
+    def forward(self, x, c, skip=None, ids_keep=None):
+        if self.skip_linear is not None:
+            if skip is None:
+                raise ValueError("this block fuses a skip input (skip_linear) but got none")
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm -> adaLN modulate (shift, scale) -> Linear(D, p*p*C_out). (B, N, D) -> (B, N, p*p*C_out)."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(B,) timesteps (may be fractional) -> (B, dim): [cos(t f_k), sin(t f_k)], f_k = exp(-ln(P) k / (dim/2))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """(B,) t -> (B, D): 256 sinusoidal frequencies, then Linear -> SiLU -> Linear."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.frequency_dim))
+
+
+class LabelEmbedder(nn.Module):
+    """(B,) labels -> (B, D); row ``num_classes`` is the null class for classifier-free guidance.
+
+    In training, each label is replaced by the null class with probability ``dropout_prob``.
+    """
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = float(dropout_prob)
+        self.embedding_table = nn.Embedding(num_classes + int(self.dropout_prob > 0), dim)
+
+    def forward(self, labels, train: bool, generator: torch.Generator | None = None):
+        if train and self.dropout_prob > 0:
+            gen_device = generator.device if generator is not None else labels.device
+            drop = torch.rand(labels.shape[0], device=gen_device, generator=generator) < self.dropout_prob
+            labels = torch.where(drop.to(labels.device), self.num_classes, labels)
+        return self.embedding_table(labels)
