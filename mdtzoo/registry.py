@@ -115,9 +115,12 @@ class Registry:
         return configured(**kwargs)
 
     def resolve(self, spec: Any, **kwargs: Any) -> Any:
-        """A component from a spec: a registered name is built, anything else passes through."""
+        """A component from a spec: a name is built, a class or factory (a gin reference
+        without parentheses, ``@masking.block``) is called, an instance passes through."""
         if isinstance(spec, str):
             return self.build(spec, **kwargs)
+        if inspect.isclass(spec) or inspect.isfunction(spec):
+            return spec(**kwargs)
         return spec
 
     def names(self) -> list[str]:

@@ -20,7 +20,7 @@ def build(name_or_obj, kind: str, dim: int, grid: tuple[int, int], num_heads: in
     Raises ValueError when an entry of the other kind is put in the slot, naming the valid ones.
     """
     if not isinstance(name_or_obj, str):
-        return name_or_obj
+        return POSENC.resolve(name_or_obj, dim=dim, grid=tuple(grid), num_heads=num_heads)
     entry_kind = getattr(POSENC.get(name_or_obj), "kind", "any")
     if entry_kind not in (kind, "any"):
         valid = [n for n in POSENC.names() if getattr(POSENC.get(n), "kind", "any") in (kind, "any")]

@@ -1,0 +1,5 @@
+import sys
+
+from mdtzoo.launch.cli import main
+
+sys.exit(main())
