@@ -134,7 +134,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.frequency_dim))
+        freq = timestep_embedding(t, self.frequency_dim)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # float32 table, cast for float64 tests
 
 
 class LabelEmbedder(nn.Module):

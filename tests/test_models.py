@@ -1,0 +1,241 @@
+"""Models: parameter counts, init, the masked pass, the side-interpolator, options and errors."""
+
+import gin
+import pytest
+import torch
+
+from mdtzoo.interp import Interpolator, scatter_back
+from mdtzoo.masking import from_mask, from_shuffle
+from mdtzoo.models import build_model, count_parameters
+from mdtzoo.models.blocks import Block, attention
+from mdtzoo.registry import MODELS
+
+# SPEC section 2: published parameter counts (exact for DiT, in M to 3 decimals for MDT).
+DIT_COUNTS = {"dit_s2": 32_963_360, "dit_b2": 130_512_416, "dit_l2": 458_102_816, "dit_xl2": 675_129_632}
+MDT_COUNTS_M = {
+    "mdt_s2": 35.797, "mdt_b2": 141.489, "mdt_l2": 477.641, "mdt_xl2": 699.778,
+    "mdt_s4": 35.648, "mdt_s8": 35.819, "mdt_b4": 141.189, "mdt_b8": 141.531,
+    "mdt_l4": 477.101, "mdt_l8": 477.523, "mdt_xl4": 699.160, "mdt_xl8": 699.632,
+    "mdtv2_xl2": 742.264,
+}
+INFERENCE_COUNTS_M = {"mdt_xl2": 675.856, "mdtv2_xl2": 718.342}
+
+
+def meta(name, **kw):
+    with torch.device("meta"):
+        return build_model(name, **kw)
+
+
+@pytest.mark.parametrize("name,count", DIT_COUNTS.items())
+def test_dit_parameter_counts_equal_the_published_ones(name, count):
+    assert count_parameters(meta(name)) == count
+
+
+@pytest.mark.parametrize("name,millions", MDT_COUNTS_M.items())
+def test_mdt_parameter_counts_equal_the_published_ones(name, millions):
+    assert round(count_parameters(meta(name)) / 1e6, 3) == millions
+
+
+@pytest.mark.parametrize("name,millions", INFERENCE_COUNTS_M.items())
+def test_inference_path_counts(name, millions):
+    assert round(count_parameters(meta(name), inference=True) / 1e6, 3) == millions
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_preset_builds_with_its_documented_size(name):
+    model = meta(name)
+    depth, width, heads = {"s": (12, 384, 6), "b": (12, 768, 12), "l": (24, 1024, 16), "xl": (28, 1152, 16)}[
+        name.split("_")[1][:-1]
+    ]
+    assert len(model.blocks) == depth and model.hidden_size == width and model.num_heads == heads
+    assert model.patch_size == int(name[-1])
+
+
+SMALL = [n for n in MODELS.names() if n.split("_")[1].startswith("s")]
+
+
+def randomise(model, std=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def inputs(model, batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    y = torch.randint(0, model.num_classes, (batch,), generator=g)
+    return x, t, y
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_output_is_exactly_zero_at_init(name):
+    model = build_model(name, input_size=16)
+    x, t, y = inputs(model)
+    out = model(x, t, y)
+    assert out.shape == (3, 8, 16, 16)
+    assert torch.count_nonzero(out) == 0
+    if model.interp is not None:
+        assert torch.count_nonzero(model(x, t, y, mask=True)) == 0
+
+
+@pytest.mark.parametrize("name", ["mdt_s2", "mdtv2_s2"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_masked_pass_with_nothing_removed_equals_the_full_pass(name, symmetric):
+    model = randomise(build_model(name, input_size=8, symmetric=symmetric)).eval()
+    x, t, y = inputs(model)
+    full = model(x, t, y)
+    none_removed = model(x, t, y, mask=torch.zeros(3, model.num_tokens))
+    torch.testing.assert_close(none_removed, full, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mdt_s2", "mdtv2_s2", "mdt_s4"])
+def test_explicit_mask_is_honoured_in_train_and_eval_mode(name):
+    model = randomise(build_model(name, input_size=8, class_dropout_prob=0.0))
+    x, t, y = inputs(model)
+    n = model.num_tokens
+    mask = torch.zeros(3, n)
+    mask[0, : n // 4], mask[1, 1 : 1 + n // 4], mask[2, -(n // 4) :] = 1, 1, 1
+    train_out = model.train()(x, t, y, mask=mask)
+    eval_out = model.eval()(x, t, y, mask=mask)
+    assert torch.equal(train_out, eval_out)
+    assert not torch.allclose(eval_out, model(x, t, y))  # the mask changed the computation
+
+
+def test_masked_pass_does_not_depend_on_the_order_of_kept_tokens():
+    model = randomise(build_model("mdt_s2", input_size=8)).eval().double()
+    x, t, y = inputs(model)
+    x = x.double()
+    mask = from_mask((torch.rand(3, 16, generator=torch.Generator().manual_seed(1)).argsort(1) < 6).double())
+    perm = torch.randperm(mask.num_keep, generator=torch.Generator().manual_seed(2))
+    shuffled = torch.cat([mask.ids_keep[:, perm], mask.ids_removed], dim=1)
+    a = model(x, t, y, mask=mask)
+    b = model(x, t, y, mask=from_shuffle(shuffled, mask.num_keep))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_masked_pass_depends_only_on_kept_inputs_in_the_encoder():
+    # Asymmetric MDT v1: removed tokens' inputs never reach the output (the decoder sees mask tokens).
+    model = randomise(build_model("mdt_s2", input_size=8)).eval()
+    x, t, y = inputs(model)
+    mask = torch.zeros(3, 16)
+    mask[:, 4:8] = 1  # remove grid row 1 (2x2 patches on an 8x8 input -> 4x4 tokens)
+    x2 = x.clone()
+    x2[:, :, 2:4, :] += 10.0  # perturb exactly the removed row's pixels
+    torch.testing.assert_close(model(x, t, y, mask=mask), model(x2, t, y, mask=mask), rtol=0, atol=1e-5)
+    # MDT v2's dense input skip carries the removed tokens' inputs to the decoder.
+    v2 = randomise(build_model("mdtv2_s2", input_size=8)).eval()
+    assert not torch.allclose(v2(x, t, y, mask=mask), v2(x2, t, y, mask=mask), atol=1e-3)
+
+
+def make_interp(shortcut, num_blocks=1, dim=16, heads=2, grid=(3, 3)):
+    def make_block():
+        return Block(dim, heads)
+
+    interp = Interpolator(make_block, dim, grid, num_blocks=num_blocks, shortcut=shortcut)
+    return randomise(interp, std=0.2).double()
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_masked_shortcut(shortcut):
+    interp = make_interp(shortcut)
+    g = torch.Generator().manual_seed(0)
+    mask_out = from_mask(torch.tensor([[1, 0, 0, 1, 0, 1, 0, 0, 1], [0, 0, 0, 0, 1, 1, 1, 1, 0]]).double())
+    kept = torch.randn(2, 5, 16, generator=g).double()
+    c = torch.randn(2, 16, generator=g).double()
+    out = interp(kept, c, mask_out)
+    q = scatter_back(kept, mask_out, interp.mask_token.reshape(-1)) + interp.pos_embed()
+    block_out = interp.blocks[0](q, c)
+    removed = mask_out.mask.bool()
+    if shortcut:
+        assert torch.equal(out[~removed], q[~removed])  # kept places keep q exactly
+        assert torch.equal(out[removed], block_out[removed])  # removed places take the prediction
+    else:
+        assert torch.equal(out, block_out)
+    assert not torch.allclose(block_out[~removed], q[~removed])  # the block does change tokens
+
+
+def test_side_interpolator_trains_only_in_the_masked_pass():
+    model = randomise(build_model("mdt_s2", input_size=8))
+    x, t, y = inputs(model)
+    model(x, t, y).square().mean().backward()
+    assert model.interp.mask_token.grad is None
+    assert all(p.grad is None for p in model.interp.blocks.parameters())
+    assert model.interp.pos_embed.weight.grad.abs().sum() > 0  # decoder_pos_embed is on the full path
+    model.zero_grad(set_to_none=True)
+    model(x, t, y, mask=True, generator=torch.Generator().manual_seed(0)).square().mean().backward()
+    assert model.interp.mask_token.grad.abs().sum() > 0
+    assert model.interp.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("k", [0, 1, 6, 12])
+def test_side_interpolator_position(k):
+    model = randomise(build_model("mdt_s2", input_size=8, decode_layer=k))
+    assert model.num_encoder_blocks == 12 - k
+    x, t, y = inputs(model)
+    assert model(x, t, y, mask=True).shape == (3, 8, 8, 8)
+
+
+def test_mdtv2_wiring():
+    model = build_model("mdtv2_s2", input_size=8)
+    assert model.decode_layer == 6 and model.num_skip_pairs == 3
+    has_skip = [b.skip_linear is not None for b in model.blocks]
+    assert has_skip == [False] * 3 + [True] * 3 + [True] * 6
+    assert model.masking.ratio == 0.3 and model.masking.span == 0.2
+    assert meta("mdtv2_xl2").decode_layer == 4  # the released XL/2 checkpoint's setting
+
+
+def test_dit_has_no_masked_pass():
+    model = build_model("dit_s2", input_size=8)
+    x, t, y = inputs(model)
+    with pytest.raises(ValueError, match="side-interpolator"):
+        model(x, t, y, mask=torch.zeros(3, 16))
+
+
+def test_relative_bias_is_taken_at_kept_tokens():
+    model = randomise(build_model("mdt_s2", input_size=8))
+    bias = model.blocks[0].attn.rel_pos_bias
+    full = bias()  # (H, N, N)
+    ids = torch.tensor([[0, 5, 15], [3, 2, 9]])
+    kept = bias(ids)  # (B, H, K, K)
+    for b in range(2):
+        torch.testing.assert_close(kept[b], full[:, ids[b]][:, :, ids[b]], rtol=0, atol=0)
+
+
+def test_attention_paths_agree():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(3, 7, 7, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(attention(q, k, v, bias, "sdpa"), attention(q, k, v, bias, "explicit"))
+    with pytest.raises(ValueError, match="explicit"):
+        attention(q, k, v, bias, "flash3")
+
+
+def test_input_shape_errors_name_both_sides():
+    model = build_model("mdt_s2", input_size=8)
+    with pytest.raises(ValueError, match=r"\(B, 4, 8, 8\)"):
+        model(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"expected \(2, 16\)"):
+        model(torch.zeros(2, 4, 8, 8), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+              mask=torch.zeros(2, 9))
+    with pytest.raises(ValueError, match="not divisible by patch size 4"):
+        build_model("mdt_s4", input_size=10)
+    with pytest.raises(TypeError, match="valid options"):
+        build_model("mdt_s2", decode_layr=3)
+    with pytest.raises(TypeError, match="define the preset"):
+        build_model("mdt_s2", depth=3)
+    with pytest.raises(ValueError, match="absolute slot"):
+        build_model("mdt_s2", pos_embed="relbias")
+
+
+def test_ablation_options_change_the_structure():
+    base = count_parameters(meta("mdt_s2"))
+    block = count_parameters(meta("mdt_s2")) - count_parameters(meta("mdt_s2", interp="none"))
+    assert block > 2_600_000  # one S block
+    assert count_parameters(meta("mdt_s2", rel_pos="none")) == base - 13 * (31 * 31 + 3) * 6
+    sym = meta("mdt_s2", symmetric=True)
+    assert count_parameters(sym) == base + 384  # the encoder's input mask token
+    gin.parse_config("interp.side.num_blocks = 3")  # Table 5f, through gin
+    assert count_parameters(meta("mdt_s2")) == base + 2 * block
