@@ -4,6 +4,10 @@ A strategy registered in ``mdtzoo.masking`` is covered here without anyone writi
 """
 
 import inspect
+import re
+from pathlib import Path
+
+import gin
 
 import pytest
 import torch
@@ -39,8 +43,11 @@ def test_the_built_in_strategies_are_registered():
 @pytest.mark.parametrize("name", STRATEGIES)
 @given(batch=st.integers(1, 6), grid=grids, ratio=st.floats(0.0, 0.9), seed=st.integers(0, 2**31))
 def test_structure(name, batch, grid, ratio, seed):
+    check_structure(draw(make(name, ratio), batch, grid, seed), batch, grid)
+
+
+def check_structure(out, batch, grid):
     n = grid[0] * grid[1]
-    out = draw(make(name, ratio), batch, grid, seed)
     assert isinstance(out, MaskOut)
     k = out.num_keep
     assert 0 <= k <= n
@@ -85,8 +92,11 @@ def test_same_seed_same_mask(name):
 def test_samples_are_masked_independently(name):
     strategy = make(name, 0.5)
     out = draw(strategy, 32, (8, 8), 7)
-    if out.num_keep in (0, 64):  # nothing to vary (masking.none)
-        pytest.skip("strategy keeps every token")
+    if getattr(strategy, "deterministic", False):
+        # A deterministic strategy must say so, and then really ignore the generator.
+        assert torch.equal(out.mask, draw(strategy, 32, (8, 8), 8).mask)
+        assert torch.equal(out.mask, out.mask[:1].expand_as(out.mask))
+        return
     distinct = {tuple(row.tolist()) for row in out.mask}
     assert len(distinct) == 32  # 32 samples, 32 different masks
     c = draw(strategy, 32, (8, 8), 8)
@@ -171,3 +181,26 @@ def test_from_shuffle_round_trip():
 def test_ratio_out_of_range_is_rejected(bad):
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         MASKING.build("random", ratio=bad)
+
+
+def test_the_tutorial_strategy_works_and_passes_the_properties():
+    """docs/adding_a_component.md's example, executed as written."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "adding_a_component.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+
+    class Capture:  # stands in for the registry so the example registers only temporarily
+        def register(self, name):
+            return lambda cls: captured.setdefault(name, cls)
+
+    captured = {}
+    namespace = {}
+    exec(compile(code.replace("from mdtzoo.registry import MASKING", "MASKING = _CAPTURE"), "tutorial", "exec"),
+         {"_CAPTURE": Capture(), **namespace})
+    (name, cls), = captured.items()
+    with MASKING.temporary(name, cls):
+        gin.parse_config(f"masking.{name}.ratio = 0.5")
+        strategy = MASKING.build(name)
+        out = draw(strategy, 4, (4, 4), 0)
+        check_structure(out, 4, (4, 4))
+        assert out.num_keep == 8 and out.ids_keep[0].tolist() == list(range(8))
+        assert torch.equal(out.mask, draw(strategy, 4, (4, 4), 1).mask)

@@ -7,8 +7,10 @@ code 2) on a user error, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 import mdtzoo
 from mdtzoo import config
@@ -44,6 +46,8 @@ def _build(args) -> int:
 
     from mdtzoo.models import count_parameters
 
+    if len(args.config) == 1 and Path(args.config[0]).is_dir():
+        return _build_each(Path(args.config[0]), args)
     resolved = config.parse(args.config, args.gin)
     start = time.perf_counter()
     # A dry run builds on the meta device: every shape and option is checked, no memory is used.
@@ -67,6 +71,30 @@ def _build(args) -> int:
     return 0
 
 
+def _build_each(folder: Path, args) -> int:
+    """Build every model file in a folder (not recursive), one line each, on the meta device."""
+    import torch
+
+    from mdtzoo.models import count_parameters
+    from mdtzoo.models.presets import PUBLISHED
+
+    files = sorted(p for p in folder.glob("*.gin") if "build.model" in p.read_text())
+    if not files:
+        raise config.ConfigError(f"no gin file in {folder} sets build.model")
+    print(f"{'config':<12} {'parameters':>13} {'inference':>13} {'published':>10}  blocks (enc+dec) x width, tokens")
+    for path in files:
+        config.parse([path], args.gin)
+        with torch.device("meta"):
+            model = config.call_root(config.build)
+        n_all, n_inf = count_parameters(model), count_parameters(model, inference=True)
+        published = PUBLISHED.get(path.stem)
+        check = "-" if published is None else f"{published / 1e6:.3f}M " + ("ok" if round(n_all, -3) == round(published, -3) else "DIFFERS")
+        arch = f"{model.num_encoder_blocks}+{model.decode_layer} x {model.hidden_size}, {model.grid[0]}x{model.grid[1]}"
+        print(f"{path.stem:<12} {n_all:>13,} {n_inf:>13,} {check:>10}  {arch}")
+    print(f"built {len(files)} models from {folder}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdtzoo", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mdtzoo {mdtzoo.__version__}")
@@ -78,7 +106,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_list)
 
     p = sub.add_parser("build", help="resolve a gin config and build its model")
-    p.add_argument("config", nargs="+", help="gin file(s), later ones win")
+    p.add_argument("config", nargs="+", help="gin file(s), later ones win; or one folder: build each model file in it")
     p.add_argument("--gin", action="append", default=[], metavar="BINDING", help="extra gin binding, e.g. masking.random.ratio=0.5")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config; build on the meta device")
     p.set_defaults(fn=_build)
@@ -90,6 +118,8 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except (config.ConfigError, UnknownComponentError, TypeError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("MDTZOO_DEBUG"):
+            raise
         print(f"mdtzoo {args.command}: error: {e}", file=sys.stderr)
         return 2
 

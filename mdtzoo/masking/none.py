@@ -13,6 +13,7 @@ class NoMasking:
     """Keep all N tokens; mask is all zeros (for DiT and for ablations without masking)."""
 
     ratio = 0.0
+    deterministic = True  # every sample gets the same mask; no randomness is drawn
 
     def __call__(
         self, batch: int, grid: tuple[int, int], *, device=None, generator: torch.Generator | None = None

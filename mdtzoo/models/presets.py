@@ -37,6 +37,15 @@ FAMILIES = {
 # The reference MDT v2 trains S/2 with decode_layer 6 (its run.sh); XL/2 uses 4.
 V2_DECODE_LAYER = {"s": 6, "b": 4, "l": 4, "xl": 4}
 
+# Published parameter counts (SPEC section 2; DiT exact, MDT to the reported 1e3).
+PUBLISHED = {
+    "dit_s2": 32_963_360, "dit_b2": 130_512_416, "dit_l2": 458_102_816, "dit_xl2": 675_129_632,
+    "mdt_s2": 35_797_000, "mdt_b2": 141_489_000, "mdt_l2": 477_641_000, "mdt_xl2": 699_778_000,
+    "mdt_s4": 35_648_000, "mdt_s8": 35_819_000, "mdt_b4": 141_189_000, "mdt_b8": 141_531_000,
+    "mdt_l4": 477_101_000, "mdt_l8": 477_523_000, "mdt_xl4": 699_160_000, "mdt_xl8": 699_632_000,
+    "mdtv2_xl2": 742_264_000,
+}
+
 OPTIONS = [p for p in inspect.signature(DiffusionTransformer.__init__).parameters if p != "self"]
 SIZE_OPTIONS = ("depth", "hidden_size", "num_heads", "patch_size")
 
