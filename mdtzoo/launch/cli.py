@@ -7,6 +7,7 @@ code 2) on a user error, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -95,6 +96,11 @@ def _build_each(folder: Path, args) -> int:
     return 0
 
 
+# One module per later subcommand (sample, eval, train, ...); each defines add_parser(subparsers),
+# whose parser sets ``fn`` to a function(args) -> exit code.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdtzoo", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mdtzoo {mdtzoo.__version__}")
@@ -110,6 +116,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--gin", action="append", default=[], metavar="BINDING", help="extra gin binding, e.g. masking.random.ratio=0.5")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config; build on the meta device")
     p.set_defaults(fn=_build)
+
+    # Subcommands that live with their part of the library: each module has add_parser(sub).
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
