@@ -44,7 +44,7 @@ def test_inference_path_counts(name, millions):
 @pytest.mark.parametrize("name", MODELS.names())
 def test_every_preset_builds_with_its_documented_size(name):
     model = meta(name)
-    depth, width, heads = {"s": (12, 384, 6), "b": (12, 768, 12), "l": (24, 1024, 16), "xl": (28, 1152, 16)}[
+    depth, width, heads = {"xs": (6, 128, 4), "s": (12, 384, 6), "b": (12, 768, 12), "l": (24, 1024, 16), "xl": (28, 1152, 16)}[
         name.split("_")[1][:-1]
     ]
     assert len(model.blocks) == depth and model.hidden_size == width and model.num_heads == heads

@@ -12,8 +12,8 @@ import inspect
 from mdtzoo.models.transformer import DiffusionTransformer
 from mdtzoo.registry import MODELS
 
-# name: (depth, hidden size, heads)
-SIZES = {"s": (12, 384, 6), "b": (12, 768, 12), "l": (24, 1024, 16), "xl": (28, 1152, 16)}
+# name: (depth, hidden size, heads); "xs" is ours, a CPU-sized model for demos and tests.
+SIZES = {"xs": (6, 128, 4), "s": (12, 384, 6), "b": (12, 768, 12), "l": (24, 1024, 16), "xl": (28, 1152, 16)}
 PATCHES = (2, 4, 8)
 
 # The component choices that make a family; everything else is the transformer's default.
@@ -35,7 +35,7 @@ FAMILIES = {
     ),
 }
 # The reference MDT v2 trains S/2 with decode_layer 6 (its run.sh); XL/2 uses 4.
-V2_DECODE_LAYER = {"s": 6, "b": 4, "l": 4, "xl": 4}
+V2_DECODE_LAYER = {"xs": 2, "s": 6, "b": 4, "l": 4, "xl": 4}
 
 # Published parameter counts (SPEC section 2; DiT exact, MDT to the reported 1e3).
 PUBLISHED = {

@@ -1,0 +1,298 @@
+"""``train()``: the gin-configurable training entry point (one trainer for every variant).
+
+gin files -> train() -> run directory. The model comes from ``build`` (sized to the
+dataset), the diffusion from ``diffusion.build_diffusion``, the data from the
+``datasets`` registry. A run resumes from its last checkpoint with the same data
+order and random draws; SIGTERM / SIGUSR1 (SLURM preemption) checkpoint before exit;
+a NaN/Inf loss stops the run naming the step and keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import time
+from pathlib import Path
+
+import gin
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from mdtzoo import config as cfg
+from mdtzoo.registry import DATASETS
+from mdtzoo.training import checkpoint as ckpt
+from mdtzoo.training import distributed as dist_util
+from mdtzoo.training.data import StepSampler, make_loader
+from mdtzoo.training.ema import EMA
+from mdtzoo.training.heldout import heldout_loss
+from mdtzoo.training.objective import DiffusionObjective
+from mdtzoo.training.rundir import RunDir, write_text
+
+OPTIMIZERS = ("adamw", "adan")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; the message names the step."""
+
+
+class _Preemption:
+    """Turns SIGTERM / SIGUSR1 into a flag the loop checks after each step."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        if sys.platform != "win32":
+            try:
+                for s in self.SIGNALS:
+                    self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                self._old = {}
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def make_optimizer(params, name: str, lr: float, weight_decay: float, betas, fused: bool):
+    """AdamW (the paper: lr 3e-4, no weight decay) or Adan (MDT v2; from pytorch-optimizer)."""
+    params = [p for p in params if p.requires_grad]
+    if name == "adamw":
+        kwargs = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas or (0.9, 0.999)))
+        if fused:
+            kwargs["fused"] = True
+        return torch.optim.AdamW(params, **kwargs)
+    if name == "adan":
+        from pytorch_optimizer import Adan
+
+        return Adan(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas or (0.98, 0.92, 0.99)))
+    raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
+def configured_diffusion(**overrides):
+    """``diffusion.build_diffusion`` with the gin bindings of the run applied."""
+    return gin.get_configurable("diffusion.build_diffusion")(**overrides)
+
+
+def build_for_dataset(dataset):
+    """The ``build`` root's model, sized to the dataset; a conflicting gin binding is an error."""
+    shape = dict(input_size=dataset.image_size, in_channels=dataset.channels, num_classes=dataset.num_classes)
+    for key, value in shape.items():
+        try:
+            bound = gin.query_parameter(f"build.{key}")
+        except ValueError:
+            continue
+        if bound != value:
+            raise cfg.ConfigError(
+                f"build.{key} = {bound} but the dataset {getattr(dataset, 'name', '')!r} has {key} {value}; "
+                "remove the binding (train sizes the model to its data) or pick matching data"
+            )
+    return cfg.call_root(cfg.build, **shape)
+
+
+@gin.configurable("train")
+def train(
+    run_dir: str = gin.REQUIRED,
+    dataset: str = gin.REQUIRED,
+    steps: int = 1000,
+    global_batch: int = 256,
+    micro_batch: int | None = None,
+    optimizer: str = "adamw",
+    lr: float = 3e-4,
+    weight_decay: float = 0.0,
+    betas: tuple | None = None,
+    warmup_steps: int = 0,
+    grad_clip: float | None = None,
+    ema_decay: float = 0.9999,
+    passes: str = "auto",
+    masked_loss_on: str = "all",
+    precision: str = "auto",
+    compile: bool = False,
+    seed: int = 0,
+    log_every: int = 50,
+    ckpt_every: int = 1000,
+    keep_checkpoints: int = 2,
+    heldout_every: int = 0,
+    heldout_items: int = 256,
+    sample_every: int = 0,
+    sample_count: int = 16,
+    sample_respacing: str = "100",
+    num_workers: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Train one run into ``run_dir``; returns {'status': 'done'|'preempted', 'step': ..., 'run_dir': ...}.
+
+    global_batch: images per optimiser step over all processes; micro_batch: images per
+    forward per process (default global_batch / world; smaller means gradient accumulation).
+    passes: 'both' (MDT: full + masked), 'full' (DiT; MDT's Table 5d "Full"), 'masked'
+    (Table 5d "Masked"), 'auto' = 'both' when the model has a side-interpolator, else 'full'.
+    masked_loss_on: 'all' tokens (default) or 'removed' tokens only (Table 5e).
+    precision: 'bf16' autocast, 'fp32', or 'auto' (bf16 on GPU, fp32 on CPU).
+    """
+    info, dev = dist_util.setup(device)
+    run = RunDir(run_dir)
+    config_text = cfg.config_str()
+    if info.is_main:
+        run.prepare(config_text)
+    dist_util.barrier()
+
+    data = DATASETS.build(dataset, split="train")
+    torch.manual_seed(seed)  # the initial weights are part of the run's seed
+    model = build_for_dataset(data).to(dev)
+    diffusion = configured_diffusion()
+    if passes == "auto":
+        passes = "both" if model.interp is not None else "full"
+    world_batch = global_batch // info.world
+    micro_batch = micro_batch or world_batch
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be 'bf16', 'fp32' or 'auto'; got {precision!r}")
+
+    opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay, betas, fused=dev.type == "cuda")
+    ema = EMA(model, ema_decay)
+    start = 0
+    latest = run.latest_checkpoint()
+    if latest is not None:
+        state = ckpt.load(latest, map_location=dev)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        if info.is_main:
+            run.truncate_metrics(start)
+    if start >= steps:
+        if info.is_main:
+            run.mark_done(start)
+        return {"status": "done", "step": start, "run_dir": str(run.path)}
+
+    objective = DiffusionObjective(model, diffusion, passes, masked_loss_on, seed=seed, rank=info.rank)
+    step_fn = torch.compile(objective) if compile else objective
+    if info.world > 1:
+        step_fn = DDP(objective, device_ids=[dev.index] if dev.type == "cuda" else None,
+                      find_unused_parameters=passes == "full" and model.interp is not None)
+    sampler = StepSampler(len(data), global_batch, micro_batch, info.rank, info.world, seed, start, steps - start)
+    loader = make_loader(data, sampler, num_workers)
+    accum = world_batch // micro_batch
+    heldout = DATASETS.build(dataset, split="heldout") if (heldout_every or sample_every) else None
+
+    def save(step: int) -> None:
+        if info.is_main:
+            state = {
+                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                "step": step, "seed": seed, "world": info.world, "config": config_text,
+                "torch_rng": torch.get_rng_state(),
+            }
+            ckpt.atomic_save(state, ckpt.checkpoint_path(run.checkpoints, step))
+            ckpt.prune(run.checkpoints, keep_checkpoints)
+        dist_util.barrier()
+
+    def evaluate(step: int) -> None:
+        if not info.is_main:
+            return
+        if heldout_every and heldout is not None:
+            record = heldout_loss(ema.model, diffusion, heldout, max_items=heldout_items, seed=seed, device=dev)
+            run.log({"step": step, "kind": "heldout", **record})
+        if sample_every:
+            _sample_grid(run, ema.model, step, data, sample_count, sample_respacing, seed, dev)
+
+    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    step, window, t_last, status = start, [], time.perf_counter(), "done"
+    bar = _progress_bar(start, steps) if (progress and info.is_main) else None
+    batches = iter(loader)
+    model.train()
+    with _Preemption() as preempt:
+        while step < steps:
+            for group in opt.param_groups:  # linear warm-up, then constant (the paper's schedule)
+                group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+            losses = {}
+            for micro in range(accum):
+                x0, y = next(batches)
+                x0, y = x0.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                sync = contextlib.nullcontext() if (micro == accum - 1 or info.world == 1) else step_fn.no_sync()
+                with sync:
+                    with autocast:
+                        out = step_fn(x0, y, step, micro)
+                    (out["loss"] / accum).backward()
+                for k, v in out.items():
+                    losses[k] = losses.get(k, 0.0) + v.detach().float() / accum
+            loss = dist_util.all_reduce_mean(losses["loss"])
+            if not torch.isfinite(loss):
+                message = (f"loss is {loss.item()} at step {step + 1}; stopped. The last good checkpoint "
+                           f"is {run.latest_checkpoint()}")
+                if info.is_main:
+                    run.mark_failed(message)
+                raise NonFiniteLossError(message)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update()
+            step += 1
+            window.append({k: v for k, v in losses.items()} | {"grad_norm": grad_norm.detach().float()})
+            if step == start + 1 and info.is_main:
+                write_text(run.operative_config, cfg.config_str(operative=True))
+            if step % log_every == 0 or step == steps:
+                now = time.perf_counter()
+                record = _summarise(window, step, opt, global_batch, now - t_last, dev)
+                window, t_last = [], now
+                if info.is_main:
+                    run.log(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_sec']:.0f}")
+            if bar is not None:
+                bar.update(1)
+            if step % ckpt_every == 0 or step == steps or preempt.requested:
+                save(step)
+            if step == steps or (heldout_every and step % heldout_every == 0) or (
+                    sample_every and step % sample_every == 0):
+                evaluate(step)
+            if preempt.requested and step < steps:
+                status = "preempted"
+                if info.is_main:
+                    run.log({"step": step, "kind": "preempted"})
+                break
+    if bar is not None:
+        bar.close()
+    if status == "done" and info.is_main:
+        run.mark_done(step)
+    dist_util.barrier()
+    return {"status": status, "step": step, "run_dir": str(run.path)}
+
+
+def _summarise(window: list[dict], step: int, opt, global_batch: int, seconds: float, dev) -> dict:
+    record = {"step": step, "kind": "train", "lr": opt.param_groups[0]["lr"]}
+    for k in window[0]:
+        record[k] = float(torch.stack([w[k] for w in window]).mean())
+    record["img_per_sec"] = len(window) * global_batch / max(seconds, 1e-9)
+    if dev.type == "cuda":
+        record["max_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    return record  # full float precision: resumed runs are compared bit for bit
+
+
+def _progress_bar(start: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, leave=False)
+
+
+def _sample_grid(run: RunDir, model, step: int, data, count: int, respacing: str, seed: int, dev) -> None:
+    """A PNG grid from the EMA model, classes in order (pixel-space data; latent data needs a VAE)."""
+    from mdtzoo.sample import generate, save_grid
+
+    if getattr(data, "latent", False):
+        return
+    labels = [i % data.num_classes for i in range(count)]
+    images, _ = generate(model, configured_diffusion(respacing=respacing), "ddpm", "none", num_samples=count,
+                         labels=labels, batch_size=count, seed=seed, device=dev,
+                         num_classes=data.num_classes, rank=0, world_size=1)
+    save_grid(Path(run.samples) / f"step_{step:08d}.png", images, nrow=min(count, data.num_classes))
