@@ -37,6 +37,11 @@ class MaskOut:
         """(B, N - K) indices of the removed tokens."""
         return self.ids_shuffle[:, self.num_keep :]
 
+    def rows(self, start: int, stop: int) -> "MaskOut":
+        """The masks of samples start..stop-1 (a micro-batch's share of a global draw)."""
+        return MaskOut(self.ids_shuffle[start:stop], self.ids_restore[start:stop], self.mask[start:stop],
+                       self.num_keep)
+
     def to(self, device: torch.device | str) -> "MaskOut":
         return MaskOut(
             self.ids_shuffle.to(device), self.ids_restore.to(device), self.mask.to(device), self.num_keep

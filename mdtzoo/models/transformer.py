@@ -178,13 +178,19 @@ class DiffusionTransformer(nn.Module):
         return out.to(device)
 
     # -- forward --------------------------------------------------------------------------
-    def forward(self, x, t, y, mask=None, *, generator: torch.Generator | None = None):
-        """Full pass (mask None) or masked training pass; see the class docstring."""
+    def forward(self, x, t, y, mask=None, *, generator: torch.Generator | None = None,
+                drop_labels: bool | None = None):
+        """Full pass (mask None) or masked training pass; see the class docstring.
+
+        drop_labels: label dropout for guidance (default: in training mode); a trainer that
+        drops labels itself (to draw per-sample randomness globally) passes False.
+        """
         self._check_inputs(x, t, y)
         mask_out = self._resolve_mask(mask, x.shape[0], x.device, generator)
         if mask_out is not None and self.interp is None:
             raise ValueError("a masked pass needs a side-interpolator; this model was built with interp=None")
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, generator)
+        drop = self.training if drop_labels is None else drop_labels
+        c = self.t_embedder(t) + self.y_embedder(y, drop, generator)
 
         h = self.x_embedder(x)  # (B, N, D)
         if mask_out is not None and self.symmetric:

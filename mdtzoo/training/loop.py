@@ -175,7 +175,7 @@ def train(
             run.mark_done(start)
         return {"status": "done", "step": start, "run_dir": str(run.path)}
 
-    objective = DiffusionObjective(model, diffusion, passes, masked_loss_on, seed=seed, rank=info.rank)
+    objective = DiffusionObjective(model, diffusion, passes, masked_loss_on, seed=seed)
     step_fn = torch.compile(objective) if compile else objective
     if info.world > 1:
         step_fn = DDP(objective, device_ids=[dev.index] if dev.type == "cuda" else None,
@@ -222,11 +222,16 @@ def train(
                 sync = contextlib.nullcontext() if (micro == accum - 1 or info.world == 1) else step_fn.no_sync()
                 with sync:
                     with autocast:
-                        out = step_fn(x0, y, step, micro)
+                        offset = info.rank * world_batch + micro * micro_batch
+                        out = step_fn(x0, y, step, offset, global_batch)
                     (out["loss"] / accum).backward()
                 for k, v in out.items():
                     losses[k] = losses.get(k, 0.0) + v.detach().float() / accum
-            loss = dist_util.all_reduce_mean(losses["loss"])
+            # One all-reduce of every logged scalar: the log shows the global batch, not rank 0's share.
+            keys = sorted(losses)
+            reduced = dist_util.all_reduce_mean(torch.stack([losses[k] for k in keys]))
+            losses = dict(zip(keys, reduced))
+            loss = losses["loss"]
             if not torch.isfinite(loss):
                 message = (f"loss is {loss.item()} at step {step + 1}; stopped. The last good checkpoint "
                            f"is {run.latest_checkpoint()}")

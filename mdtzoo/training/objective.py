@@ -5,6 +5,10 @@ own noise and label dropout, the masked pass its own mask; loss = mean(full loss
 mean(masked loss), one backward. Options reproduce the paper's Table 5d (``passes``:
 both / full / masked) and 5e (``masked_loss_on``: all tokens / removed tokens only).
 Wrapping both passes in one module gives DDP a single forward per step.
+
+Randomness is drawn for the whole global batch from generators seeded by (seed, step)
+and each process / micro-batch takes its rows, so the update does not depend on how
+the batch is split over GPUs or accumulation steps, and a resumed run replays it.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from mdtzoo.training.distributed import step_generator
 PASSES = ("both", "full", "masked")
 LOSS_ON = ("all", "removed")
 
-# Streams of the per-step generators (see distributed.step_generator).
-T_STREAM, FULL_STREAM, MASKED_STREAM, MASK_STREAM = 0, 1, 2, 3
+# Independent streams of the per-step generators (see distributed.step_generator).
+T_STREAM, FULL_NOISE, FULL_DROP, MASKED_NOISE, MASKED_DROP, MASK_STREAM = range(6)
 
 
 def token_weight_map(mask: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
@@ -30,58 +34,69 @@ def token_weight_map(mask: torch.Tensor, grid: tuple[int, int], patch: int) -> t
 
 
 class DiffusionObjective(nn.Module):
-    """forward(x0, y, step) -> dict of per-batch scalar losses ('loss' is what to backprop).
+    """forward(x0, y, step, offset, global_batch) -> dict of scalar losses ('loss' is what to backprop).
 
-    x0: (B, C, H, W), y: (B,) labels. All randomness comes from generators seeded by
-    (seed, step, rank, micro-batch), so a resumed run replays the same draws.
+    x0: (b, C, H, W), y: (b,) labels: rows offset..offset+b-1 of the step's global batch.
     """
 
     def __init__(self, model: nn.Module, diffusion, passes: str = "both", masked_loss_on: str = "all",
-                 seed: int = 0, rank: int = 0):
+                 seed: int = 0):
         super().__init__()
         if passes not in PASSES:
             raise ValueError(f"passes must be one of {PASSES}; got {passes!r}")
         if masked_loss_on not in LOSS_ON:
             raise ValueError(f"masked_loss_on must be one of {LOSS_ON}; got {masked_loss_on!r}")
-        has_interp = getattr(model, "interp", None) is not None
-        if passes != "full" and not has_interp:
+        if passes != "full" and getattr(model, "interp", None) is None:
             raise ValueError(
                 f"passes={passes!r} needs a masked pass, but this model has no side-interpolator "
                 "(DiT presets train with passes='full')"
             )
         self.model, self.diffusion = model, diffusion
-        self.passes, self.masked_loss_on = passes, masked_loss_on
-        self.seed, self.rank = int(seed), int(rank)
+        self.passes, self.masked_loss_on, self.seed = passes, masked_loss_on, int(seed)
 
-    def forward(self, x0: torch.Tensor, y: torch.Tensor, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
-        dev, b = x0.device, x0.shape[0]
-        stream = micro * 8  # several micro-batches (gradient accumulation) per step get distinct streams
-        g_t = step_generator(self.seed, step, self.rank, stream + T_STREAM, dev)
-        t = torch.randint(0, self.diffusion.num_timesteps, (b,), device=dev, generator=g_t)
+    def _draw(self, stream: int, step: int, fn, rows: slice):
+        g = step_generator(self.seed, step, 0, stream, self._device)
+        return fn(g)[rows]
+
+    def _drop(self, y: torch.Tensor, stream: int, step: int, total: int, rows: slice) -> torch.Tensor:
+        """Label dropout (classifier-free guidance), drawn globally."""
+        p = self.model.y_embedder.dropout_prob
+        if p <= 0:
+            return y
+        drop = self._draw(stream, step, lambda g: torch.rand(total, device=self._device, generator=g), rows) < p
+        return torch.where(drop, self.model.num_classes, y)
+
+    def forward(self, x0: torch.Tensor, y: torch.Tensor, step: int, offset: int = 0,
+                global_batch: int | None = None) -> dict[str, torch.Tensor]:
+        self._device = dev = x0.device
+        b = x0.shape[0]
+        total = global_batch or b
+        rows = slice(offset, offset + b)
+        shape = (total, *x0.shape[1:])
+        t = self._draw(T_STREAM, step, lambda g: torch.randint(
+            0, self.diffusion.num_timesteps, (total,), device=dev, generator=g), rows)
         out: dict[str, torch.Tensor] = {}
-        total = x0.new_zeros(())
+        loss = x0.new_zeros(())
         if self.passes in ("both", "full"):
-            g = step_generator(self.seed, step, self.rank, stream + FULL_STREAM, dev)
+            noise = self._draw(FULL_NOISE, step, lambda g: torch.randn(shape, device=dev, generator=g), rows)
+            y_full = self._drop(y, FULL_DROP, step, total, rows)
             terms = self.diffusion.training_losses(
-                self.model, x0, t, noise=torch.randn(x0.shape, device=dev, generator=g),
-                model_kwargs={"y": y, "generator": g},
-            )
-            total = total + terms["loss"].mean()
+                self.model, x0, t, noise=noise.to(x0.dtype), model_kwargs={"y": y_full, "drop_labels": False})
+            loss = loss + terms["loss"].mean()
             out.update(full_loss=terms["loss"].mean(), full_mse=terms["mse"].mean(), full_vb=terms["vb"].mean())
         if self.passes in ("both", "masked"):
-            g = step_generator(self.seed, step, self.rank, stream + MASKED_STREAM, dev)
-            mask = self.model.sample_mask(b, dev, step_generator(self.seed, step, self.rank, stream + MASK_STREAM, dev))
+            noise = self._draw(MASKED_NOISE, step, lambda g: torch.randn(shape, device=dev, generator=g), rows)
+            y_masked = self._drop(y, MASKED_DROP, step, total, rows)
+            g = step_generator(self.seed, step, 0, MASK_STREAM, dev)
+            mask = self.model.sample_mask(total, dev, g).rows(rows.start, rows.stop)
             weight = None
             if self.masked_loss_on == "removed":
                 weight = token_weight_map(mask.mask.to(x0.dtype), self.model.grid, self.model.patch_size)
             terms = self.diffusion.training_losses(
-                self.model, x0, t, noise=torch.randn(x0.shape, device=dev, generator=g),
-                model_kwargs={"y": y, "mask": mask, "generator": g}, token_weight=weight,
-            )
-            total = total + terms["loss"].mean()
-            out.update(
-                masked_loss=terms["loss"].mean(), masked_mse=terms["mse"].mean(), masked_vb=terms["vb"].mean(),
-                mask_ratio=mask.mask.mean(),
-            )
-        out["loss"] = total
+                self.model, x0, t, noise=noise.to(x0.dtype),
+                model_kwargs={"y": y_masked, "mask": mask, "drop_labels": False}, token_weight=weight)
+            loss = loss + terms["loss"].mean()
+            out.update(masked_loss=terms["loss"].mean(), masked_mse=terms["mse"].mean(),
+                       masked_vb=terms["vb"].mean(), mask_ratio=mask.mask.mean())
+        out["loss"] = loss
         return out
