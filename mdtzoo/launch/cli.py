@@ -98,7 +98,12 @@ def _build_each(folder: Path, args) -> int:
 
 # One module per later subcommand (sample, eval, train, ...); each defines add_parser(subparsers),
 # whose parser sets ``fn`` to a function(args) -> exit code.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "mdtzoo.launch.train_cmd",
+    "mdtzoo.launch.sample_cmd",
+    "mdtzoo.launch.extract_cmd",
+    "mdtzoo.launch.eval_cmd",
+)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -127,7 +132,7 @@ def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (config.ConfigError, UnknownComponentError, TypeError, ValueError, FileNotFoundError) as e:
+    except (config.ConfigError, UnknownComponentError, TypeError, ValueError, OSError) as e:
         if os.environ.get("MDTZOO_DEBUG"):
             raise
         print(f"mdtzoo {args.command}: error: {e}", file=sys.stderr)

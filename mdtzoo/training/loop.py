@@ -141,14 +141,17 @@ def train(
     info, dev = dist_util.setup(device)
     run = RunDir(run_dir)
     config_text = cfg.config_str()
-    if info.is_main:
+    if run.is_done():  # before any work: a finished run is never touched
         run.prepare(config_text)
-    dist_util.barrier()
 
+    # Everything a bad config can break is built before the run directory is touched.
     data = DATASETS.build(dataset, split="train")
     torch.manual_seed(seed)  # the initial weights are part of the run's seed
     model = build_for_dataset(data).to(dev)
     diffusion = configured_diffusion()
+    if info.is_main:
+        run.prepare(config_text)
+    dist_util.barrier()
     if passes == "auto":
         passes = "both" if model.interp is not None else "full"
     world_batch = global_batch // info.world
@@ -190,6 +193,9 @@ def train(
             state = {
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                 "step": step, "seed": seed, "world": info.world, "config": config_text,
+                "model_shape": {"input_size": model.input_size, "in_channels": model.in_channels,
+                                "num_classes": model.num_classes},
+                "latent": bool(getattr(data, "latent", False)),
                 "torch_rng": torch.get_rng_state(),
             }
             ckpt.atomic_save(state, ckpt.checkpoint_path(run.checkpoints, step))

@@ -21,7 +21,7 @@ from pathlib import Path
 from mdtzoo.training import checkpoint as ckpt
 
 
-class RunFinishedError(RuntimeError):
+class RunFinishedError(FileExistsError):
     """The run directory holds a finished run (DONE); it is never overwritten."""
 
 
