@@ -7,5 +7,5 @@ are imported here by name, so nothing registers by accident (STYLE.md).
 __version__ = "0.1.0"
 
 from mdtzoo import registry  # noqa: F401
-from mdtzoo import masking, posenc, interp, models, schedules, diffusion  # noqa: F401,E402  (registration)
+from mdtzoo import masking, posenc, interp, models, schedules, diffusion, data, metrics  # noqa: F401,E402  (registration)
 from mdtzoo import training  # noqa: F401,E402  (the train root)

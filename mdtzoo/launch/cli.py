@@ -99,6 +99,7 @@ def _build_each(folder: Path, args) -> int:
 # One module per later subcommand (sample, eval, train, ...); each defines add_parser(subparsers),
 # whose parser sets ``fn`` to a function(args) -> exit code.
 COMMAND_MODULES: tuple[str, ...] = (
+    "mdtzoo.demo",
     "mdtzoo.launch.train_cmd",
     "mdtzoo.launch.sample_cmd",
     "mdtzoo.launch.extract_cmd",
