@@ -130,7 +130,7 @@ def test_jitter_ratio_stays_in_bounds(ratio, span, seed):
 def test_jitter_covers_its_range_uniformly():
     strategy = MASKING.build("random_jitter", ratio=0.3, span=0.2)
     g = torch.Generator().manual_seed(0)
-    ratios = torch.tensor([strategy.draw_ratio(generator=g) for _ in range(4000)])
+    ratios = torch.cat([strategy.draw_ratio(generator=g) for _ in range(4000)])
     assert ratios.min() >= 0.3 and ratios.max() < 0.5
     assert abs(ratios.mean().item() - 0.4) < 0.005  # U[0.3, 0.5): mean 0.4, sd of the mean 0.0009
     assert abs(ratios.std().item() - 0.2 / 12**0.5) < 0.003
@@ -204,3 +204,14 @@ def test_the_tutorial_strategy_works_and_passes_the_properties():
         check_structure(out, 4, (4, 4))
         assert out.num_keep == 8 and out.ids_keep[0].tolist() == list(range(8))
         assert torch.equal(out.mask, draw(strategy, 4, (4, 4), 1).mask)
+
+
+def test_jitter_keep_count_truncates_like_the_reference():
+    # The reference computes int(L * (1 - (u * 0.2 + 0.3))) in float32; at u = 1/256 on 256 tokens
+    # that keeps 179 where float64 arithmetic would keep 178.
+    strategy = MASKING.build("random_jitter", ratio=0.3, span=0.2)
+
+    u = torch.tensor([1 / 256], dtype=torch.float32)
+    assert int(256 * (1 - (u * 0.2 + 0.3))) == 179
+    ratio = strategy.draw_ratio(generator=torch.Generator().manual_seed(0))
+    assert ratio.dtype == torch.float32

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mdtzoo.masking.base import MaskOut, check_ratio, from_shuffle, keep_count
+from mdtzoo.masking.base import MaskOut, check_ratio, from_shuffle
 from mdtzoo.masking.random import random_shuffle
 from mdtzoo.registry import MASKING
 
@@ -22,10 +22,14 @@ class RandomJitterMasking:
         if self.span < 0 or self.ratio + self.span > 1:
             raise ValueError(f"need span >= 0 and ratio + span <= 1; got ratio={ratio}, span={span}")
 
-    def draw_ratio(self, device=None, generator: torch.Generator | None = None) -> float:
-        """One ratio in [ratio, ratio + span) for the whole batch (the batch stays rectangular)."""
-        u = torch.rand(1, device=device, generator=generator).item()
-        return self.ratio + self.span * u
+    def draw_ratio(self, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One ratio in [ratio, ratio + span) for the whole batch (the batch stays rectangular).
+
+        A float32 tensor, computed as the reference does (u * span + ratio): the keep count
+        int(N (1 - r)) then truncates exactly like the reference's, draw for draw.
+        """
+        u = torch.rand(1, device=device, generator=generator)
+        return u * self.span + self.ratio
 
     def __call__(
         self, batch: int, grid: tuple[int, int], *, device=None, generator: torch.Generator | None = None
@@ -33,7 +37,8 @@ class RandomJitterMasking:
         """grid: (rows, cols) of the token grid, N = rows * cols."""
         n = grid[0] * grid[1]
         ratio = self.draw_ratio(device, generator)
-        return from_shuffle(random_shuffle(batch, n, device, generator), keep_count(n, ratio))
+        num_keep = int(n * (1 - ratio))  # float32 tensor arithmetic, as the reference
+        return from_shuffle(random_shuffle(batch, n, device, generator), num_keep)
 
     def __repr__(self) -> str:
         return f"RandomJitterMasking(ratio={self.ratio}, span={self.span})"

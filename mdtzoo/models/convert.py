@@ -119,6 +119,8 @@ def load_reference(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> 
 def _listing(title: str, items: list[str], limit: int = 12) -> str:
     if not items:
         return ""
+    # Top-level keys (pos_embed, x_embedder, ...) say most about a mismatch; per-block repeats last.
+    items = sorted(items, key=lambda k: ("blocks." in k, k))
     shown = "\n    ".join(items[:limit])
     more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
     return f"  {title} ({len(items)}):\n    {shown}{more}\n"
@@ -141,7 +143,8 @@ def infer_preset(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict]:
 
     Size and patch come from tensor shapes; input size from the token count; the
     v2 decoder depth from ``de_blocks``. (v1's decode_layer is a run-time choice the
-    weights do not record; the paper's 2 is assumed.)
+    weights do not record; the paper's 2 is assumed. The label table is assumed to carry
+    the null-class row, as every guidance-trained checkpoint does.)
     """
     from mdtzoo.models.presets import SIZES
 

@@ -128,6 +128,7 @@ def train(
     num_workers: int = 0,
     device: str = "auto",
     progress: bool = True,
+    tensorboard: bool = False,
 ) -> dict:
     """Train one run into ``run_dir``; returns {'status': 'done'|'preempted', 'step': ..., 'run_dir': ...}.
 
@@ -137,6 +138,7 @@ def train(
     (Table 5d "Masked"), 'auto' = 'both' when the model has a side-interpolator, else 'full'.
     masked_loss_on: 'all' tokens (default) or 'removed' tokens only (Table 5e).
     precision: 'bf16' autocast, 'fp32', or 'auto' (bf16 on GPU, fp32 on CPU).
+    tensorboard: also write every logged record to RUN/tensorboard (needs the tensorboard package).
     """
     info, dev = dist_util.setup(device)
     run = RunDir(run_dir)
@@ -149,6 +151,7 @@ def train(
     torch.manual_seed(seed)  # the initial weights are part of the run's seed
     model = build_for_dataset(data).to(dev)
     diffusion = configured_diffusion()
+    writer = _tensorboard_writer(run) if (tensorboard and info.is_main) else None
     if info.is_main:
         run.prepare(config_text)
     dist_util.barrier()
@@ -208,6 +211,7 @@ def train(
         if heldout_every and heldout is not None:
             record = heldout_loss(ema.model, diffusion, heldout, max_items=heldout_items, seed=seed, device=dev)
             run.log({"step": step, "kind": "heldout", **record})
+            _to_tensorboard(writer, {"step": step, "kind": "heldout", **record})
         if sample_every:
             _sample_grid(run, ema.model, step, data, sample_count, sample_respacing, seed, dev)
 
@@ -258,6 +262,7 @@ def train(
                 window, t_last = [], now
                 if info.is_main:
                     run.log(record)
+                    _to_tensorboard(writer, record)
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_sec']:.0f}")
             if bar is not None:
@@ -274,6 +279,8 @@ def train(
                 break
     if bar is not None:
         bar.close()
+    if writer is not None:
+        writer.close()
     if status == "done" and info.is_main:
         run.mark_done(step)
     dist_util.barrier()
@@ -288,6 +295,22 @@ def _summarise(window: list[dict], step: int, opt, global_batch: int, seconds: f
     if dev.type == "cuda":
         record["max_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     return record  # full float precision: resumed runs are compared bit for bit
+
+
+def _tensorboard_writer(run: RunDir):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError("train.tensorboard = True needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(run.path / "tensorboard"))
+
+
+def _to_tensorboard(writer, record: dict) -> None:
+    if writer is None:
+        return
+    for key, value in record.items():
+        if key not in ("step", "time", "kind") and isinstance(value, (int, float)):
+            writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
 
 
 def _progress_bar(start: int, total: int):
