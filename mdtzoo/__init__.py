@@ -8,4 +8,4 @@ __version__ = "0.1.0"
 
 from mdtzoo import registry  # noqa: F401
 from mdtzoo import masking, posenc, interp, models, schedules, diffusion, data, metrics  # noqa: F401,E402  (registration)
-from mdtzoo import training  # noqa: F401,E402  (the train root)
+from mdtzoo import training, evaluation  # noqa: F401,E402  (the train root, run metrics)

@@ -47,38 +47,33 @@ def train_one(name: str, out: Path, steps: int | None, bindings: list[str]) -> d
     return result
 
 
-def evaluate_one(name: str, out: Path, samples_per_class: int, sample_steps: str, seed: int) -> dict:
-    """Sample from the run's EMA weights, score with the oracle; read the held-out loss from its log."""
-    from mdtzoo.launch.sample_cmd import load_model
-    from mdtzoo.diffusion import build_diffusion
-    from mdtzoo.models import count_parameters
-    from mdtzoo.registry import DATASETS
-    from mdtzoo.sample import generate, save_grid
+def evaluate_one(name: str, out: Path, samples_per_class: int, sample_steps: str, seed: int) -> tuple[dict, Path]:
+    """Evaluate the run (EMA weights): held-out loss and oracle relation accuracy; the row of the table."""
+    import shutil
+
+    from mdtzoo.evaluation import evaluate_run
     from mdtzoo.training import RunDir
+    from mdtzoo.training.checkpoint import load
 
     run = RunDir(out / name)
-    model, _ = load_model(str(run.path), None)
-    data = DATASETS.build("relations", split="heldout")  # gin still holds this run's bindings
-    labels = [c for c in range(data.num_classes) for _ in range(samples_per_class)]
-    images, labels = generate(model, build_diffusion(respacing=sample_steps), "ddpm", "none",
-                              num_samples=len(labels), labels=labels, batch_size=256, seed=seed,
-                              num_classes=data.num_classes, rank=0, world_size=1)
-    grid_path = out / f"{name}_samples.png"
-    order = np.argsort(np.tile(np.arange(samples_per_class), data.num_classes), kind="stable")
-    save_grid(grid_path, images[order][: 8 * data.num_classes], nrow=data.num_classes)
-    scores = data.oracle.accuracy(images, labels)
-    heldout = [r for r in run.read_metrics() if r.get("kind") == "heldout"]
+    num_classes = load(run.latest_checkpoint())["model_shape"]["num_classes"]
+    result = evaluate_run(run.path, num_samples=samples_per_class * num_classes, sample_steps=sample_steps,
+                          seed=seed, device="cpu")
+    grid = out / f"{name}_samples.png"
+    shutil.copyfile(run.path / "eval" / result["grid"], grid)
+    state = load(run.latest_checkpoint())
     train_log = [r for r in run.read_metrics() if r.get("kind") == "train"]
+    metrics = result["metrics"]
     row = {
-        "params": count_parameters(model),
-        "steps": train_log[-1]["step"] if train_log else 0,
+        "params": sum(v.numel() for k, v in state["model"].items() if not k.endswith("relative_position_index")),
+        "steps": result["step"],
         "train_loss": train_log[-1]["loss"] if train_log else float("nan"),
-        "heldout_mse": heldout[-1]["heldout_mse"] if heldout else float("nan"),
-        "heldout_vb": heldout[-1]["heldout_vb"] if heldout else float("nan"),
-        "relation_acc": scores["overall"],
-        **{f"acc_{k}": v for k, v in scores["per_class"].items()},
+        "heldout_mse": metrics["heldout_mse"],
+        "heldout_vb": metrics["heldout_vb"],
+        "relation_acc": metrics["relation_acc"],
+        **{k.replace("relation_acc_", "acc_"): v for k, v in metrics.items() if k.startswith("relation_acc_")},
     }
-    return row, grid_path
+    return row, grid
 
 
 def run_demo(out: str | Path = "runs/demo", steps: int | None = None, samples_per_class: int = 32,
