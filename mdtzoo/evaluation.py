@@ -125,6 +125,8 @@ def evaluate_run(
       (heldout_loss; relation_acc on relations data) plus the ADM suite when ``ref`` is given.
     num_samples: default 50,000 with ``ref`` (the paper's FID-50K), else 16 per class.
     sample_steps: respaced DDPM steps; default "250" with ``ref`` (the paper), else "100".
+    An existing result for the step is returned as is; metrics it lacks are added to it,
+    computed with the settings it was made with (``force`` recomputes everything).
     """
     import gin
 
@@ -137,14 +139,24 @@ def evaluate_run(
     if path is None:
         raise FileNotFoundError(f"{run.path} has no checkpoint to evaluate (checkpoints/ckpt_*.pt)")
     step = int(ckpt.load(path)["step"]) if checkpoint else int(ckpt.NAME.match(path.name).group(1))
-    out_path = result_path(run.path, step)
-    if out_path.is_file() and not force:
-        return json.loads(out_path.read_text())
-    if metrics is not None:
-        for name in metrics:
-            METRICS.get(name)  # unknown names fail before any work, listing the known ones
+    for name in metrics or ():
+        METRICS.get(name)  # unknown names fail before any work, listing the known ones
     if ref is not None and not Path(ref).is_file():
         raise FileNotFoundError(f"reference batch not found: {ref}")
+    needs_ref = [m for m in metrics or () if getattr(METRICS.get(m), "kind", "features") != "run"]
+    if needs_ref and ref is None:
+        raise ValueError(f"metrics {needs_ref} need a reference batch: give ref=REF.npz (--ref)")
+    out_path = result_path(run.path, step)
+    existing = json.loads(out_path.read_text()) if out_path.is_file() and not force else None
+    if existing is not None and metrics is None:
+        return existing
+    if existing is not None:
+        missing = [m for m in metrics if m not in existing.get("metric_names", [])]
+        if not missing:
+            return existing
+        metrics = missing  # add them to the existing result, computed with its settings
+        num_samples, sample_steps = existing["settings"]["num_samples"], existing["settings"]["sample_steps"]
+        guidance, cfg_scale, seed = (existing["settings"][k] for k in ("guidance", "cfg_scale", "seed"))
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, latent = load_model(str(path), None, True, dev)  # parses the run's config into gin
@@ -181,16 +193,18 @@ def evaluate_run(
         else:
             feature_metrics.append(name)
     if feature_metrics:
-        if ref is None:
-            raise ValueError(f"metrics {feature_metrics} need a reference batch: give ref=REF.npz")
         from mdtzoo.evaluate import evaluate_arrays, make_extractor
 
         images, labels = context.samples()
         results.update(evaluate_arrays(images, ref, make_extractor(weights, str(dev)), labels=labels,
                                        metrics=feature_metrics))
+    if existing is not None:
+        results = {**existing["metrics"], **results}
+        metrics = existing["metric_names"] + list(metrics)
     record = {
         "step": step,
         "checkpoint": path.name,
+        "metric_names": list(metrics),
         "metrics": {k: float(v) for k, v in results.items()},
         "settings": {"num_samples": num_samples, "sample_steps": sample_steps, "guidance": guidance,
                      "cfg_scale": cfg_scale, "seed": seed, "ref": str(ref) if ref else None},

@@ -1,4 +1,7 @@
 """``mdtzoo eval SAMPLES.npz --ref REF.npz``: the ADM suite (IS, FID, sFID, precision, recall).
+``mdtzoo eval RUN_DIR [--ref REF.npz]``: sample from a run's EMA weights and evaluate it
+(held-out loss and, on relations data, oracle relation accuracy; plus the ADM suite with --ref),
+recording the step evaluated in ``RUN/eval/step_XXXXXXXX.json`` (see ``mdtzoo.evaluation``).
 
 Prints the numbers as ADM's evaluator does and writes them, with provenance, to
 ``<out or the samples' folder>/<samples>_eval_<ref>.json`` atomically; an existing result is
@@ -14,9 +17,16 @@ from pathlib import Path
 def add_parser(sub) -> None:
     from mdtzoo.metrics.inception import RESIZE_MODES
 
-    p = sub.add_parser("eval", help="IS / FID / sFID / precision / recall of a samples .npz (ADM suite)")
-    p.add_argument("samples", help="samples .npz with arr_0: uint8 (N, H, W, 3); optional arr_1 labels")
-    p.add_argument("--ref", required=True, help="reference .npz: ADM's reference batch or one from make_reference")
+    p = sub.add_parser("eval", help="evaluate a samples .npz (ADM suite) or a run directory")
+    p.add_argument("samples", help="samples .npz with arr_0: uint8 (N, H, W, 3); or a run directory")
+    p.add_argument("--ref", default=None, help="reference .npz: ADM's reference batch or one from make_reference")
+    p.add_argument("--metrics", default=None, help="run mode: comma-separated registered metrics (mdtzoo list metrics)")
+    p.add_argument("--num-samples", type=int, default=None, help="run mode: samples to draw (default 50k with --ref)")
+    p.add_argument("--sample-steps", default=None, help="run mode: respaced DDPM steps (default 250 with --ref, else 100)")
+    p.add_argument("--guidance", default="none", help="run mode: none | constant | power_cosine")
+    p.add_argument("--cfg-scale", type=float, default=None, help="run mode: guidance scale")
+    p.add_argument("--vae", default=None, help="run mode, latent runs: VAE directory or 'ema'/'mse' from the HF cache")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for the result JSON (default: next to the samples)")
     p.add_argument("--batch-size", type=int, default=64, help="images per Inception batch (default 64)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -30,6 +40,11 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from mdtzoo import evaluate
+
+    if Path(args.samples).is_dir():
+        return run_dir_mode(args)
+    if args.ref is None:
+        raise ValueError("evaluating a samples .npz needs --ref REF.npz")
 
     out = evaluate.results_path(args.samples, args.ref, args.out)
     if out.exists() and not args.force:
@@ -45,4 +60,19 @@ def run(args) -> int:
     except FileExistsError as e:  # appeared while we computed
         raise ValueError(str(e)) from None
     print(f"wrote {out}")
+    return 0
+
+
+def run_dir_mode(args) -> int:
+    import json
+
+    from mdtzoo.evaluation import evaluate_run, result_path
+
+    result = evaluate_run(
+        args.samples, metrics=args.metrics.split(",") if args.metrics else None, num_samples=args.num_samples,
+        sample_steps=args.sample_steps, guidance=args.guidance, cfg_scale=args.cfg_scale, ref=args.ref,
+        weights=args.weights, vae=args.vae, seed=args.seed, device=args.device, force=args.force,
+    )
+    print(json.dumps(result["metrics"], indent=2, sort_keys=True))
+    print(f"step {result['step']}: {result_path(args.samples, result['step'])}")
     return 0
