@@ -35,12 +35,18 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
 
 
 def train_one(name: str, out: Path, steps: int | None, bindings: list[str]) -> dict:
-    from mdtzoo.training import train
+    from mdtzoo.training import RunDir, train
 
     extra = [f"train.run_dir = {str(out / name)!r}", *bindings]
     if steps is not None:
         extra.append(f"train.steps = {int(steps)}")
     cfg.parse([DEMO_DIR / f"{name}.gin"], extra)
+    run = RunDir(out / name)
+    if run.is_done():
+        if not run.matches(cfg.config_str()):
+            raise FileExistsError(f"{run.path} holds a finished run with another configuration; "
+                                  "pass --out to put this demo elsewhere")
+        return {"status": "done", "step": None, "seconds": float("nan"), "reused": True}
     start = time.perf_counter()
     result = cfg.call_root(train)
     result["seconds"] = time.perf_counter() - start
@@ -85,7 +91,10 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, samples_pe
         print(f"[demo] training {name} ...", flush=True)
         result = train_one(name, out, steps, list(bindings or []))
         seconds[name] = result["seconds"]
-        print(f"[demo] {name}: {result['status']} at step {result['step']} ({result['seconds']:.0f}s)", flush=True)
+        if result.get("reused"):
+            print(f"[demo] {name}: finished earlier in {out / name}; reusing it", flush=True)
+        else:
+            print(f"[demo] {name}: {result['status']} at step {result['step']} ({result['seconds']:.0f}s)", flush=True)
         rows[name], grids[name] = evaluate_one(name, out, samples_per_class, sample_steps, seed)
         rows[name]["train_seconds"] = round(seconds[name], 1)
     table = pd.DataFrame.from_dict(rows, orient="index")

@@ -40,6 +40,10 @@ class RunDir:
     def is_done(self) -> bool:
         return self.done.is_file()
 
+    def matches(self, config_text: str) -> bool:
+        """Whether this run was started with ``config_text`` (ignoring blank lines and trailing spaces)."""
+        return self.config.is_file() and _normalise(self.config.read_text()) == _normalise(config_text)
+
     def latest_checkpoint(self) -> Path | None:
         return ckpt.latest_checkpoint(self.checkpoints)
 
@@ -52,8 +56,7 @@ class RunDir:
             )
         self.path.mkdir(parents=True, exist_ok=True)
         if self.config.is_file():
-            old = self.config.read_text()
-            if _normalise(old) != _normalise(config_text):
+            if not self.matches(config_text):
                 raise ValueError(
                     f"{self.path} was started with a different config ({self.config}); resuming it with "
                     "this one would mix two experiments: choose another run directory"
