@@ -252,3 +252,18 @@ def test_conflicting_model_shape_binding_is_an_error(toy, tmp_path):
     gin.parse_config("build.input_size = 32")
     with pytest.raises(config.ConfigError, match="dataset 'toy' has input_size 8"):
         train()
+
+
+def test_ema_update_and_warmup():
+    from mdtzoo.training.ema import EMA
+
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, decay=0.9, warmup=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(1)
+    torch.testing.assert_close(ema.model.weight, torch.full((1, 2), 0.1))  # 0.9 * 0 + 0.1 * 1
+    warm = EMA(torch.nn.Linear(2, 1), decay=0.9999, warmup=True)
+    assert warm.decay_at(1) == pytest.approx(2 / 11) and warm.decay_at(10**7) == 0.9999

@@ -112,6 +112,7 @@ def train(
     warmup_steps: int = 0,
     grad_clip: float | None = None,
     ema_decay: float = 0.9999,
+    ema_warmup: bool = True,
     passes: str = "auto",
     masked_loss_on: str = "all",
     precision: str = "auto",
@@ -138,6 +139,8 @@ def train(
     (Table 5d "Masked"), 'auto' = 'both' when the model has a side-interpolator, else 'full'.
     masked_loss_on: 'all' tokens (default) or 'removed' tokens only (Table 5e).
     precision: 'bf16' autocast, 'fp32', or 'auto' (bf16 on GPU, fp32 on CPU).
+    ema_warmup: EMA decay min(ema_decay, (1+step)/(10+step)) so short runs' EMA weights are
+      usable (the paper's DiT-style EMA has no warm-up: set False; over 400k steps it changes nothing).
     tensorboard: also write every logged record to RUN/tensorboard (needs the tensorboard package).
     """
     info, dev = dist_util.setup(device)
@@ -165,7 +168,7 @@ def train(
         raise ValueError(f"precision must be 'bf16', 'fp32' or 'auto'; got {precision!r}")
 
     opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay, betas, fused=dev.type == "cuda")
-    ema = EMA(model, ema_decay)
+    ema = EMA(model, ema_decay, ema_warmup)
     start = 0
     latest = run.latest_checkpoint()
     if latest is not None:
@@ -251,8 +254,8 @@ def train(
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)
-            ema.update()
             step += 1
+            ema.update(step)
             window.append({k: v for k, v in losses.items()} | {"grad_norm": grad_norm.detach().float()})
             if step == start + 1 and info.is_main:
                 write_text(run.operative_config, cfg.config_str(operative=True))
