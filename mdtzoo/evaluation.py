@@ -160,6 +160,7 @@ def evaluate_run(
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, latent = load_model(str(path), None, True, dev)  # parses the run's config into gin
+    vae = vae or getattr(model, "vae_id", None)
     heldout = DATASETS.build(gin.query_parameter("train.dataset"), split="heldout")
     if metrics is None:
         metrics = ["heldout_loss"] + (["relation_acc"] if hasattr(heldout, "oracle") else [])

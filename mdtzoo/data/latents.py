@@ -96,6 +96,7 @@ class LatentsDataset(SeededDataset):
         self.latent_shape = tuple(meta["latent_shape"])
         self.channels, self.image_size = self.latent_shape[0], self.latent_shape[1]  # the model's input size
         self.pixel_size, self.scale_factor = int(meta["image_size"]), float(meta["scale_factor"])
+        self.vae_id = meta.get("vae")  # recorded so samples of a run on these latents can be decoded
         self.class_names = list(meta["class_names"])
         self.num_classes = len(self.class_names)
         missing = [shard_name(k) for k in range(meta["num_shards"]) if not (Path(self.root) / shard_name(k) / SHARD_FILE).is_file()]

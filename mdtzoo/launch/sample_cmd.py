@@ -41,6 +41,7 @@ def load_model(source: str | None, reference: str | None, use_ema: bool = True, 
     gin.parse_config(state["config"])
     model = cfg.call_root(cfg.build, **state["model_shape"])
     model.load_state_dict(state["ema" if use_ema else "model"])
+    model.vae_id = state.get("vae")  # the VAE the run trained with, if it recorded one
     return model.to(device).eval(), bool(state.get("latent", False))
 
 
@@ -66,6 +67,7 @@ def run(args) -> int:
         raise FileExistsError(f"{args.npz} exists; finished results are never overwritten (use --force)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, latent = load_model(args.source, args.reference, not args.no_ema, device)
+    args.vae = args.vae or getattr(model, "vae_id", None)
     if latent and not args.vae:
         raise ValueError("this model works on VAE latents: give --vae (a local directory, 'ema' or 'mse' from the HF cache)")
     vae = load_vae(args.vae, device=device) if latent else None

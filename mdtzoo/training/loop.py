@@ -30,6 +30,7 @@ from mdtzoo.training.objective import DiffusionObjective
 from mdtzoo.training.rundir import RunDir, write_text
 
 OPTIMIZERS = ("adamw", "adan")
+VAE_STREAM = 101  # generator stream of the on-the-fly posterior samples (objective.py uses 0..5)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -82,9 +83,14 @@ def configured_diffusion(**overrides):
     return gin.get_configurable("diffusion.build_diffusion")(**overrides)
 
 
-def build_for_dataset(dataset):
-    """The ``build`` root's model, sized to the dataset; a conflicting gin binding is an error."""
+def build_for_dataset(dataset, autoencoder=None):
+    """The ``build`` root's model, sized to the dataset (or to its VAE latents when images are
+    encoded on the fly); a conflicting gin binding is an error."""
     shape = dict(input_size=dataset.image_size, in_channels=dataset.channels, num_classes=dataset.num_classes)
+    if autoencoder is not None:
+        if dataset.image_size % autoencoder.downsample:
+            raise ValueError(f"image size {dataset.image_size} is not divisible by the VAE's {autoencoder.downsample}x")
+        shape.update(input_size=dataset.image_size // autoencoder.downsample, in_channels=autoencoder.latent_channels)
     for key, value in shape.items():
         try:
             bound = gin.query_parameter(f"build.{key}")
@@ -130,6 +136,7 @@ def train(
     device: str = "auto",
     progress: bool = True,
     tensorboard: bool = False,
+    vae: str | None = None,
 ) -> dict:
     """Train one run into ``run_dir``; returns {'status': 'done'|'preempted', 'step': ..., 'run_dir': ...}.
 
@@ -141,6 +148,9 @@ def train(
     precision: 'bf16' autocast, 'fp32', or 'auto' (bf16 on GPU, fp32 on CPU).
     ema_warmup: EMA decay min(ema_decay, (1+step)/(10+step)) so short runs' EMA weights are
       usable (the paper's DiT-style EMA has no warm-up: set False; over 400k steps it changes nothing).
+    vae: encode images with this VAE on the fly ('ema', 'mse', a local directory; offline) and
+      train on posterior samples, as the reference code does; pre-extracted latents
+      (``datasets.latents``, ``mdtzoo extract``) are much cheaper for long runs.
     tensorboard: also write every logged record to RUN/tensorboard (needs the tensorboard package).
     """
     info, dev = dist_util.setup(device)
@@ -151,8 +161,15 @@ def train(
 
     # Everything a bad config can break is built before the run directory is touched.
     data = DATASETS.build(dataset, split="train")
+    autoencoder = None
+    if vae is not None:
+        if getattr(data, "latent", False):
+            raise ValueError(f"train.vae is set but {dataset!r} already holds latents; remove train.vae")
+        from mdtzoo.vae import load_vae
+
+        autoencoder = load_vae(vae, device=dev)
     torch.manual_seed(seed)  # the initial weights are part of the run's seed
-    model = build_for_dataset(data).to(dev)
+    model = build_for_dataset(data, autoencoder).to(dev)
     diffusion = configured_diffusion()
     writer = _tensorboard_writer(run) if (tensorboard and info.is_main) else None
     if info.is_main:
@@ -201,7 +218,8 @@ def train(
                 "step": step, "seed": seed, "world": info.world, "config": config_text,
                 "model_shape": {"input_size": model.input_size, "in_channels": model.in_channels,
                                 "num_classes": model.num_classes},
-                "latent": bool(getattr(data, "latent", False)),
+                "latent": bool(getattr(data, "latent", False) or autoencoder is not None),
+                "vae": vae or getattr(data, "vae_id", None),
                 "torch_rng": torch.get_rng_state(),
             }
             ckpt.atomic_save(state, ckpt.checkpoint_path(run.checkpoints, step))
@@ -232,10 +250,15 @@ def train(
             for micro in range(accum):
                 x0, y = next(batches)
                 x0, y = x0.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                offset = info.rank * world_batch + micro * micro_batch
+                if autoencoder is not None:  # posterior sample, noise drawn per global batch
+                    mean, std = autoencoder.encode(x0)
+                    g = dist_util.step_generator(seed, step, 0, VAE_STREAM, dev)
+                    z = torch.randn((global_batch, *mean.shape[1:]), device=dev, generator=g)
+                    x0 = (mean + std * z[offset : offset + mean.shape[0]]).float()
                 sync = contextlib.nullcontext() if (micro == accum - 1 or info.world == 1) else step_fn.no_sync()
                 with sync:
                     with autocast:
-                        offset = info.rank * world_batch + micro * micro_batch
                         out = step_fn(x0, y, step, offset, global_batch)
                     (out["loss"] / accum).backward()
                 for k, v in out.items():
