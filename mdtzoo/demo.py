@@ -17,21 +17,10 @@ import numpy as np
 import pandas as pd
 
 from mdtzoo import config as cfg
+from mdtzoo.tables.render import markdown_table
 
 DEMO_DIR = cfg.EXPERIMENTS_DIR / "demo"
 MODELS = ("mdt", "dit")
-
-
-def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
-    """A GitHub Markdown table (pandas' to_markdown needs the optional tabulate package)."""
-    def fmt(v):
-        return floatfmt.format(v) if isinstance(v, (float, np.floating)) else str(v)
-
-    cols = [str(df.index.name or "")] + [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for idx, row in df.iterrows():
-        lines.append("| " + " | ".join([str(idx)] + [fmt(v) for v in row.tolist()]) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def train_one(name: str, out: Path, steps: int | None, bindings: list[str]) -> dict:
@@ -77,7 +66,8 @@ def evaluate_one(name: str, out: Path, samples_per_class: int, sample_steps: str
         "heldout_mse": metrics["heldout_mse"],
         "heldout_vb": metrics["heldout_vb"],
         "relation_acc": metrics["relation_acc"],
-        **{k.replace("relation_acc_", "acc_"): v for k, v in metrics.items() if k.startswith("relation_acc_")},
+        "relation_score": metrics["relation_score"],
+        **{k.replace("relation_score_", "score_"): v for k, v in metrics.items() if k.startswith("relation_score_")},
     }
     return row, grid
 
@@ -109,8 +99,8 @@ def main(args) -> int:
     start = time.perf_counter()
     table, grids = run_demo(args.out, args.steps, args.samples_per_class, args.sample_steps, args.seed, args.gin)
     out = Path(args.out)
-    cols = ["params", "steps", "heldout_mse", "heldout_vb", "relation_acc"] + [
-        c for c in table.columns if c.startswith("acc_")]
+    cols = ["params", "steps", "heldout_mse", "relation_acc", "relation_score"] + [
+        c for c in table.columns if c.startswith("score_")]
     print()
     print(markdown_table(table[cols]))
     print(f"runs:          {out / 'mdt'}  {out / 'dit'}  (config.gin, metrics.jsonl, checkpoints/, samples/)")

@@ -82,13 +82,16 @@ def heldout_loss_metric(context: RunContext, num_timesteps: int = 10, max_items:
 @METRICS.register("relation_acc")
 @_run_metric
 def relation_acc_metric(context: RunContext) -> dict[str, float]:
-    """Relations oracle on generated samples: fraction obeying their class's relation, overall and per class."""
+    """Relations oracle on samples: exact accuracy and graded score in [0, 1], overall and per class."""
     oracle = getattr(context.heldout, "oracle", None)
     if oracle is None:
         raise ValueError("relation_acc needs the relations dataset (its oracle); this run trained on other data")
     images, labels = context.samples()
-    scores = oracle.accuracy(images, labels)
-    return {"relation_acc": scores["overall"], **{f"relation_acc_{k}": v for k, v in scores["per_class"].items()}}
+    exact, graded = oracle.accuracy(images, labels), oracle.graded(images, labels)
+    return {
+        "relation_acc": exact["overall"], **{f"relation_acc_{k}": v for k, v in exact["per_class"].items()},
+        "relation_score": graded["overall"], **{f"relation_score_{k}": v for k, v in graded["per_class"].items()},
+    }
 
 
 def result_path(run_dir: str | os.PathLike, step: int) -> Path:

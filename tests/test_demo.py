@@ -19,7 +19,7 @@ def test_demo_produces_its_files(tmp_path, capsys):
     assert list(table.index) == ["mdt", "dit"]
     assert (table["steps"] == 2).all()
     assert table.loc["mdt", "params"] > table.loc["dit", "params"]  # the side-interpolator and rel-pos tables
-    assert table["relation_acc"].between(0, 1).all()
+    assert table["relation_acc"].between(0, 1).all() and table["relation_score"].between(0, 1).all()
     assert "| mdt |" in (out / "demo_table.md").read_text()
     assert "sample grids:" in printed and str(out / "demo_table.csv") in printed
     # Running it again reuses the finished runs and their evaluations.

@@ -32,6 +32,7 @@ def test_evaluate_run_records_step_metrics_and_a_grid(relations_run):
     assert {k for k in m if k.startswith("relation_acc_")} == {
         "relation_acc_face", "relation_acc_count_2", "relation_acc_count_3", "relation_acc_count_4",
         "relation_acc_colour_match", "relation_acc_mirror", "relation_acc_repeat", "relation_acc_evenly_spaced"}
+    assert 0.0 <= m["relation_score"] <= 1.0 and "relation_score_face" in m
     assert (relations_run / "eval" / "step_00000002.png").is_file()
     assert read_results(relations_run) == [result]
 

@@ -23,6 +23,29 @@ mask cropped to its bounding box, so equal shapes differ only by translation):
   (it is its top-left 4x4 tile repeated 4x4 times; tiles of 1 or 2 cells are included).
 - evenly_spaced: exactly 3 objects of one colour and one shape, one of them exactly
   midway between the other two (collinear, equal spacing).
+
+Graded score (``graded.py``; ``RelationsOracle.graded / graded_scores``,
+``graded_relation_score``): a per-sample score in [0, 1], 1.0 exactly when the rule above
+accepts the image, lower the further the image is from its relation (~0.03-0.1 on noise).
+Cells are read softly (nearest palette colour, no rejection; confidence
+``min(1, min_channel |mean| / margin)``) and ``score = readability * relation(grid)``,
+readability = mean cell confidence (1 iff every cell is readable). relation(grid)
+("non-trivial" pairs leave out two background cells; sub-scores are fractions in [0, 1]):
+- mirror: equal fraction of the non-trivial left-right mirror pairs * min(1, non-black / 6).
+- repeat: equal fraction of the non-trivial pairs 4 cells apart (rows and columns; background
+  = the most common colour) * min(1, cells not of the most common colour / 16).
+- count_k: objects * colour * (1 + shape) / 2; objects = min(n, k) / k * share of non-black
+  cells in the k largest objects; colour = share of their cells in their most common colour;
+  shape = mean pairwise IoU of their top-left-aligned shapes.
+- colour_match: objects * colour * (1 + different) / 2 (k = 2; different: shapes differ, 0/1).
+- evenly_spaced: objects * colour * (1 + shape + spacing) / 3 (k = 3); spacing = 1 / (1 + e),
+  e = min over the middle one m of |2 corner_m - corner_a - corner_b| (L1, top-left corners).
+- face: head * mean(border, features, parts, symmetry, eyes) in the largest object's box:
+  head = IoU(non-black, rounded rectangle) * min(1, min(h, w) / 5); border = share of the
+  edge in its commonest colour (skin); features = share of non-skin cells in their commonest
+  colour; parts = mean(min(n, 3) / max(n, 3), eyes either side, one-row mouth, mouth below);
+  symmetry = equal share of mirror pairs with a non-skin cell; eyes = IoU of one eye with the
+  other's mirror image (same colour). graded.py's docstring has each term in full.
 """
 
 from __future__ import annotations
@@ -184,12 +207,7 @@ class RelationsOracle:
     def score(self, images, labels) -> dict[str, list | np.ndarray]:
         """Per-sample columns: correct (N,) bool, label (N,) int64, class_name, reason ('' if correct)."""
         grids = quantise(images, self.margin)
-        labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels, dtype=np.int64).reshape(-1)
-        if len(labels) != len(grids):
-            raise ValueError(f"got {len(grids)} images but {len(labels)} labels")
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classes)):
-            raise ValueError(f"labels must be in 0..{len(self.classes) - 1} ({', '.join(self.classes)})")
-        names = [self.classes[y] for y in labels]
+        labels, names = check_labels(labels, len(grids), self.classes)
         reasons = [check_grid(g, c) for g, c in zip(grids, names)]
         return {
             "correct": np.array([r == "" for r in reasons], dtype=bool),
@@ -203,6 +221,30 @@ class RelationsOracle:
         return summarise(self.score(images, labels), self.classes)
 
     __call__ = accuracy
+
+    def graded_scores(self, images, labels) -> np.ndarray:
+        """(N,) float64 graded relation scores in [0, 1]; 1.0 exactly where ``score`` says correct (graded.py)."""
+        from mdtzoo.data.graded import graded_scores
+
+        return graded_scores(images, labels, self.classes, self.margin)
+
+    def graded(self, images, labels) -> dict:
+        """{"overall": mean graded score, "per_class": {name: mean}, "count": {name: samples}}."""
+        from mdtzoo.data.graded import graded_summary
+
+        scores = self.graded_scores(images, labels)
+        _, names = check_labels(labels, len(scores), self.classes)
+        return graded_summary(scores, names, self.classes)
+
+
+def check_labels(labels, n: int, classes: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """``n`` labels (numpy, torch or a list) -> (int64 (n,), class names); ValueError on a bad count or label."""
+    labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels, dtype=np.int64).reshape(-1)
+    if len(labels) != n:
+        raise ValueError(f"got {n} images but {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise ValueError(f"labels must be in 0..{len(classes) - 1} ({', '.join(classes)})")
+    return labels, [classes[y] for y in labels]
 
 
 def summarise(scores: dict, classes: Sequence[str] = CLASS_NAMES) -> dict:
@@ -219,3 +261,7 @@ def oracle_accuracy(images, labels, classes: Sequence[str] = CLASS_NAMES, margin
     """Relation accuracy of ``images`` given their ``labels``: dict(overall=..., per_class={...}, count={...})."""
     return RelationsOracle(classes, margin).accuracy(images, labels)
 
+
+def graded_relation_score(images, labels, classes: Sequence[str] = CLASS_NAMES, margin: float = DEFAULT_MARGIN) -> dict:
+    """Mean graded relation score (graded.py) of ``images`` given their ``labels``: dict(overall, per_class, count)."""
+    return RelationsOracle(classes, margin).graded(images, labels)

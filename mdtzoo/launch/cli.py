@@ -104,6 +104,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mdtzoo.launch.sample_cmd",
     "mdtzoo.launch.extract_cmd",
     "mdtzoo.launch.eval_cmd",
+    "mdtzoo.launch.sweep_cmd",
+    "mdtzoo.launch.table_cmd",
 )
 
 
