@@ -94,8 +94,11 @@ def relation_acc_metric(context: RunContext) -> dict[str, float]:
     }
 
 
-def result_path(run_dir: str | os.PathLike, step: int) -> Path:
-    return Path(run_dir) / "eval" / f"step_{step:08d}.json"
+def result_path(run_dir: str | os.PathLike, step: int, guidance: str = "none", cfg_scale: float | None = None) -> Path:
+    """RUN/eval/step_XXXXXXXX.json, or step_XXXXXXXX_<guidance>[_<scale>].json for guided sampling,
+    so a checkpoint's guided and unguided results (paper Table 2's -G rows) live side by side."""
+    suffix = "" if guidance == "none" else f"_{guidance}" + (f"_{cfg_scale:g}" if cfg_scale is not None else "")
+    return Path(run_dir) / "eval" / f"step_{step:08d}{suffix}.json"
 
 
 def read_results(run_dir: str | os.PathLike) -> list[dict]:
@@ -149,7 +152,7 @@ def evaluate_run(
     needs_ref = [m for m in metrics or () if getattr(METRICS.get(m), "kind", "features") != "run"]
     if needs_ref and ref is None:
         raise ValueError(f"metrics {needs_ref} need a reference batch: give ref=REF.npz (--ref)")
-    out_path = result_path(run.path, step)
+    out_path = result_path(run.path, step, guidance, cfg_scale)
     existing = json.loads(out_path.read_text()) if out_path.is_file() and not force else None
     if existing is not None and metrics is None:
         return existing

@@ -267,3 +267,10 @@ def test_ema_update_and_warmup():
     torch.testing.assert_close(ema.model.weight, torch.full((1, 2), 0.1))  # 0.9 * 0 + 0.1 * 1
     warm = EMA(torch.nn.Linear(2, 1), decay=0.9999, warmup=True)
     assert warm.decay_at(1) == pytest.approx(2 / 11) and warm.decay_at(10**7) == 0.9999
+
+
+def test_prune_keeps_the_newest_and_the_keep_every_steps(tmp_path):
+    for step in (100, 200, 300, 400, 500):
+        ckpt.atomic_save({"model": {}, "step": step}, ckpt.checkpoint_path(tmp_path, step))
+    ckpt.prune(tmp_path, keep=1, keep_every=200)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [200, 400, 500]

@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--cfg-scale", type=float, default=None, help="run mode: guidance scale")
     p.add_argument("--vae", default=None, help="run mode, latent runs: VAE directory or 'ema'/'mse' from the HF cache")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=None, help="run mode: evaluate this step's checkpoint (default: the latest)")
     p.add_argument("--out", default=None, help="folder for the result JSON (default: next to the samples)")
     p.add_argument("--batch-size", type=int, default=64, help="images per Inception batch (default 64)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -68,11 +69,18 @@ def run_dir_mode(args) -> int:
 
     from mdtzoo.evaluation import evaluate_run, result_path
 
+    checkpoint = None
+    if args.step is not None:
+        from mdtzoo.training.checkpoint import checkpoint_path
+
+        checkpoint = checkpoint_path(Path(args.samples) / "checkpoints", args.step)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"no checkpoint for step {args.step}: {checkpoint} (see train.keep_every)")
     result = evaluate_run(
-        args.samples, metrics=args.metrics.split(",") if args.metrics else None, num_samples=args.num_samples,
+        args.samples, checkpoint=checkpoint, metrics=args.metrics.split(",") if args.metrics else None, num_samples=args.num_samples,
         sample_steps=args.sample_steps, guidance=args.guidance, cfg_scale=args.cfg_scale, ref=args.ref,
         weights=args.weights, vae=args.vae, seed=args.seed, device=args.device, force=args.force,
     )
     print(json.dumps(result["metrics"], indent=2, sort_keys=True))
-    print(f"step {result['step']}: {result_path(args.samples, result['step'])}")
+    print(f"step {result['step']}: {result_path(args.samples, result['step'], args.guidance, args.cfg_scale)}")
     return 0

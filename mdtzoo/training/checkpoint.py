@@ -68,8 +68,9 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     return obj
 
 
-def prune(folder: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (never the newest)."""
-    ckpts = list_checkpoints(folder)
+def prune(folder: str | os.PathLike, keep: int, keep_every: int = 0) -> None:
+    """Delete all but the newest ``keep`` checkpoints (never the newest); steps that are multiples
+    of ``keep_every`` are kept for good (to evaluate learning curves, e.g. Table 1's 400k)."""
+    ckpts = [(s, p) for s, p in list_checkpoints(folder) if not (keep_every and s % keep_every == 0)]
     for _, path in ckpts[: max(len(ckpts) - max(keep, 1), 0)]:
         path.unlink(missing_ok=True)

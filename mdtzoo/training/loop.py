@@ -127,6 +127,7 @@ def train(
     log_every: int = 50,
     ckpt_every: int = 1000,
     keep_checkpoints: int = 2,
+    keep_every: int = 0,
     heldout_every: int = 0,
     heldout_items: int = 256,
     sample_every: int = 0,
@@ -146,6 +147,8 @@ def train(
     (Table 5d "Masked"), 'auto' = 'both' when the model has a side-interpolator, else 'full'.
     masked_loss_on: 'all' tokens (default) or 'removed' tokens only (Table 5e).
     precision: 'bf16' autocast, 'fp32', or 'auto' (bf16 on GPU, fp32 on CPU).
+    keep_every: checkpoints at multiples of this step are never pruned (0: keep only the newest
+      ``keep_checkpoints``); evaluate them later with ``mdtzoo eval RUN --step N``.
     ema_warmup: EMA decay min(ema_decay, (1+step)/(10+step)) so short runs' EMA weights are
       usable (the paper's DiT-style EMA has no warm-up: set False; over 400k steps it changes nothing).
     vae: encode images with this VAE on the fly ('ema', 'mse', a local directory; offline) and
@@ -223,7 +226,7 @@ def train(
                 "torch_rng": torch.get_rng_state(),
             }
             ckpt.atomic_save(state, ckpt.checkpoint_path(run.checkpoints, step))
-            ckpt.prune(run.checkpoints, keep_checkpoints)
+            ckpt.prune(run.checkpoints, keep_checkpoints, keep_every)
         dist_util.barrier()
 
     def evaluate(step: int) -> None:
@@ -284,7 +287,7 @@ def train(
                 write_text(run.operative_config, cfg.config_str(operative=True))
             if step % log_every == 0 or step == steps:
                 now = time.perf_counter()
-                record = _summarise(window, step, opt, global_batch, now - t_last, dev)
+                record = _summarise(window, step, opt, global_batch, now - t_last, dev, info.world)
                 window, t_last = [], now
                 if info.is_main:
                     run.log(record)
@@ -313,8 +316,8 @@ def train(
     return {"status": status, "step": step, "run_dir": str(run.path)}
 
 
-def _summarise(window: list[dict], step: int, opt, global_batch: int, seconds: float, dev) -> dict:
-    record = {"step": step, "kind": "train", "lr": opt.param_groups[0]["lr"]}
+def _summarise(window: list[dict], step: int, opt, global_batch: int, seconds: float, dev, world: int) -> dict:
+    record = {"step": step, "kind": "train", "lr": opt.param_groups[0]["lr"], "world": world}
     for k in window[0]:
         record[k] = float(torch.stack([w[k] for w in window]).mean())
     record["img_per_sec"] = len(window) * global_batch / max(seconds, 1e-9)
