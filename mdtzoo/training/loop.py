@@ -267,9 +267,12 @@ def train(
                 for k, v in out.items():
                     losses[k] = losses.get(k, 0.0) + v.detach().float() / accum
             # One all-reduce of every logged scalar: the log shows the global batch, not rank 0's share.
+            # The preemption flag rides along, so every rank stops at the same step (else one rank
+            # would wait in the checkpoint barrier while another enters the next all-reduce).
             keys = sorted(losses)
-            reduced = dist_util.all_reduce_mean(torch.stack([losses[k] for k in keys]))
-            losses = dict(zip(keys, reduced))
+            flag = torch.tensor(float(preempt.requested), device=dev)
+            reduced = dist_util.all_reduce_mean(torch.stack([losses[k] for k in keys] + [flag]))
+            losses, stop = dict(zip(keys, reduced[:-1])), bool(reduced[-1] > 0)
             loss = losses["loss"]
             if not torch.isfinite(loss):
                 message = (f"loss is {loss.item()} at step {step + 1}; stopped. The last good checkpoint "
@@ -296,12 +299,12 @@ def train(
                         bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_sec']:.0f}")
             if bar is not None:
                 bar.update(1)
-            if step % ckpt_every == 0 or step == steps or preempt.requested:
+            if step % ckpt_every == 0 or step == steps or stop:
                 save(step)
             if step == steps or (heldout_every and step % heldout_every == 0) or (
                     sample_every and step % sample_every == 0):
                 evaluate(step)
-            if preempt.requested and step < steps:
+            if stop and step < steps:
                 status = "preempted"
                 if info.is_main:
                     run.log({"step": step, "kind": "preempted"})
