@@ -10,6 +10,7 @@ import torch
 from mdtzoo import config
 from mdtzoo.launch import cli
 from mdtzoo.models import count_parameters
+from mdtzoo.registry import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 GIN_FILES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "experiments").rglob("*.gin"))
@@ -34,10 +35,11 @@ def test_every_gin_file_parses_and_builds(path):
         return
     model = build_meta()
     assert count_parameters(model) > 0
-    # the model named in the file is the one built
-    name = re.search(r"@models\.(\w+)", (ROOT / path).read_text())
-    if name:
-        assert model.__class__.__name__ == "DiffusionTransformer"
+    # the preset the config names is the one built (its size and patch)
+    preset = gin.query_parameter("build.model").selector.split(".")[-1]
+    defaults = MODELS.get(preset).defaults
+    assert (len(model.blocks), model.hidden_size, model.patch_size) == (
+        defaults["depth"], defaults["hidden_size"], defaults["patch_size"])
 
 
 def test_ablation_files_change_what_they_say():
