@@ -1,6 +1,5 @@
 """Gin files and the CLI: every file in experiments/ parses and builds; errors are clear."""
 
-import re
 from pathlib import Path
 
 import gin
