@@ -1,4 +1,4 @@
-"""The ``mdtzoo`` command line: ``list``, ``build`` (more subcommands arrive with later parts).
+"""The ``mdtzoo`` command line: compose, train, sample, evaluate, sweep and tabulate.
 
 Every subcommand validates its inputs and exits with a one-paragraph message (exit
 code 2) on a user error, never a traceback.
@@ -96,7 +96,7 @@ def _build_each(folder: Path, args) -> int:
     return 0
 
 
-# One module per later subcommand (sample, eval, train, ...); each defines add_parser(subparsers),
+# One module per subcommand beyond list/build; each defines add_parser(subparsers),
 # whose parser sets ``fn`` to a function(args) -> exit code.
 COMMAND_MODULES: tuple[str, ...] = (
     "mdtzoo.demo",
