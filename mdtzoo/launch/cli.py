@@ -106,6 +106,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mdtzoo.launch.eval_cmd",
     "mdtzoo.launch.sweep_cmd",
     "mdtzoo.launch.table_cmd",
+    "mdtzoo.launch.bench_cmd",
 )
 
 

@@ -1,0 +1,90 @@
+"""``mdtzoo bench``: analytic FLOP counts against the DiT paper, and the command on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mdtzoo.bench import expected_kept_tokens, forward_macs, markdown_table, train_step_flops
+from mdtzoo.launch.cli import main
+from mdtzoo.models import build_model
+
+# DiT paper (SPEC section 6 / Table 4): forward "Gflops" = fvcore multiply-adds per image at 256^2.
+DIT_GMACS = {"dit_s2": 6.06, "dit_b2": 23.01, "dit_l2": 80.71, "dit_xl2": 118.64}
+
+
+def meta_model(name: str):
+    with torch.device("meta"):
+        return build_model(name)
+
+
+@pytest.mark.parametrize("name", sorted(DIT_GMACS))
+def test_dit_forward_macs_match_the_paper(name):
+    model = meta_model(name)
+    got = forward_macs(model) / 1e9
+    assert got == pytest.approx(DIT_GMACS[name], rel=0.01)
+    # A DiT step is the full pass only: 2 FLOPs per MAC, x3 for forward + backward.
+    assert train_step_flops(model, 64) == pytest.approx(64 * 6 * forward_macs(model))
+    assert train_step_flops(model, 64, "full") == train_step_flops(model, 64, "auto")
+
+
+def test_dit_xl2_tflops_anchor():
+    # SPEC section 6: compiled reference DiT-XL/2 at 529 img/s is about 379 TFLOP/s.
+    per_image = train_step_flops(meta_model("dit_xl2"), 1)
+    assert 529 * per_image / 1e12 == pytest.approx(379, rel=0.01)
+
+
+def test_mdt_step_flops():
+    mdt, dit = meta_model("mdt_xl2"), meta_model("dit_xl2")
+    assert expected_kept_tokens(mdt) == int(256 * 0.7) == 179
+    # The full pass of MDT-XL/2 is DiT-XL/2's (the side block is used in the masked pass only).
+    assert forward_macs(mdt) == forward_macs(dit)
+    masked = forward_macs(mdt, masked=True)
+    # Encoder on 179 tokens, interpolator + decoder on 256: between 70% and 80% of a full pass.
+    assert 0.7 * forward_macs(mdt) < masked < 0.8 * forward_macs(mdt)
+    ratio = train_step_flops(mdt, 8) / train_step_flops(dit, 8)
+    assert 1.74 <= ratio <= 1.8  # SPEC section 6: an MDT step is about 1.75-1.8x a DiT step
+    assert train_step_flops(mdt, 8, "both") == pytest.approx(
+        train_step_flops(mdt, 8, "full") + train_step_flops(mdt, 8, "masked"))
+    assert forward_macs(mdt, masked=True, kept=256) > forward_macs(mdt)  # + the side block
+    with pytest.raises(ValueError):
+        train_step_flops(dit, 8, "both")
+
+
+def test_mdtv2_counts_skip_linears_and_jitter():
+    v2, v1 = meta_model("mdtv2_xl2"), meta_model("mdt_xl2")
+    # Long skips (12 pairs) and dense skips (4 decoder blocks) add a 2D x D linear per token each.
+    d, n = 1152, 256
+    assert forward_macs(v2) - forward_macs(v1) == pytest.approx((12 + 4) * n * 2 * d * d, rel=1e-9)
+    # Ratio U[0.3, 0.5): mean kept count near 256 * 0.6.
+    assert 145 < expected_kept_tokens(v2) < 165
+
+
+def test_bench_train_step_command_on_cpu(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = main(["bench", "train-step", "--model", "mdt_xs2", "--batch", "4", "--steps", "2", "--warmup", "1",
+               "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    assert "img/s" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert r["status"] == "ok" and r["model"] == "mdt_xs2" and r["passes"] == "both"
+    assert r["precision"] == "fp32" and r["batch"] == 4 and r["steps"] == 2
+    assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["tflops"] > 0
+    assert r["flops_per_step"] == pytest.approx(train_step_flops(build_model("mdt_xs2"), 4))
+    assert r["peak_fraction"] == pytest.approx(r["tflops"] / 790.0)
+    assert "| mdt_xs2 | 4 |" in markdown_table([r])
+    assert main(["bench", "table", str(out)]) == 0
+    assert "| mdt_xs2 | 4 | fp32 | no | both |" in capsys.readouterr().out
+
+
+def test_bench_full_pass_and_bad_input(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["bench", "train-step", "--model", "mdt_xs2", "--batch", "2", "--steps", "1", "--warmup", "0",
+                 "--device", "cpu", "--passes", "full", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["passes"] == "full"
+    # A DiT preset has no masked pass: a one-line error, exit code 2.
+    assert main(["bench", "train-step", "--model", "dit_s2", "--batch", "2", "--passes", "both",
+                 "--device", "cpu"]) == 2
+    assert "masked pass" in capsys.readouterr().err
