@@ -51,12 +51,12 @@ def evaluate_one(name: str, out: Path, samples_per_class: int, sample_steps: str
     from mdtzoo.training.checkpoint import load
 
     run = RunDir(out / name)
-    num_classes = load(run.latest_checkpoint())["model_shape"]["num_classes"]
+    state = load(run.latest_checkpoint())
+    num_classes = state["model_shape"]["num_classes"]
     result = evaluate_run(run.path, num_samples=samples_per_class * num_classes, sample_steps=sample_steps,
                           seed=seed, device="cpu")
     grid = out / f"{name}_samples.png"
     shutil.copyfile(run.path / "eval" / result["grid"], grid)
-    state = load(run.latest_checkpoint())
     train_log = [r for r in run.read_metrics() if r.get("kind") == "train"]
     metrics = result["metrics"]
     row = {

@@ -61,15 +61,15 @@ def make_labels(labels, num_samples: int, num_classes: int, seed: int) -> np.nda
 
 # -- distribution -------------------------------------------------------------------------
 def dist_info() -> tuple[int, int]:
-    """(rank, world size): torch.distributed if initialised, else RANK / WORLD_SIZE, else SLURM's."""
+    """(rank, world size): torch.distributed if initialised, else torchrun's or SLURM's variables."""
     import torch.distributed as dist
+
+    from mdtzoo.training.distributed import env_info
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    for rank_var, world_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if rank_var in os.environ and world_var in os.environ:
-            return int(os.environ[rank_var]), int(os.environ[world_var])
-    return 0, 1
+    info = env_info()
+    return info.rank, info.world
 
 
 def shard_range(num_samples: int, rank: int, world_size: int) -> range:

@@ -22,25 +22,23 @@ import torch
 from tqdm.auto import tqdm
 
 from mdtzoo.data.latents import FORMAT, META_FILE, SHARD_FILE, shard_bounds, shard_is_complete, shard_name
+from mdtzoo.training.distributed import env_info
 
 # meta.json keys that must agree when an extraction is resumed into an existing folder.
 RESUME_KEYS = ("format", "count", "shard_size", "latent_shape", "dtype", "scale_factor", "vae", "image_size", "class_names")
 
 
 def rank_world() -> tuple[int, int]:
-    """(rank, world size) from RANK / WORLD_SIZE (torchrun), else SLURM_PROCID / SLURM_NTASKS, else (0, 1)."""
-    for rank_var, world_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if rank_var in os.environ and world_var in os.environ:
-            return int(os.environ[rank_var]), int(os.environ[world_var])
-    return 0, 1
+    """(rank, world size) from torchrun's or SLURM's variables, else (0, 1)."""
+    info = env_info()
+    return info.rank, info.world
 
 
 def default_device() -> torch.device:
     """cuda:LOCAL_RANK (or SLURM_LOCALID) when a GPU is present, else the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-    return torch.device("cuda", local % torch.cuda.device_count())
+    return torch.device("cuda", env_info().local_rank % torch.cuda.device_count())
 
 
 def _write_json_atomic(path: Path, obj) -> None:
