@@ -13,7 +13,7 @@ from mdtzoo.data import relations as R
 from mdtzoo.data.graded import relation_scores, soft_read
 from mdtzoo.data.grid import GRID, quantise, render
 from mdtzoo.data.oracle import CLASS_NAMES, RelationsOracle, check_grid, graded_relation_score, oracle_accuracy
-from test_data_relations import CASES, PER_CLASS  # the exact oracle's corruptions, reused
+from test_data_relations import CASES, PER_CLASS, corrupted_images  # the exact oracle's corruptions
 
 ORACLE = RelationsOracle()
 NOISE_SIGMAS = (0.0, 0.2, 0.4, 0.8, 1.5)
@@ -101,17 +101,8 @@ def test_unreadable_cells_and_low_contrast_lower_the_score_gradually(train):
 # -- corruptions ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("class_name,corrupt", CASES, ids=[f"{c}-{f.__name__}" for c, f in CASES])
 def test_every_corruption_scores_below_one_and_above_zero(train, class_name, corrupt):
-    label = CLASS_NAMES.index(class_name)
-    rng = np.random.default_rng(label)
-    broken = []
-    for i in range(label, len(train), len(CLASS_NAMES)):
-        g = train.grid(i).copy()
-        original = g.copy()
-        if corrupt(g, rng) is False or np.array_equal(g, original):
-            continue
-        broken.append(render(g, 32))
-    assert len(broken) >= PER_CLASS - 5
-    x, y = np.stack(broken), [label] * len(broken)
+    x, label = corrupted_images(train, class_name, corrupt)
+    y = [label] * len(x)
     scores = ORACLE.graded_scores(x, y)
     assert not ORACLE.score(x, y)["correct"].any()
     assert (scores < 1).all(), scores

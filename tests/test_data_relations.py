@@ -255,8 +255,8 @@ CORRUPTIONS = {
 CASES = [(c, f) for c, fs in CORRUPTIONS.items() for f in fs]
 
 
-@pytest.mark.parametrize("class_name,corrupt", CASES, ids=[f"{c}-{f.__name__}" for c, f in CASES])
-def test_every_corruption_scores_zero(train, class_name, corrupt):
+def corrupted_images(train, class_name, corrupt) -> tuple[np.ndarray, int]:
+    """(32 px renders of the class's train grids that ``corrupt`` changed, their label)."""
     label = CLASS_NAMES.index(class_name)
     rng = np.random.default_rng(label)
     broken = []
@@ -268,6 +268,13 @@ def test_every_corruption_scores_zero(train, class_name, corrupt):
             continue  # not applicable to this sample (no free place, nothing changed)
         broken.append(render(g, 32))
     assert len(broken) >= PER_CLASS - 5
+    return np.stack(broken), label
+
+
+@pytest.mark.parametrize("class_name,corrupt", CASES, ids=[f"{c}-{f.__name__}" for c, f in CASES])
+def test_every_corruption_scores_zero(train, class_name, corrupt):
+    images, label = corrupted_images(train, class_name, corrupt)
+    broken = list(images)
     scores = train.oracle.score(np.stack(broken), [label] * len(broken))
     assert not scores["correct"].any(), [r for r, c in zip(scores["reason"], scores["correct"]) if c]
     assert all(scores["reason"])
