@@ -4,13 +4,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
+from mdtzoo.data.toy import TINY_VAE_CONFIG as TINY  # the project's tiny VAE config, shared by tests
 from mdtzoo.vae import LATENT_SCALE, IdentityAutoencoder, LatentVAE, VAEWeightsNotFoundError, load_vae
-
-TINY = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    norm_num_groups=8, sample_size=16,
-)
 
 
 @pytest.fixture(scope="module")
