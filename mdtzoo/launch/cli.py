@@ -139,7 +139,10 @@ def main(argv=None) -> int:
     except (config.ConfigError, UnknownComponentError, TypeError, ValueError, OSError) as e:
         if os.environ.get("MDTZOO_DEBUG"):
             raise
-        print(f"mdtzoo {args.command}: error: {e}", file=sys.stderr)
+        # gin appends "In call to configurable 'x' (<function x at 0x...>)" lines: noise for a user.
+        message = "\n".join(line for line in str(e).splitlines()
+                            if not line.strip().startswith("In call to configurable"))
+        print(f"mdtzoo {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
