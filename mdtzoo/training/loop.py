@@ -130,6 +130,7 @@ def train(
     keep_every: int = 0,
     heldout_every: int = 0,
     heldout_items: int = 256,
+    heldout_timesteps: int = 10,
     sample_every: int = 0,
     sample_count: int = 16,
     sample_respacing: str = "100",
@@ -147,6 +148,8 @@ def train(
     (Table 5d "Masked"), 'auto' = 'both' when the model has a side-interpolator, else 'full'.
     masked_loss_on: 'all' tokens (default) or 'removed' tokens only (Table 5e).
     precision: 'bf16' autocast, 'fp32', or 'auto' (bf16 on GPU, fp32 on CPU).
+    heldout_every / heldout_items / heldout_timesteps: the held-out loss (EMA weights) every so many
+      steps, on the first ``heldout_items`` held-out items at ``heldout_timesteps`` evenly spaced t.
     keep_every: checkpoints at multiples of this step are never pruned (0: keep only the newest
       ``keep_checkpoints``); evaluate them later with ``mdtzoo eval RUN --step N``.
     ema_warmup: EMA decay min(ema_decay, (1+step)/(10+step)) so short runs' EMA weights are
@@ -233,7 +236,8 @@ def train(
         if not info.is_main:
             return
         if heldout_every and heldout is not None:
-            record = heldout_loss(ema.model, diffusion, heldout, max_items=heldout_items, seed=seed, device=dev)
+            record = heldout_loss(ema.model, diffusion, heldout, num_timesteps=heldout_timesteps,
+                                  max_items=heldout_items, seed=seed, device=dev)
             run.log({"step": step, "kind": "heldout", **record})
             _to_tensorboard(writer, {"step": step, "kind": "heldout", **record})
         if sample_every:
