@@ -7,7 +7,7 @@ import torch
 from mdtzoo.interp import Interpolator, scatter_back
 from mdtzoo.masking import from_mask, from_shuffle
 from mdtzoo.models import build_model, count_parameters
-from mdtzoo.models.blocks import Block, attention
+from mdtzoo.models.blocks import Block
 from mdtzoo.registry import MODELS
 
 # SPEC section 2: published parameter counts (exact for DiT, in M to 3 decimals for MDT).
@@ -202,15 +202,6 @@ def test_relative_bias_is_taken_at_kept_tokens():
     kept = bias(ids)  # (B, H, K, K)
     for b in range(2):
         torch.testing.assert_close(kept[b], full[:, ids[b]][:, :, ids[b]], rtol=0, atol=0)
-
-
-def test_attention_paths_agree():
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 7, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    bias = torch.randn(3, 7, 7, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(attention(q, k, v, bias, "sdpa"), attention(q, k, v, bias, "explicit"))
-    with pytest.raises(ValueError, match="explicit"):
-        attention(q, k, v, bias, "flash3")
 
 
 def test_input_shape_errors_name_both_sides():

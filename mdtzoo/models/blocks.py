@@ -13,30 +13,12 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
+from mdtzoo.models.attention import attention, check_impl
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation. x: (B, N, D); shift, scale: (B, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None, impl: str = "sdpa"
-) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + bias) v. q, k, v: (B, H, N, d); bias: (H, N, N) or (B, H, N, N).
-
-    The one place attention is computed, so a faster kernel for the biased case can
-    replace it. ``impl="explicit"`` spells the maths out (the reference for tests).
-    """
-    if impl == "sdpa":
-        if bias is not None:
-            bias = bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    if impl == "explicit":
-        logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-        if bias is not None:
-            logits = logits + bias
-        return logits.softmax(dim=-1) @ v
-    raise ValueError(f"unknown attention impl {impl!r}; valid: 'sdpa', 'explicit'")
 
 
 class Attention(nn.Module):
@@ -46,7 +28,7 @@ class Attention(nn.Module):
     positions the N = K tokens sit at in the masked pass.
     """
 
-    def __init__(self, dim: int, num_heads: int, rel_pos_bias: nn.Module | None = None, impl: str = "sdpa"):
+    def __init__(self, dim: int, num_heads: int, rel_pos_bias: nn.Module | None = None, impl: str = "auto"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
@@ -54,13 +36,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_bias = rel_pos_bias
-        self.impl = impl
+        self.impl = check_impl(impl)
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        bias = self.rel_pos_bias(ids_keep) if self.rel_pos_bias is not None else None
-        out = attention(q, k, v, bias, impl=self.impl)
+        out = attention(q, k, v, self.rel_pos_bias, ids_keep, impl=self.impl)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -79,7 +60,7 @@ class Block(nn.Module):
         mlp_ratio: float = 4.0,
         rel_pos_bias: nn.Module | None = None,
         skip: bool = False,
-        attn_impl: str = "sdpa",
+        attn_impl: str = "auto",
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)

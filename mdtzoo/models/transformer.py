@@ -56,7 +56,7 @@ class DiffusionTransformer(nn.Module):
         symmetric: bool = False,
         long_skips: bool = False,
         dense_skips: bool = False,
-        attn_impl: str = "sdpa",
+        attn_impl: str = "auto",
     ):
         super().__init__()
         if input_size % patch_size:

@@ -45,14 +45,23 @@ class RelativePositionBias(nn.Module):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=init_std, a=-2.0, b=2.0)
         self.register_buffer("relative_position_index", relative_position_index(rows, cols))
 
-    def forward(self, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        index = self.relative_position_index
+    def full(self) -> torch.Tensor:
+        """(H, N, N): the bias of every (query, key) pair of the whole grid, shared by the batch."""
+        return self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
+
+    def table_gather(self, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The reference gather: (H, N, N), or (B, H, K, K) read from the table per sample.
+
+        Simple but slow to differentiate (B*H*K*K values scatter-added into the table's rows);
+        the attention fast paths use ``full()`` and ``models.attention.kept_bias`` instead.
+        """
         if ids_keep is None:
-            return self.relative_position_bias_table[index].permute(2, 0, 1)  # (H, N, N)
-        # (B, K, K) table rows of the kept pairs; one gather of K^2 entries per sample
-        # instead of materialising (B, H, N, N) and gathering twice.
-        index = index[ids_keep[:, :, None], ids_keep[:, None, :]]
+            return self.full()
+        index = self.relative_position_index[ids_keep[:, :, None], ids_keep[:, None, :]]
         return self.relative_position_bias_table[index].permute(0, 3, 1, 2)  # (B, H, K, K)
+
+    def forward(self, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.table_gather(ids_keep)
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, heads={self.relative_position_bias_table.shape[1]}"

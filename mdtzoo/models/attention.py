@@ -1,0 +1,136 @@
+"""Attention with an optional learned relative-position bias: the reference maths and fast paths.
+
+MDT adds a per-head bias B[h, i, j] = T[r(i, j), h] to every attention logit, where T is a
+learned table over grid offsets (``posenc.relbias``). In the full pass the bias is one
+(H, N, N) tensor shared by the whole batch; in the masked pass each sample keeps other
+tokens, so the bias is B[h, keep_b[i], keep_b[j]] -- a (B, H, K, K) tensor.
+
+The cost is not the attention but the bias: gathered per sample straight from the table,
+its gradient is a scatter-add of B*H*K*K values into ~1,000 table rows (sorted or atomic
+with heavy contention). The fast paths avoid that:
+
+* :func:`kept_bias` gathers from the materialised (H, N, N) bias instead; within one
+  sample every (i, j) pair hits a different entry, so the backward writes each sample's
+  gradient without collisions (a plain scatter) and sums over the batch -- no atomics,
+  deterministic. The (H, N, N) -> table step is then a small gather of N*N entries.
+* ``impl`` picks the kernel: ``"auto"`` = flash SDPA without a bias, the explicit maths with
+  a bias (what torch.compile fuses best; measured in docs/performance.md); ``"sdpa"`` passes
+  the bias as a float mask; ``"flex"`` is FlexAttention reading the shared (H, N, N) bias at
+  the kept positions inside the kernel (CUDA; forward only on the CPU).
+* ``"explicit"`` is the reference for tests: the naive per-sample table gather and
+  softmax(q k^T / sqrt(d) + bias) v spelled out.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("auto", "sdpa", "explicit", "flex")
+
+# FlexAttention's default kernel blocks run out of shared memory with a captured bias on H100
+# (SPEC section 6); these fit, and bench's attention check runs them before any timing.
+FLEX_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; valid: {', '.join(repr(i) for i in IMPLS)}")
+    return impl
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _KeptBias(torch.autograd.Function):
+    """(H, N*N) full bias, (B, K*K) flat indices -> (B, H, K*K); collision-free backward."""
+
+    @staticmethod
+    def forward(ctx, full: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(flat)
+        ctx.full_shape = full.shape
+        h, b = full.shape[0], flat.shape[0]
+        return full.index_select(1, flat.reshape(-1)).reshape(h, b, -1).transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (flat,) = ctx.saved_tensors
+        h, nn_ = ctx.full_shape
+        b = flat.shape[0]
+        # Each sample's K*K pairs are distinct grid pairs: scatter (no collisions) then sum over b.
+        acc = _accumulation_dtype(grad.dtype)
+        per_sample = grad.new_zeros((b, h, nn_), dtype=acc)
+        per_sample.scatter_(2, flat.unsqueeze(1).expand(b, h, flat.shape[1]), grad.to(acc))
+        return per_sample.sum(0).to(grad.dtype), None
+
+
+def kept_bias(full: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    """(H, N, N) shared bias and (B, K) kept grid positions -> (B, H, K, K) = full[:, keep_i, keep_j]."""
+    h, n, _ = full.shape
+    b, k = ids_keep.shape
+    flat = (ids_keep[:, :, None] * n + ids_keep[:, None, :]).reshape(b, k * k)
+    return _KeptBias.apply(full.reshape(h, n * n), flat).reshape(b, h, k, k)
+
+
+def explicit_attention(q, k, v, bias=None):
+    """softmax(q k^T / sqrt(d) + bias) v, spelled out; bias broadcasts against (B, H, Nq, Nk)."""
+    logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1) @ v
+
+
+def _fused_explicit(q, k, v, bias):
+    """The same maths shaped for speed: bias in q's dtype, softmax accumulated in float32."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias.to(q.dtype)
+    return scores.softmax(dim=-1, dtype=_accumulation_dtype(q.dtype)).to(v.dtype) @ v
+
+
+@functools.cache
+def _flex(cuda: bool):
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    # Compiled on CUDA (its only fast form); eager on the CPU, where it is a correctness reference.
+    return torch.compile(flex, dynamic=False) if cuda else flex
+
+
+def flex_attention(q, k, v, full, ids_keep=None):
+    """FlexAttention with ``full[h, pos_i, pos_j]`` (pos = ids_keep rows, or 0..N-1) added in-kernel."""
+    n = full.shape[-1]
+    full = full.to(q.dtype).reshape(full.shape[0], n * n)
+    if ids_keep is None:
+        def score_mod(score, b, h, i, j):
+            return score + full[h, i * n + j]
+    else:
+        def score_mod(score, b, h, i, j):
+            return score + full[h, ids_keep[b, i] * n + ids_keep[b, j]]
+    options = FLEX_KERNEL_OPTIONS if q.is_cuda else None
+    return _flex(q.is_cuda)(q, k, v, score_mod=score_mod, kernel_options=options)
+
+
+def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto"):
+    """Multi-head attention with an optional relative-position bias module.
+
+    q, k, v: (B, H, N, d). rel_pos_bias: a module with ``full() -> (H, G, G)`` over the whole
+    grid and ``table_gather(ids_keep)`` (the naive per-sample gather); ``ids_keep`` (B, N) are
+    the grid positions of the N tokens in the masked pass (None: all G = N positions in order).
+    """
+    if rel_pos_bias is None:
+        if impl == "explicit":
+            return explicit_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v)
+    if impl == "explicit":
+        return explicit_attention(q, k, v, rel_pos_bias.table_gather(ids_keep))
+    full = rel_pos_bias.full()
+    if impl == "flex":
+        return flex_attention(q, k, v, full, ids_keep)
+    bias = full if ids_keep is None else kept_bias(full, ids_keep)
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+    if impl == "auto":
+        return _fused_explicit(q, k, v, bias)
+    check_impl(impl)
+    raise AssertionError(impl)
