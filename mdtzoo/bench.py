@@ -111,11 +111,15 @@ def _is_oom(err: BaseException) -> bool:
 def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: bool = False,
                      precision: str = "auto", passes: str = "auto", steps: int = 10, warmup: int = 3,
                      peak_tflops: float = DEFAULT_PEAK_TFLOPS, device: str | None = None,
-                     seed: int = 0, log=None) -> dict:
+                     seed: int = 0, attn_impl: str = "auto", separate_passes: bool = True,
+                     activation_checkpointing: bool = False, log=None) -> dict:
     """Time the trainer's step for a preset at ImageNet latent shape; returns a result dict.
 
-    An out-of-memory error does not raise: the result has ``status='oom'``.
+    ``batch`` is per process: under torchrun (WORLD_SIZE > 1) the objective is wrapped in DDP
+    as in the trainer and img/s counts all processes' images. An out-of-memory error does not
+    raise: the result has ``status='oom'``.
     """
+    from mdtzoo.training import distributed as dist_util
     from mdtzoo.diffusion import build_diffusion
     from mdtzoo.models import build_model
     from mdtzoo.training.ema import EMA
@@ -124,7 +128,11 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
 
     if batch < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"need batch >= 1, steps >= 1, warmup >= 0; got {batch}, {steps}, {warmup}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = dist_util.env_info()
+    if info.world > 1:
+        info, dev = dist_util.setup(device or "auto")
+    else:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
     if precision == "auto":
         precision = "bf16" if cuda else "fp32"
@@ -133,13 +141,15 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     log = log or (lambda *_: None)
     result = dict(
         model=model_name, batch=batch, precision=precision, compile=bool(compile), passes=passes,
-        steps=steps, warmup=warmup, peak_tflops=peak_tflops, device=dev.type,
+        steps=steps, warmup=warmup, peak_tflops=peak_tflops, device=dev.type, world=info.world,
+        attn_impl=attn_impl, separate_passes=bool(separate_passes),
+        activation_checkpointing=bool(activation_checkpointing),
         card=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,
         date=datetime.date.today().isoformat(), status="ok",
     )
     torch.manual_seed(seed)
     # ImageNet latents: 32x32x4, 1000 classes (the presets' defaults, stated for clarity).
-    model = build_model(model_name, input_size=32, in_channels=4, num_classes=1000)
+    model = build_model(model_name, input_size=32, in_channels=4, num_classes=1000, attn_impl=attn_impl)
     passes = resolve_passes(model, passes)
     flops = train_step_flops(model, batch, passes)
     result.update(passes=passes, flops_per_step=flops, params=sum(p.numel() for p in model.parameters()))
@@ -155,7 +165,15 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         opt = make_optimizer(model.parameters(), "adamw", 1e-4, 0.0, (0.9, 0.999), fused=cuda)
         ema = EMA(model, 0.9999, warmup=True)
         objective = DiffusionObjective(model, diffusion, passes, "all", seed=seed)
-        step_fn = torch.compile(objective) if compile else objective
+        if activation_checkpointing:
+            model.set_activation_checkpointing(True)
+        if compile:
+            model.compile_blocks()
+        step_fn, parts = objective, objective.parts(separate_passes)
+        if info.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            step_fn = DDP(objective, device_ids=[dev.index] if cuda else None)
         autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16"
                     else contextlib.nullcontext())
         g = torch.Generator(device=dev).manual_seed(seed)
@@ -163,9 +181,13 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         y = torch.randint(0, 1000, (batch,), device=dev, generator=g)
 
         def one_step(step: int) -> None:
-            with autocast:
-                out = step_fn(x0, y, step)
-            out["loss"].backward()
+            for i, part in enumerate(parts):
+                sync = (contextlib.nullcontext() if (i == len(parts) - 1 or info.world == 1)
+                        else step_fn.no_sync())
+                with sync:
+                    with autocast:
+                        out = step_fn(x0, y, step, part=part)
+                    out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -199,9 +221,9 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
             result["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     if result["status"] == "ok":
         median = statistics.median(times)
-        tflops = flops / median / 1e12
+        tflops = flops / median / 1e12  # per GPU
         result.update(step_ms=median * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
-                      img_per_s=batch / median, tflops=tflops, peak_fraction=tflops / peak_tflops)
+                      img_per_s=batch * info.world / median, tflops=tflops, peak_fraction=tflops / peak_tflops)
     return result
 
 
@@ -236,3 +258,210 @@ def write_json(result: dict, path) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+# -- attention with the relative-position bias ------------------------------------------------
+
+def _cuda_time(fn, repeats: int, warmup: int = 3) -> float:
+    """Median seconds of ``fn()`` with CUDA events (perf_counter on the CPU)."""
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def check_attention(impl: str, *, batch: int = 4, heads: int = 6, grid: int = 16, keep: int = 179,
+                    dim: int = 64, device=None, compile: bool = False) -> dict:
+    """Relative errors of ``impl`` against the explicit reference: full and masked pass,
+    output and gradients (q, k, v, bias table), in float32 (TF32 off) and bf16.
+
+    The float32 errors must be < 1e-5 and bf16 errors < 2e-2 (relative to the float32
+    reference); raises AssertionError otherwise. Returns the worst errors.
+    """
+    from mdtzoo.models.attention import attention
+    from mdtzoo.posenc.relbias import RelativePositionBias
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n = grid * grid
+    bias = RelativePositionBias((grid, grid), heads).to(dev)
+    with torch.no_grad():
+        bias.relative_position_bias_table.copy_(torch.randn(bias.relative_position_bias_table.shape, generator=g))
+    ids = torch.stack([torch.randperm(n, generator=g)[:keep] for _ in range(batch)]).to(dev)
+    base = [torch.randn(batch, heads, n, dim, generator=g).to(dev) for _ in range(3)]
+    fn = torch.compile(attention, dynamic=False) if compile else attention
+
+    def run(which, masked, dtype, f):
+        q, k, v = ((t[:, :, :keep] if masked else t).detach().to(dtype).clone().requires_grad_(True) for t in base)
+        bias.zero_grad(set_to_none=True)
+        out = f(q, k, v, bias, ids if masked else None, impl=which)
+        out.float().square().sum().backward()
+        return [out.float(), q.grad.float(), k.grad.float(), v.grad.float(), bias.relative_position_bias_table.grad]
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    worst = {}
+    try:
+        for masked in (False, True):
+            ref = run("explicit", masked, torch.float32, attention)
+            for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+                got = run(impl, masked, dtype, fn)
+                for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), got, ref):
+                    err = ((a - b).norm() / b.norm()).item()
+                    key = f"{'masked' if masked else 'full'}_{str(dtype)[6:]}"
+                    worst[key] = max(worst.get(key, 0.0), err)
+                    if not err < tol:
+                        raise AssertionError(f"attention impl {impl!r} {key} {name}: relative error {err:.2e} >= {tol}")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return worst
+
+
+def bench_attention(impls=("explicit", "auto", "sdpa", "flex"), *, batch: int = 256, heads: int = 6,
+                    grid: int = 16, keep: int = 179, dim: int = 64, compile: bool = True, repeats: int = 20,
+                    device=None, log=None) -> list[dict]:
+    """Forward + backward time of biased attention (bf16), full and masked pass, per impl.
+
+    Shapes default to MDT-S/2's (B 256, H 6, N 256, K 179 kept at ratio 0.3). Every impl is
+    checked against the explicit reference (``check_attention``) before it is timed; the
+    flash kernel without any bias is timed too, as the floor.
+    """
+    from mdtzoo.models.attention import attention
+    from mdtzoo.posenc.relbias import RelativePositionBias
+
+    log = log or (lambda *_: None)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    n = grid * grid
+    bias = RelativePositionBias((grid, grid), heads).to(dev)
+    ids = torch.stack([torch.randperm(n, device=dev)[:keep] for _ in range(batch)])
+    q0, k0, v0 = (torch.randn(batch, heads, n, dim, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    results = []
+    for impl in (*impls, "no-bias"):
+        row = {"impl": impl, "compile": bool(compile and impl not in ("flex",)), "batch": batch, "heads": heads,
+               "tokens": n, "kept": keep}
+        try:
+            if impl != "no-bias":
+                row["errors"] = check_attention(impl, heads=heads, grid=grid, keep=keep, dim=dim, device=dev,
+                                                compile=row["compile"])
+            fn = torch.compile(attention, dynamic=False) if row["compile"] else attention
+            for masked in (False, True):
+                q, k, v = ((t[:, :, :keep] if masked else t).detach().requires_grad_(True) for t in (q0, k0, v0))
+                rel = None if impl == "no-bias" else bias
+                which = "auto" if impl == "no-bias" else impl
+
+                def step():
+                    out = fn(q, k, v, rel, ids if (masked and rel is not None) else None, impl=which)
+                    out.backward(torch.ones_like(out))
+
+                row["masked_ms" if masked else "full_ms"] = _cuda_time(step, repeats) * 1e3
+            row["status"] = "ok"
+        except Exception as err:  # noqa: BLE001 - a failing kernel is a result row, not a crash
+            row.update(status="error", error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        log(f"attention {impl}: {row}")
+        results.append(row)
+    return results
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+def sample_flops(model: nn.Module, steps: int, guided: bool) -> float:
+    """Matmul FLOPs to sample one image: ``steps`` full-pass forwards, two per step with CFG."""
+    return 2.0 * forward_macs(model) * steps * (2 if guided else 1)
+
+
+def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 250,
+                 guidance: str = "power_cosine", precision: str = "bf16", compile: bool = True,
+                 repeats: int = 2, check: int = 8, peak_tflops: float = DEFAULT_PEAK_TFLOPS,
+                 device: str | None = None, seed: int = 0, log=None) -> dict:
+    """Time ``batch`` images of ``steps``-step DDPM sampling (VAE excluded) at ImageNet latent shape.
+
+    With ``check`` > 0, first samples ``check`` images with the fast settings and with the
+    unoptimised path (fp32, explicit attention, no compile) from the same seed (random weights
+    scaled so the network's output matters) and reports their differences.
+    """
+    from mdtzoo.diffusion import build_diffusion
+    from mdtzoo.models import build_model
+    from mdtzoo.sample import generate
+
+    log = log or (lambda *_: None)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = dev.type == "cuda"
+    torch.manual_seed(seed)
+    model = build_model(model_name, input_size=32, in_channels=4, num_classes=1000).to(dev)
+    with torch.no_grad():  # DiT init zeroes the output layers; random weights make the check meaningful
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and ("adaLN" in name or "final_layer.linear" in name):
+                p.normal_(0, 0.005)
+    model.eval()
+    diffusion = build_diffusion(respacing=str(steps))
+    guided = guidance != "none"
+    flops = sample_flops(model, steps, guided)
+    result = dict(model=model_name, batch=batch, steps=steps, guidance=guidance, precision=precision,
+                  compile=bool(compile), device=dev.type, card=torch.cuda.get_device_name(dev) if cuda else "cpu",
+                  torch=torch.__version__, date=datetime.date.today().isoformat(), flops_per_image=flops,
+                  peak_tflops=peak_tflops, status="ok")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.cuda.reset_peak_memory_stats(dev)
+    kwargs = dict(labels="uniform", seed=seed, device=dev, num_classes=1000)
+    if check:
+        for blk in model.all_blocks():
+            blk.attn.impl = "explicit"
+        ref, _ = _latents(generate, model, diffusion, guidance, check, "fp32", kwargs)
+        for blk in model.all_blocks():
+            blk.attn.impl = "auto"
+    if compile:
+        model.compile_blocks()
+    if check:
+        fast, _ = _latents(generate, model, diffusion, guidance, check, precision, kwargs)
+        diff = (fast - ref).abs()
+        result.update(check_images=check, check_max_abs_diff=diff.max().item(),
+                      check_mean_abs_diff=diff.mean().item(), check_ref_std=ref.std().item(),
+                      check_rel_diff=((fast - ref).norm() / ref.norm()).item())
+        log(f"sample check: max |fast - reference| = {diff.max().item():.3g}, mean {diff.mean().item():.3g}, "
+            f"reference std {ref.std().item():.3g}")
+    warm = build_diffusion(respacing="2")
+    _latents(generate, model, warm, guidance, batch, precision, kwargs)  # compile at the timed shape
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        _latents(generate, model, diffusion, guidance, batch, precision, kwargs)
+        if cuda:
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+        log(f"sampled {batch} images in {times[-1]:.1f}s")
+    median = statistics.median(times)
+    tflops = flops * batch / median / 1e12
+    result.update(seconds=median, img_per_s=batch / median, tflops=tflops, peak_fraction=tflops / peak_tflops)
+    if cuda:
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    return result
+
+
+def _latents(generate, model, diffusion, guidance, num, precision, kwargs):
+    """generate() returning the float latents (no VAE): a pass-through 'decoder' keeps them."""
+    keep = []
+
+    class Keep:
+        def decode(self, x):
+            keep.append(x.float().cpu())
+            return x[:, :3]
+
+    generate(model, diffusion, "ddpm", guidance, num_samples=num, batch_size=num, vae=Keep(),
+             precision=precision, **kwargs)
+    return torch.cat(keep), None

@@ -115,6 +115,7 @@ def generate(
     sample_shape: tuple[int, int, int] | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sample images; returns (uint8 (n, H, W, 3), int64 labels (n,)) for this rank's share.
 
@@ -128,8 +129,12 @@ def generate(
     rank / world_size: default ``dist_info()``; with world_size > 1 only the indices
       ``shard_range(num_samples, rank, world_size)`` are generated, so concatenating the
       ranks' outputs in rank order gives exactly the single-process result.
+    precision: 'fp32' or 'bf16' (the network under bf16 autocast, its output and the sampler's
+      arithmetic in float32: the same samples up to bf16 rounding, several times faster on a GPU).
     The model is put in eval mode for the call (label dropout off) and restored after.
     """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16'; got {precision!r}")
     if rank is None or world_size is None:
         rank, world_size = dist_info()
     sampler = SAMPLERS.resolve(sampler)
@@ -148,7 +153,7 @@ def generate(
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    model_fn = guidance.wrap(model)
+    model_fn = guidance.wrap(model if precision == "fp32" else _bf16(model, device))
     images = []
     try:
         for start in range(indices.start, indices.stop, batch_size):
@@ -166,6 +171,16 @@ def generate(
     height_width_channels = images[0].shape[1:] if images else (0, 0, 3)
     out = np.concatenate(images) if images else np.zeros((0, *height_width_channels), np.uint8)
     return out, all_labels[indices.start:indices.stop]
+
+
+def _bf16(model, device):
+    dev_type = torch.device(device).type
+
+    def run(*args, **kwargs):
+        with torch.autocast(dev_type, dtype=torch.bfloat16):
+            return model(*args, **kwargs).float()
+
+    return run
 
 
 # -- files --------------------------------------------------------------------------------

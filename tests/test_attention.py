@@ -117,3 +117,16 @@ def test_model_paths_agree_end_to_end(impl):
 def test_unknown_impl_names_the_valid_ones():
     with pytest.raises(ValueError, match="unknown attention impl 'flash3'.*'explicit'"):
         build_model("mdt_xs2", input_size=8, attn_impl="flash3")
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_blocks_trace_without_graph_breaks(impl):
+    """torch.compile sees one graph per block call: full pass, masked pass, interpolator."""
+    model = build_model("mdt_xs2", input_size=8, num_classes=4, attn_impl=impl)
+    block = model.blocks[0]
+    x, c = torch.randn(2, 16, 128), torch.randn(2, 128)
+    ids = model.sample_mask(2).ids_keep
+    for args in ((x, c), (x[:, : ids.shape[1]], c, None, ids)):
+        explanation = torch._dynamo.explain(block._forward)(*args)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1

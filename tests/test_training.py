@@ -190,6 +190,17 @@ def test_gradient_accumulation_gives_the_same_update(toy, tmp_path):
         assert_same_weights(final_weights(tmp_path / "one", 3), final_weights(tmp_path / "other_seed", 3), 1e-5)
 
 
+def test_separate_pass_backward_gives_the_joint_update(toy, tmp_path):
+    # Backpropagating MDT's full and masked pass in turn (default) = one backward of their sum;
+    # activation checkpointing recomputes the same activations.
+    setup_gin(tmp_path / "joint", steps=3, separate_passes=False)
+    train()
+    setup_gin(tmp_path / "separate", steps=3, activation_checkpointing=True)
+    train()
+    assert_same_weights(final_weights(tmp_path / "joint", 3), final_weights(tmp_path / "separate", 3), atol=1e-6)
+    assert train_losses(tmp_path / "separate") == pytest.approx(train_losses(tmp_path / "joint"), rel=1e-6)
+
+
 DDP_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})

@@ -1,6 +1,9 @@
 """``mdtzoo bench``: time the training step and print FLOP-based utilisation.
 
     mdtzoo bench train-step --model mdt_xl2 --batch 64 --compile --precision bf16 --json out.json
+    torchrun --nproc_per_node 2 -m mdtzoo bench train-step --model mdt_xl2 --batch 64 --compile  # DDP
+    mdtzoo bench sample --model mdt_xl2 --batch 128 --compile        # 250-step DDPM + CFG, img/s
+    mdtzoo bench attention                                           # biased attention kernels
     mdtzoo bench flops --model dit_xl2                      # analytic forward MACs / step FLOPs
     mdtzoo bench table results/*.json                       # a Markdown table of --json outputs
 """
@@ -20,11 +23,52 @@ def run_train_step(args) -> int:
     result = bench_train_step(
         args.model, args.batch, compile=args.compile, precision=args.precision, passes=args.passes,
         steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops, device=args.device,
-        seed=args.seed, log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
+        seed=args.seed, attn_impl=args.attn, separate_passes=not args.joint_backward,
+        activation_checkpointing=args.activation_checkpointing,
+        log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
     )
-    print(format_result(result), flush=True)
+    from mdtzoo.training.distributed import env_info
+
+    if env_info().rank == 0:
+        print(format_result(result), flush=True)
+        if args.json:
+            write_json(result, args.json)
+    return 0
+
+
+def run_sample(args) -> int:
+    from mdtzoo.bench import bench_sample, write_json
+
+    r = bench_sample(args.model, args.batch, steps=args.steps, guidance=args.guidance, precision=args.precision,
+                     compile=args.compile, repeats=args.repeats, check=args.check, peak_tflops=args.peak_tflops,
+                     device=args.device, seed=args.seed, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    check = (f"; vs the unoptimised fp32 path on {r['check_images']} images: relative difference "
+             f"{r['check_rel_diff']:.2e}" if "check_images" in r else "")
+    print(f"{r['model']} sample {r['steps']} steps, guidance={r['guidance']}, {r['precision']}"
+          f"{' compile' if r['compile'] else ''}, batch {r['batch']}: {r['img_per_s']:.2f} img/s, "
+          f"{r['tflops']:.0f} TFLOP/s = {100 * r['peak_fraction']:.0f}% of {r['peak_tflops']:g}"
+          + (f", peak memory {r['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in r else "") + check, flush=True)
     if args.json:
-        write_json(result, args.json)
+        write_json(r, args.json)
+    return 0
+
+
+def run_attention(args) -> int:
+    from mdtzoo.bench import bench_attention
+
+    rows = bench_attention(tuple(args.impl.split(",")), batch=args.batch, heads=args.heads, grid=args.grid,
+                           keep=args.keep, compile=not args.no_compile, repeats=args.repeats)
+    print("| impl | compile | full pass ms | masked pass ms | worst rel. error (bf16) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"| {r['impl']} | {r['compile']} | {r['error']} | | |")
+            continue
+        err = max((v for k, v in r.get("errors", {}).items() if "bfloat16" in k), default=float("nan"))
+        print(f"| {r['impl']} | {r['compile']} | {r['full_ms']:.2f} | {r['masked_ms']:.2f} | {err:.1e} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
     return 0
 
 
@@ -77,9 +121,41 @@ def add_parser(sub) -> None:
                    help="matmul peak for the utilisation fraction (H100 bf16, measured: 790)")
     t.add_argument("--device", default=None, help="cuda, cpu, cuda:1 (default: cuda if available)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex", "explicit"],
+                   help="attention path with the relative-position bias (explicit = the slow reference)")
+    t.add_argument("--joint-backward", action="store_true",
+                   help="one backward of full + masked loss (default: the two passes in turn, less memory)")
+    t.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")
     t.add_argument("--json", metavar="PATH", help="write the result as JSON")
     t.add_argument("--verbose", action="store_true", help="log warm-up progress to stderr")
     t.set_defaults(fn=run_train_step)
+
+    sm = bsub.add_parser("sample", help="time DDPM sampling with guidance (VAE excluded); check vs fp32 path")
+    sm.add_argument("--model", default="mdt_xl2")
+    sm.add_argument("--batch", type=int, default=128, help="images sampled at once")
+    sm.add_argument("--steps", type=int, default=250, help="DDPM steps (respaced)")
+    sm.add_argument("--guidance", default="power_cosine", help="none | constant | power_cosine")
+    sm.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    sm.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    sm.add_argument("--repeats", type=int, default=2, help="timed repeats (median)")
+    sm.add_argument("--check", type=int, default=8,
+                    help="images to compare with the unoptimised fp32 path first (0: skip)")
+    sm.add_argument("--peak-tflops", type=float, default=790.0)
+    sm.add_argument("--device", default=None)
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--json", metavar="PATH")
+    sm.set_defaults(fn=run_sample)
+
+    a = bsub.add_parser("attention", help="time biased attention paths (checked against the reference first)")
+    a.add_argument("--impl", default="explicit,auto,sdpa,flex", help="comma-separated attention impls")
+    a.add_argument("--batch", type=int, default=256)
+    a.add_argument("--heads", type=int, default=6)
+    a.add_argument("--grid", type=int, default=16, help="token grid side (16: 256 tokens)")
+    a.add_argument("--keep", type=int, default=179, help="kept tokens in the masked pass")
+    a.add_argument("--repeats", type=int, default=20)
+    a.add_argument("--no-compile", action="store_true")
+    a.add_argument("--json", metavar="PATH")
+    a.set_defaults(fn=run_attention)
 
     f = bsub.add_parser("flops", help="analytic matmul FLOP count of a preset's training step")
     f.add_argument("--model", default="mdt_xl2")

@@ -72,10 +72,12 @@ def run(args) -> int:
         raise ValueError("this model works on VAE latents: give --vae (a local directory, 'ema' or 'mse' from the HF cache)")
     vae = load_vae(args.vae, device=device) if latent else None
     diffusion = build_diffusion(respacing=args.steps)
+    if args.compile:
+        model.compile_blocks()
     labels = _labels(args, model.num_classes)
     num = len(labels) if isinstance(labels, list) else args.num
     kwargs = dict(num_samples=num, labels=labels, batch_size=args.batch_size, seed=args.seed, vae=vae,
-                  device=device, progress=True, num_classes=model.num_classes)
+                  device=device, progress=True, num_classes=model.num_classes, precision=args.precision)
     guidance = args.guidance
     if args.cfg_scale is not None and guidance != "none":
         from mdtzoo.registry import GUIDANCE
@@ -108,6 +110,9 @@ def add_parser(sub) -> None:
     p.add_argument("--vae", help="VAE for latent models: a local directory, or 'ema' / 'mse' from the HF cache")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: the network under bf16 autocast (GPU; ~4x faster, samples equal up to bf16 rounding)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (GPU)")
     p.add_argument("--grid", help="write a PNG grid here")
     p.add_argument("--npz", help="write arr_0 (uint8 NHWC) and arr_1 (labels) here")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")

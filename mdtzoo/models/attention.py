@@ -80,13 +80,15 @@ def explicit_attention(q, k, v, bias=None):
     logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
     if bias is not None:
         logits = logits + bias
-    return logits.softmax(dim=-1) @ v
+    return logits.softmax(dim=-1).to(v.dtype) @ v
 
 
 def _fused_explicit(q, k, v, bias):
-    """The same maths shaped for speed: bias in q's dtype, softmax accumulated in float32."""
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias.to(q.dtype)
-    return scores.softmax(dim=-1, dtype=_accumulation_dtype(q.dtype)).to(v.dtype) @ v
+    """The same maths shaped for torch.compile: scores, bias and softmax in float32 (one fused
+    kernel between the two matmuls when compiled), probabilities back in v's dtype."""
+    acc = _accumulation_dtype(q.dtype)
+    scores = (q @ k.transpose(-2, -1)).to(acc) * q.shape[-1] ** -0.5 + bias.to(acc)
+    return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
 @functools.cache

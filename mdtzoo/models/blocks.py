@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mdtzoo.models.attention import attention, check_impl
 
@@ -69,8 +70,14 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.checkpoint_activations = False
 
     def forward(self, x, c, skip=None, ids_keep=None):
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, c, skip, ids_keep, use_reentrant=False)
+        return self._forward(x, c, skip, ids_keep)
+
+    def _forward(self, x, c, skip=None, ids_keep=None):
         if self.skip_linear is not None:
             if skip is None:
                 raise ValueError("this block fuses a skip input (skip_linear) but got none")

@@ -129,6 +129,22 @@ class DiffusionTransformer(nn.Module):
         if self.interp is not None:
             yield from self.interp.blocks
 
+    def compile_blocks(self, **options) -> None:
+        """Regional torch.compile: every transformer block compiled in place, static shapes.
+
+        Blocks of one shape share one graph (parameters are graph inputs), so compiling costs
+        one graph per token count -- full pass, masked pass (a fixed kept count compiles once)
+        -- not one per layer. Masks, gathers and the loss stay eager, where the per-step
+        random generators live; state-dict keys are unchanged.
+        """
+        for block in self.all_blocks():
+            block.compile(dynamic=False, **options)
+
+    def set_activation_checkpointing(self, on: bool = True) -> None:
+        """Recompute each block's activations in the backward (less memory, ~1/3 more compute)."""
+        for block in self.all_blocks():
+            block.checkpoint_activations = bool(on)
+
     # -- structure ----------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:

@@ -123,6 +123,8 @@ def train(
     masked_loss_on: str = "all",
     precision: str = "auto",
     compile: bool = False,
+    separate_passes: bool = True,
+    activation_checkpointing: bool = False,
     seed: int = 0,
     log_every: int = 50,
     ckpt_every: int = 1000,
@@ -148,6 +150,11 @@ def train(
     (Table 5d "Masked"), 'auto' = 'both' when the model has a side-interpolator, else 'full'.
     masked_loss_on: 'all' tokens (default) or 'removed' tokens only (Table 5e).
     precision: 'bf16' autocast, 'fp32', or 'auto' (bf16 on GPU, fp32 on CPU).
+    compile: torch.compile every transformer block (regional: one graph per token count, no
+      graph breaks; the random draws, masks and loss stay eager).
+    separate_passes: backpropagate MDT's full and masked pass one after the other (the same
+      gradient as one backward of the sum; only one pass's activations are alive at a time).
+    activation_checkpointing: recompute block activations in the backward (less memory, slower).
     heldout_every / heldout_items / heldout_timesteps: the held-out loss (EMA weights) every so many
       steps, on the first ``heldout_items`` held-out items at ``heldout_timesteps`` evenly spaced t.
     keep_every: checkpoints at multiples of this step are never pruned (0: keep only the newest
@@ -208,7 +215,11 @@ def train(
         return {"status": "done", "step": start, "run_dir": str(run.path)}
 
     objective = DiffusionObjective(model, diffusion, passes, masked_loss_on, seed=seed)
-    step_fn = torch.compile(objective) if compile else objective
+    if activation_checkpointing:
+        model.set_activation_checkpointing(True)
+    if compile:
+        model.compile_blocks()
+    step_fn, parts = objective, objective.parts(separate_passes)
     if info.world > 1:
         step_fn = DDP(objective, device_ids=[dev.index] if dev.type == "cuda" else None,
                       find_unused_parameters=passes == "full" and model.interp is not None)
@@ -263,13 +274,15 @@ def train(
                     g = dist_util.step_generator(seed, step, 0, VAE_STREAM, dev)
                     z = torch.randn((global_batch, *mean.shape[1:]), device=dev, generator=g)
                     x0 = (mean + std * z[offset : offset + mean.shape[0]]).float()
-                sync = contextlib.nullcontext() if (micro == accum - 1 or info.world == 1) else step_fn.no_sync()
-                with sync:
-                    with autocast:
-                        out = step_fn(x0, y, step, offset, global_batch)
-                    (out["loss"] / accum).backward()
-                for k, v in out.items():
-                    losses[k] = losses.get(k, 0.0) + v.detach().float() / accum
+                for i, part in enumerate(parts):
+                    last = micro == accum - 1 and i == len(parts) - 1
+                    sync = contextlib.nullcontext() if (last or info.world == 1) else step_fn.no_sync()
+                    with sync:
+                        with autocast:
+                            out = step_fn(x0, y, step, offset, global_batch, part)
+                        (out["loss"] / accum).backward()
+                    for k, v in out.items():
+                        losses[k] = losses.get(k, 0.0) + v.detach().float() / accum
             # One all-reduce of every logged scalar: the log shows the global batch, not rank 0's share.
             # The preemption flag rides along, so every rank stops at the same step (else one rank
             # would wait in the checkpoint barrier while another enters the next all-reduce).

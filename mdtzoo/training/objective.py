@@ -2,7 +2,8 @@
 
 One MDT step: x0 and t are shared; the full pass and the masked pass each draw their
 own noise and label dropout, the masked pass its own mask; loss = mean(full loss) +
-mean(masked loss), one backward. Options reproduce the paper's Table 5d (``passes``:
+mean(masked loss); the trainer backpropagates the two passes in turn (same gradient,
+half the live activations). Options reproduce the paper's Table 5d (``passes``:
 both / full / masked) and 5e (``masked_loss_on``: all tokens / removed tokens only).
 Wrapping both passes in one module gives DDP a single forward per step.
 
@@ -67,7 +68,15 @@ class DiffusionObjective(nn.Module):
         return torch.where(drop, self.model.num_classes, y)
 
     def forward(self, x0: torch.Tensor, y: torch.Tensor, step: int, offset: int = 0,
-                global_batch: int | None = None) -> dict[str, torch.Tensor]:
+                global_batch: int | None = None, part: str = "all") -> dict[str, torch.Tensor]:
+        """The step's losses; ``part`` = 'full' or 'masked' computes one pass only.
+
+        Backpropagating the two parts one after the other (the trainer's default) gives the
+        same gradient as one backward of their sum, but only one pass's activations are alive
+        at a time. Every draw depends on (seed, step, rows) only, never on ``part``.
+        """
+        if part not in ("all", "full", "masked"):
+            raise ValueError(f"part must be 'all', 'full' or 'masked'; got {part!r}")
         self._device = dev = x0.device
         b = x0.shape[0]
         total = global_batch or b
@@ -77,14 +86,14 @@ class DiffusionObjective(nn.Module):
             0, self.diffusion.num_timesteps, (total,), device=dev, generator=g), rows)
         out: dict[str, torch.Tensor] = {}
         loss = x0.new_zeros(())
-        if self.passes in ("both", "full"):
+        if self.passes in ("both", "full") and part in ("all", "full"):
             noise = self._draw(FULL_NOISE, step, lambda g: torch.randn(shape, device=dev, generator=g), rows)
             y_full = self._drop(y, FULL_DROP, step, total, rows)
             terms = self.diffusion.training_losses(
                 self.model, x0, t, noise=noise.to(x0.dtype), model_kwargs={"y": y_full, "drop_labels": False})
             loss = loss + terms["loss"].mean()
             out.update(full_loss=terms["loss"].mean(), full_mse=terms["mse"].mean(), full_vb=terms["vb"].mean())
-        if self.passes in ("both", "masked"):
+        if self.passes in ("both", "masked") and part in ("all", "masked"):
             noise = self._draw(MASKED_NOISE, step, lambda g: torch.randn(shape, device=dev, generator=g), rows)
             y_masked = self._drop(y, MASKED_DROP, step, total, rows)
             g = step_generator(self.seed, step, 0, MASK_STREAM, dev)
@@ -100,3 +109,7 @@ class DiffusionObjective(nn.Module):
                        masked_vb=terms["vb"].mean(), mask_ratio=mask.mask.mean())
         out["loss"] = loss
         return out
+
+    def parts(self, separate: bool = True) -> list[str]:
+        """The parts a step backpropagates in turn: ['full', 'masked'] for MDT, else ['all']."""
+        return ["full", "masked"] if (separate and self.passes == "both") else ["all"]
