@@ -4,6 +4,9 @@
     mdtzoo table table5 runs/relations32 --metric relation_acc --step last --out tables/
     mdtzoo table table3 runs/debug/table3 --metric heldout_mse --step last --debug
     mdtzoo plot curves runs/table1 --metric heldout_mse --x both --gpus 8 --out fig1.png
+    mdtzoo table small runs/small --out docs/results/small            # issue 8: every small table
+    mdtzoo plot curves runs/small --runs 'mdt_seed*,dit_seed*' --metric relation_acc,relation_score \
+        --x steps,gpu_seconds --out docs/results/small/fig1.png
 """
 
 from __future__ import annotations
@@ -33,12 +36,20 @@ def _step(text: str | None):
 
 
 def run_table(args) -> int:
-    from mdtzoo.tables import collect, make_table, table_markdown, table_spec, write_table
+    from mdtzoo.tables import collect, make_table, small, table_markdown, table_spec, write_table
 
-    spec = table_spec(args.table)
     frame = collect(args.paths, _substitutions(args))
     if frame.empty:
         raise ValueError(f"no run directories under {', '.join(args.paths)}")
+    if args.table in small.SMALL_TABLES or args.table in small.REPORTS:
+        if args.dataset is not None:
+            frame = frame[frame["dataset"] == args.dataset]
+        text, paths = small.report(args.table, frame, out=args.out, metric=args.metric, step=_step(args.step))
+        print(text)
+        if paths:
+            print("wrote " + "  ".join(str(p) for p in paths))
+        return 0
+    spec = table_spec(args.table)
     table = make_table(spec, frame, metric=args.metric, step=_step(args.step), dataset=args.dataset)
     print(table_markdown(table))
     if args.out:
@@ -50,9 +61,9 @@ def run_table(args) -> int:
 def run_curves(args) -> int:
     from mdtzoo.tables import plot_curves
 
-    out = args.out or f"curves_{args.metric}.png"
+    out = args.out or f"curves_{args.metric.replace(',', '_')}.png"
     fig = plot_curves(args.paths, metric=args.metric, x=args.x, gpus=args.gpus, out=out,
-                      substitute=_substitutions(args))
+                      substitute=_substitutions(args), runs=args.runs)
     lines = len(fig.axes[0].get_lines())
     print(f"wrote {out} ({lines} configuration{'s' if lines != 1 else ''} per panel)")
     return 0
@@ -67,17 +78,20 @@ def _common(p) -> None:
 
 def add_parser(sub) -> None:
     from mdtzoo.tables.papers import TABLES
+    from mdtzoo.tables.small import REPORTS, SMALL_TABLES
 
     p = sub.add_parser("table", help="lay finished runs out like a table of the MDT paper, beside its numbers",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("table", choices=list(TABLES), help="the paper's table")
+    p.add_argument("table", choices=[*TABLES, *SMALL_TABLES, *REPORTS],
+                   help="the paper's table, or one of the small reproduction's (issue 8; 'small' = all of them)")
     _common(p)
     p.add_argument("--metric", default=None,
-                   help="one metric (default: the paper's columns: FID, or FID/sFID/IS/Prec/Rec); a metric the "
-                        "paper lacks (relation_acc, heldout_mse) stands beside its FID for direction")
+                   help="one metric (default: the paper's columns: FID, or FID/sFID/IS/Prec/Rec; small tables: "
+                        "relation_acc, relation_score, heldout_mse); a metric the paper lacks stands beside its FID "
+                        "for direction")
     p.add_argument("--step", default=None,
                    help="evaluated step to use for every row, or 'last' (each finished run's last evaluation); "
-                        "default: each row's paper step")
+                        "default: each row's paper step (small tables: last)")
     p.add_argument("--dataset", default=None, help="keep runs of this dataset only (latents, relations, ...)")
     p.add_argument("--out", default="tables", help="folder for CSV / Markdown / LaTeX (default tables/; '' = none)")
     p.set_defaults(fn=run_table)
@@ -86,8 +100,13 @@ def add_parser(sub) -> None:
     kinds = p.add_subparsers(dest="plot", required=True)
     c = kinds.add_parser("curves", help="a metric vs training steps and GPU hours, MDT vs DiT, mean +- std over seeds")
     _common(c)
-    c.add_argument("--metric", default="heldout_mse", help="metric on the y axis (default heldout_mse; fid, relation_acc ...)")
-    c.add_argument("--x", default="both", choices=["steps", "gpu_hours", "both"], help="x axis (default both panels)")
-    c.add_argument("--gpus", type=int, default=1, help="GPUs per run, for GPU hours (metrics.jsonl has no world size)")
+    c.add_argument("--metric", default="heldout_mse",
+                   help="metric(s) on the y axis, comma-separated: one row of panels each (default heldout_mse; "
+                        "fid, relation_acc, relation_score ...)")
+    c.add_argument("--x", default="both",
+                   help="x axes, comma-separated: steps, gpu_hours, gpu_seconds; both = steps,gpu_hours (default)")
+    c.add_argument("--runs", default=None, metavar="PATTERNS",
+                   help="plot only runs whose names match these shell patterns, e.g. 'mdt_seed*,dit_seed*'")
+    c.add_argument("--gpus", type=int, default=1, help="GPUs per run, for GPU time where the log records no world size")
     c.add_argument("--out", default=None, help="PNG path (default curves_<metric>.png)")
     c.set_defaults(fn=run_curves)

@@ -6,7 +6,9 @@
 ginparse.py, no model imports); ``papers.TABLES`` holds one spec per table of the MDT paper;
 ``make_table`` lays runs out like the paper with its numbers beside ours (pivot.py);
 ``write_table`` writes CSV / Markdown / LaTeX (render.py); ``plot_curves`` draws Fig. 1's
-analogue (curves.py). CLI: ``mdtzoo table`` and ``mdtzoo plot curves`` (launch/table_cmd.py).
+analogue (curves.py; training time from the runs' logs: timing.py). small.py holds the small-scale
+reproduction's tables (issue 8: experiments/small) and the steps-to-threshold speed-up. CLI:
+``mdtzoo table`` and ``mdtzoo plot curves`` (launch/table_cmd.py).
 """
 
 from mdtzoo.tables.collect import collect, find_runs, run_status

@@ -1,22 +1,27 @@
-"""Learning curves, the paper's Fig. 1 analogue: a metric vs training steps and vs GPU hours.
+"""Learning curves, the paper's Fig. 1 analogue: metrics vs training steps and vs GPU time.
 
     fig = plot_curves(["runs/table1"], metric="heldout_mse", x="both", out="curves.png")
+    fig = plot_curves(["runs/small"], metric="relation_acc,relation_score", x="steps,gpu_seconds",
+                      runs="mdt_seed*,dit_seed*", out="fig1.png")     # experiments/small (issue 8)
 
-One line per configuration (runs that differ only in their seed, length or bookkeeping are one
-configuration): the mean over its runs, with a mean +- std band where there are several. MDT
-lines are blue, DiT lines orange, others grey (the model family is the first grouping).
+One panel per (metric, x axis): metrics are rows, x axes columns. One line per configuration
+(runs that differ only in their seed, length or bookkeeping are one configuration): the mean
+over its runs, with a mean +- std band where there are several. MDT lines are blue, DiT orange,
+others grey (the model family is the first grouping). ``runs`` keeps the runs whose names match
+one of its shell patterns.
 
-GPU hours: the trainer logs, per window of ``log_every`` steps, ``img_per_sec`` over the global
-batch; a window took ``steps x train.global_batch / img_per_sec`` seconds of wall time, and the
-run's hours at step s are the sum over windows up to s, times the number of GPUs, / 3600. The
-GPU count is ``world`` in the log records when the trainer writes it, else ``gpus`` (the CLI's
-``--gpus``; metrics.jsonl does not record the world size yet). Checkpoint writing, held-out
-evaluation and SLURM queueing between resumes are outside the windows' timers, so this is
-training time, as in the paper's Fig. 1 (8 A100s).
+GPU time (``gpu_hours``, ``gpu_seconds``): the training seconds of mdtzoo.tables.timing - the
+trainer's logged windows (``steps x train.global_batch / img_per_sec`` each, times the GPU count:
+``world`` in the records, else ``gpus``), with the windows that also hold start-up, held-out
+evaluation or checkpoint writing charged at the run's median rate, so this is training time, as
+in the paper's Fig. 1 (8 A100s). Where a configuration was timed alone on a GPU
+(``calibration.json`` in the sweep root, written by experiments/small/run_gpu.py), its GPU time
+is steps x that solo rate instead: runs that shared a GPU log slower steps than one GPU gives.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -24,15 +29,18 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from mdtzoo.tables.collect import collect, metric_columns, read_jsonl
+from mdtzoo.tables.collect import collect, metric_columns
 from mdtzoo.tables.ginparse import DERIVED_COLUMNS
+from mdtzoo.tables.timing import seconds_at, solo_seconds_per_step, train_seconds
 
-XS = ("steps", "gpu_hours")
+XS = ("steps", "gpu_hours", "gpu_seconds")
+BOTH = ("steps", "gpu_hours")        # x="both"
+SECONDS_PER_UNIT = {"gpu_hours": 3600.0, "gpu_seconds": 1.0}
 # Columns that do not make two runs different experiments: seeds, length, paths, logging.
 NOT_CONFIG = {
     "train.seed", "train.run_dir", "train.steps", "train.progress", "train.num_workers", "train.device",
-    "train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.heldout_every", "train.sample_every",
-    "train.sample_count", "train.sample_respacing", "train.tensorboard", "train.compile", "datasets.latents.root",
+    "train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.keep_every", "train.heldout_every",
+    "train.sample_every", "train.sample_count", "train.sample_respacing", "train.tensorboard", "train.compile", "datasets.latents.root",
 }
 FAMILY_COLOURS = {"mdt": "Blues", "mdtv2": "Purples", "dit": "Oranges"}
 
@@ -44,19 +52,24 @@ def config_keys(frame: pd.DataFrame) -> list[str]:
 
 
 def gpu_hours(run_dir: str | Path, global_batch: float, gpus: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, cumulative GPU hours) of a run from its train records, starting at (0, 0)."""
-    steps, hours, total, last = [0.0], [0.0], 0.0, 0.0
-    for r in read_jsonl(Path(run_dir) / "metrics.jsonl"):
-        if r.get("kind") != "train" or not r.get("img_per_sec"):
-            continue
-        step = float(r["step"])
-        if step <= last:  # a resumed run re-logs from its checkpoint: keep the first timing of a step
-            continue
-        total += (step - last) * global_batch / float(r["img_per_sec"]) * int(r.get("world", gpus)) / 3600.0
-        steps.append(step)
-        hours.append(total)
-        last = step
-    return np.asarray(steps), np.asarray(hours)
+    """(steps, cumulative GPU hours of training) of a run from its train records, starting at (0, 0)."""
+    steps, seconds = train_seconds(run_dir, global_batch, gpus)
+    return steps, seconds / 3600.0
+
+
+def patterns(items: str | Sequence[str] | None) -> list[str]:
+    """"a*,b*" or a list of such strings -> ["a*", "b*"]; None -> []."""
+    items = [items] if isinstance(items, str) else list(items or ())
+    return [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+
+
+def select_runs(frame: pd.DataFrame, runs: str | Sequence[str] | None) -> pd.DataFrame:
+    """The rows of the runs whose name matches one of the shell patterns (every row without patterns)."""
+    pats = patterns(runs)
+    if not pats or frame.empty:
+        return frame
+    keep = [name for name in frame["run"].unique() if any(fnmatch.fnmatchcase(name, p) for p in pats)]
+    return frame[frame["run"].isin(keep)]
 
 
 def _label(key: tuple, keys: Sequence[str], others: Sequence[tuple], n: int) -> str:
@@ -69,7 +82,9 @@ def _label(key: tuple, keys: Sequence[str], others: Sequence[tuple], n: int) -> 
 
 
 def curve_groups(frame: pd.DataFrame, metric: str) -> list[dict]:
-    """[{'key', 'family', 'label', 'runs': {run: DataFrame(step, value, run_dir)}}] for the metric's rows."""
+    """[{'key', 'family', 'label', 'runs': {run: DataFrame(step, value, run_dir)}, 'solo_rate'}] for the
+    metric's rows; solo_rate: GPU-seconds per step of the configuration alone on its GPUs, from the
+    calibration.json of any of its runs (None: not timed alone)."""
     rows = frame[frame[metric].notna() & ~frame["guided"].astype(bool)] if metric in frame else frame.iloc[:0]
     if rows.empty:
         return []
@@ -81,8 +96,10 @@ def curve_groups(frame: pd.DataFrame, metric: str) -> list[dict]:
     for key in distinct:
         runs = sorted(r for r, g in group_of.items() if g == key)
         series = {r: rows[rows["run"] == r].groupby("step", as_index=False).last() for r in runs}
+        rates = [solo_seconds_per_step(series[r]["run_dir"].iloc[0]) for r in runs]
         groups.append({"key": key, "family": dict(zip(keys, key)).get("family"), "runs": series,
-                       "label": _label(key, keys, distinct, len(runs))})
+                       "label": _label(key, keys, distinct, len(runs)),
+                       "solo_rate": next((r for r in rates if r is not None), None)})
     return groups
 
 
@@ -90,46 +107,76 @@ def _hashable(v):
     return "nan" if isinstance(v, float) and np.isnan(v) else (tuple(v) if isinstance(v, list) else v)
 
 
-def plot_curves(paths: Sequence[str | Path], metric: str = "heldout_mse", x: str = "both", gpus: int = 1,
-                out: str | Path | None = None, substitute: Mapping[str, str] | None = None):
-    """Draw the curves (see the module docstring); returns the matplotlib Figure, saved to ``out``."""
+def x_axes(x: str | Sequence[str]) -> tuple[str, ...]:
+    """"both" -> (steps, gpu_hours); "steps,gpu_seconds" -> those two; each checked against XS."""
+    xs = BOTH if x == "both" else tuple(patterns(x))
+    if not xs or any(v not in XS for v in xs):
+        raise ValueError(f"--x takes both or a comma-separated list of {', '.join(XS)}; got {x!r}")
+    return xs
+
+
+def plot_curves(paths: Sequence[str | Path], metric: str | Sequence[str] = "heldout_mse", x: str = "both",
+                gpus: int = 1, out: str | Path | None = None, substitute: Mapping[str, str] | None = None,
+                runs: str | Sequence[str] | None = None):
+    """Draw the curves (see the module docstring); returns the matplotlib Figure, saved to ``out``.
+
+    metric: a metric or several ("relation_acc,relation_score": one row of panels each).
+    x: "both" (steps and gpu_hours) or a comma-separated list of steps / gpu_hours / gpu_seconds.
+    runs: shell patterns of the run names to plot ("mdt_seed*,dit_seed*"); default every run.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     import matplotlib
 
-    xs = XS if x == "both" else (x,)
-    if any(v not in XS for v in xs):
-        raise ValueError(f"--x must be steps, gpu_hours or both; got {x!r}")
+    xs = x_axes(x)
+    metrics = patterns(metric)
     frame = collect(paths, substitute)
-    groups = curve_groups(frame, metric) if not frame.empty else []
-    if not groups:
+    if not frame.empty:
+        frame = select_runs(frame, runs)
+    per_metric = {m: (curve_groups(frame, m) if not frame.empty else []) for m in metrics}
+    missing = [m for m, found in per_metric.items() if not found]
+    if missing or not metrics:
         known = sorted(c for c in metric_columns(frame) if frame[c].notna().any()) if not frame.empty else []
-        raise ValueError(f"no run has the metric {metric!r}; metrics found: {', '.join(known) or 'none'}")
-    fig = Figure(figsize=(5.5 * len(xs), 4.0), constrained_layout=True)
+        which = f" among the runs matching {runs!r}" if patterns(runs) else ""
+        raise ValueError(f"no run has the metric {', '.join(missing) or repr(metric)}{which}; "
+                         f"metrics found: {', '.join(known) or 'none'}")
+    fig = Figure(figsize=(5.5 * len(xs), 4.0 * len(metrics)), constrained_layout=True)
     FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(1, len(xs), i + 1) for i in range(len(xs))]
-    shade = {f: 0 for f in FAMILY_COLOURS}
-    counts = {f: sum(g["family"] == f for g in groups) for f in FAMILY_COLOURS}
-    for group in groups:
-        family = group["family"]
-        if family in FAMILY_COLOURS:
-            cmap = matplotlib.colormaps[FAMILY_COLOURS[family]]
-            colour = cmap(0.45 + 0.5 * (shade[family] + 1) / (counts[family] + 1))
-            shade[family] += 1
-        else:
-            colour = "grey"
+    for row, m in enumerate(metrics):
+        groups = per_metric[m]
+        axes = [fig.add_subplot(len(metrics), len(xs), row * len(xs) + i + 1) for i in range(len(xs))]
+        shade = {f: 0 for f in FAMILY_COLOURS}
+        counts = {f: sum(g["family"] == f for g in groups) for f in FAMILY_COLOURS}
+        for group in groups:
+            family = group["family"]
+            if family in FAMILY_COLOURS:
+                cmap = matplotlib.colormaps[FAMILY_COLOURS[family]]
+                colour = cmap(0.45 + 0.5 * (shade[family] + 1) / (counts[family] + 1))
+                shade[family] += 1
+            else:
+                colour = "grey"
+            for ax, axis in zip(axes, xs):
+                _draw(ax, group, m, axis, gpus, colour)
         for ax, axis in zip(axes, xs):
-            _draw(ax, group, metric, axis, gpus, colour)
-    for ax, axis in zip(axes, xs):
-        ax.set_xlabel("training steps" if axis == "steps" else "GPU hours (training)")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{metric} vs training {' and '.join('steps' if a == 'steps' else 'GPU hours' for a in xs)}")
+            ax.set_xlabel(_x_label(axis, groups))
+            ax.set_ylabel(m)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    shown = {"steps": "steps", "gpu_hours": "GPU hours", "gpu_seconds": "GPU-seconds"}
+    fig.suptitle(f"{', '.join(metrics)} vs training {' and '.join(shown[a] for a in xs)}")
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=120)
     return fig
+
+
+def _x_label(axis: str, groups: list[dict]) -> str:
+    if axis == "steps":
+        return "training steps"
+    unit = "GPU hours" if axis == "gpu_hours" else "GPU-seconds"
+    solo = [g["solo_rate"] is not None for g in groups]
+    how = "timed alone on a GPU" if all(solo) else "as logged" if not any(solo) else "timed alone where calibrated"
+    return f"{unit} of training ({how})"
 
 
 def _draw(ax, group: dict, metric: str, axis: str, gpus: int, colour) -> None:
@@ -138,13 +185,11 @@ def _draw(ax, group: dict, metric: str, axis: str, gpus: int, colour) -> None:
     for run, s in group["runs"].items():
         steps = s["step"].to_numpy(dtype=float)
         x = steps
-        if axis == "gpu_hours":
-            batch = float(s["train.global_batch"].iloc[0]) if "train.global_batch" in s else float("nan")
-            logged, hours = gpu_hours(s["run_dir"].iloc[0], batch, gpus)
-            if len(logged) < 2 or np.isnan(batch):
-                warnings.warn(f"{run}: no timed train records (or no train.global_batch); left out of the GPU-hours plot")
+        if axis in SECONDS_PER_UNIT:
+            x = seconds_at(s["run_dir"].iloc[0], steps, group["solo_rate"], gpus) / SECONDS_PER_UNIT[axis]
+            if np.isnan(x).all():
+                warnings.warn(f"{run}: no timed train records; left out of the {axis} plot")
                 continue
-            x = np.interp(steps, logged, hours)
         values[run] = pd.Series(s[metric].to_numpy(dtype=float), index=steps)
         positions[run] = pd.Series(x, index=steps)
     if not values:

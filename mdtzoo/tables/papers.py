@@ -20,9 +20,10 @@ ADM_METRICS = ("fid", "sfid", "is", "precision", "recall")
 METRIC_LABELS = {
     "fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Prec.", "recall": "Rec.",
     "heldout_mse": "held-out MSE", "heldout_vb": "held-out VB", "relation_acc": "relation acc.",
+    "relation_score": "relation score",
 }
 # Direction of "better", to say whether ours and the paper's agree on the order of rows.
-HIGHER_IS_BETTER = {"is", "precision", "recall", "relation_acc"}
+HIGHER_IS_BETTER = {"is", "precision", "recall", "relation_acc", "relation_score"}
 # Debug runs use XS models; `mdtzoo table --substitute` (or this map) puts them in the S/2 rows.
 DEBUG_SUBSTITUTE = {"mdt_xs2": "mdt_s2", "dit_xs2": "dit_s2"}
 
@@ -59,6 +60,10 @@ class TableSpec:
     debug_config: str | None = None
     sweep: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # What `make_table` shows when not told: metrics (default: ``metrics``, the paper's) and step
+    # (default None: each row's ``step``; "last" for runs whose length is not the paper's).
+    default_metrics: tuple[str, ...] = ()
+    default_step: int | str | None = None
 
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)

@@ -80,9 +80,10 @@ def make_table(spec: TableSpec, collected: pd.DataFrame, metric: str | None = No
                step: int | str | None = None, dataset: str | None = None) -> PaperTable:
     """Lay the collected runs out like ``spec``'s paper table (see the module docstring).
 
-    metric: one metric (default: the paper's columns). step: None (each row's paper step), an
-    int (every row at that step), or "last". dataset: keep runs of this dataset only (required
-    when the runs span several datasets).
+    metric: one metric (default: the spec's ``default_metrics``, else the paper's columns). step:
+    None (the spec's ``default_step``, else each row's paper step), an int (every row at that
+    step), or "last". dataset: keep runs of this dataset only (required when the runs span
+    several datasets).
     """
     frame = collected if not collected.empty else pd.DataFrame(columns=["run", "status", "step", "guided", "dataset"])
     datasets = sorted({d for d in frame.get("dataset", pd.Series(dtype=object)).dropna().unique()})
@@ -90,14 +91,15 @@ def make_table(spec: TableSpec, collected: pd.DataFrame, metric: str | None = No
         frame = frame[frame["dataset"] == dataset]
     elif len(datasets) > 1:
         raise ValueError(f"the runs use several datasets ({', '.join(datasets)}); pick one with --dataset")
-    metrics = tuple(spec.metrics) if metric is None else (metric,)
+    metrics = tuple(spec.default_metrics or spec.metrics) if metric is None else (metric,)
+    step = spec.default_step if step is None else step
     runs = {name: group for name, group in frame.groupby("run", sort=True)}
     configs = {name: group.iloc[0].to_dict() for name, group in runs.items()}
     notes: list[str] = []
     matched: set[str] = set()
     columns: dict[str, list] = {}
     run_counts, used_steps, evidence = [], [], []
-    for row in spec.rows:
+    for i, row in enumerate(spec.rows):
         names = [n for n, c in configs.items() if not mismatches(c, row.match)]
         matched.update(names)
         row_step = row.step if step is None else step
@@ -114,7 +116,9 @@ def make_table(spec: TableSpec, collected: pd.DataFrame, metric: str | None = No
             vals = pd.Series(values[m], dtype=float)
             paper = row.paper.get(paper_metric, float("nan"))
             ours = vals.mean() if len(vals) else float("nan")
-            columns.setdefault(f"{label(paper_metric)} paper", []).append(paper)
+            paper_column = columns.setdefault(f"{label(paper_metric)} paper", [])
+            if len(paper_column) == i:  # several of our metrics beside the paper's FID: one FID column
+                paper_column.append(paper)
             columns.setdefault(f"{label(m)} ours", []).append(ours)
             if paper_metric == m:
                 columns.setdefault(f"{label(m)} diff", []).append(ours - paper)
@@ -148,7 +152,7 @@ def make_table(spec: TableSpec, collected: pd.DataFrame, metric: str | None = No
                          f"{rho:+.2f} (Spearman; +1 = same order from best to worst).")
     absent = [m for m in metrics if m not in frame or frame[m].isna().all()]
     if absent and not frame.empty:
-        per_part = ("heldout_mse_t", "relation_acc_")  # per-timestep / per-class breakdowns
+        per_part = ("heldout_mse_t", "relation_acc_", "relation_score_")  # per-timestep / per-class breakdowns
         found = [c for c in metric_columns(frame) if frame[c].notna().any() and not c.startswith(per_part)]
         notes.append(f"No run has {', '.join(absent)}; metrics found: {', '.join(found) or 'none'} (--metric).")
     notes.extend(spec.notes)
