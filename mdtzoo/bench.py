@@ -112,7 +112,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                      precision: str = "auto", passes: str = "auto", steps: int = 10, warmup: int = 3,
                      peak_tflops: float = DEFAULT_PEAK_TFLOPS, device: str | None = None,
                      seed: int = 0, attn_impl: str = "auto", separate_passes: bool = True,
-                     activation_checkpointing: bool = False, log=None) -> dict:
+                     activation_checkpointing: bool = False, profile: bool = False, log=None) -> dict:
     """Time the trainer's step for a preset at ImageNet latent shape; returns a result dict.
 
     ``batch`` is per process: under torchrun (WORLD_SIZE > 1) the objective is wrapped in DDP
@@ -212,6 +212,18 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                 t0 = time.perf_counter()
                 one_step(step)
                 times.append(time.perf_counter() - t0)
+        if profile:  # the kernels of two more steps, by total device time
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with torch_profile(activities=activities) as prof:
+                for step in range(warmup + steps, warmup + steps + 2):
+                    one_step(step)
+                if cuda:
+                    torch.cuda.synchronize(dev)
+            sort = "cuda_time_total" if cuda else "cpu_time_total"
+            result["profile"] = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
     except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
         if not _is_oom(err):
             raise
@@ -240,8 +252,9 @@ def format_result(r: dict) -> str:
 
 def markdown_table(results: list[dict]) -> str:
     """A Markdown table of result dicts (``mdtzoo bench table``)."""
-    lines = ["| model | batch | precision | compile | passes | img/s | step ms | TFLOP/s | % peak | peak GiB | card |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch/GPU | GPUs | precision | compile | passes | img/s | step ms | TFLOP/s per GPU | % peak "
+             "| peak GiB | card |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         mem = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-"
         if r.get("status") == "ok":
@@ -249,7 +262,7 @@ def markdown_table(results: list[dict]) -> str:
                     f"{100 * r['peak_fraction']:.0f}%")
         else:
             nums = f"{r.get('status', '?')} | - | - | -"
-        lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | {'yes' if r['compile'] else 'no'} | "
+        lines.append(f"| {r['model']} | {r['batch']} | {r.get('world', 1)} | {r['precision']} | {'yes' if r['compile'] else 'no'} | "
                      f"{r['passes']} | {nums} | {mem} | {r.get('card', '-')} |")
     return "\n".join(lines)
 
@@ -330,6 +343,27 @@ def check_attention(impl: str, *, batch: int = 4, heads: int = 6, grid: int = 16
     return worst
 
 
+FLEX_VARIANTS = {  # kernel_options tried by ``bench attention --impl flex:NAME``
+    "m64n64s1": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32},
+    "m128n64": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32},
+    "m64n64w8": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32,
+                 "num_warps": 8},
+    "m64n64s2": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32,
+                 "num_stages": 2},
+    "bwd64": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64},
+}
+
+
+TRITON_VARIANTS = {  # block shapes tried by ``bench attention --impl triton:NAME``
+    "64x64": {},
+    "f128": {"fwd_bm": 128, "fwd_warps": 8},
+    "w8": {"fwd_warps": 8, "bwd_warps": 8},
+    "s3": {"fwd_stages": 3, "bwd_stages": 3},
+    "b32": {"bwd_bm": 32, "bwd_bn": 64},
+    "b128": {"bwd_bm": 64, "bwd_bn": 128, "bwd_warps": 8},
+}
+
+
 def bench_attention(impls=("explicit", "auto", "sdpa", "flex"), *, batch: int = 256, heads: int = 6,
                     grid: int = 16, keep: int = 179, dim: int = 64, compile: bool = True, repeats: int = 20,
                     device=None, log=None) -> list[dict]:
@@ -349,18 +383,36 @@ def bench_attention(impls=("explicit", "auto", "sdpa", "flex"), *, batch: int = 
     ids = torch.stack([torch.randperm(n, device=dev)[:keep] for _ in range(batch)])
     q0, k0, v0 = (torch.randn(batch, heads, n, dim, device=dev, dtype=torch.bfloat16) for _ in range(3))
     results = []
+    from mdtzoo.models import attention as attn_mod
+
+    default_options = dict(attn_mod.FLEX_KERNEL_OPTIONS)
     for impl in (*impls, "no-bias"):
-        row = {"impl": impl, "compile": bool(compile and impl not in ("flex",)), "batch": batch, "heads": heads,
-               "tokens": n, "kept": keep}
+        row = {"impl": impl, "compile": bool(compile and not impl.startswith(("flex", "triton"))), "batch": batch,
+               "heads": heads, "tokens": n, "kept": keep}
+        triton_saved = None
+        if impl.startswith("triton:"):
+            from mdtzoo.models import triton_attention
+
+            triton_saved = dict(triton_attention.CONFIG)
+            triton_attention.CONFIG.update(TRITON_VARIANTS[impl[7:]])
+            impl_name = "triton"
+        elif impl.startswith("flex:"):
+            attn_mod.FLEX_KERNEL_OPTIONS.clear()
+            attn_mod.FLEX_KERNEL_OPTIONS.update(FLEX_VARIANTS[impl[5:]])
+            attn_mod._flex.cache_clear()
+            torch._dynamo.reset()
+            impl_name = "flex"
+        else:
+            impl_name = impl
         try:
             if impl != "no-bias":
-                row["errors"] = check_attention(impl, heads=heads, grid=grid, keep=keep, dim=dim, device=dev,
+                row["errors"] = check_attention(impl_name, heads=heads, grid=grid, keep=keep, dim=dim, device=dev,
                                                 compile=row["compile"])
             fn = torch.compile(attention, dynamic=False) if row["compile"] else attention
             for masked in (False, True):
                 q, k, v = ((t[:, :, :keep] if masked else t).detach().requires_grad_(True) for t in (q0, k0, v0))
                 rel = None if impl == "no-bias" else bias
-                which = "auto" if impl == "no-bias" else impl
+                which = "auto" if impl == "no-bias" else impl_name
 
                 def step():
                     out = fn(q, k, v, rel, ids if (masked and rel is not None) else None, impl=which)
@@ -370,6 +422,14 @@ def bench_attention(impls=("explicit", "auto", "sdpa", "flex"), *, batch: int = 
             row["status"] = "ok"
         except Exception as err:  # noqa: BLE001 - a failing kernel is a result row, not a crash
             row.update(status="error", error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        finally:
+            attn_mod.FLEX_KERNEL_OPTIONS.clear()
+            attn_mod.FLEX_KERNEL_OPTIONS.update(default_options)
+            if triton_saved is not None:
+                from mdtzoo.models import triton_attention
+
+                triton_attention.CONFIG.clear()
+                triton_attention.CONFIG.update(triton_saved)
         log(f"attention {impl}: {row}")
         results.append(row)
     return results
@@ -384,7 +444,7 @@ def sample_flops(model: nn.Module, steps: int, guided: bool) -> float:
 
 def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 250,
                  guidance: str = "power_cosine", precision: str = "bf16", compile: bool = True,
-                 repeats: int = 2, check: int = 8, peak_tflops: float = DEFAULT_PEAK_TFLOPS,
+                 attn_impl: str = "auto", repeats: int = 2, check: int = 8, peak_tflops: float = DEFAULT_PEAK_TFLOPS,
                  device: str | None = None, seed: int = 0, log=None) -> dict:
     """Time ``batch`` images of ``steps``-step DDPM sampling (VAE excluded) at ImageNet latent shape.
 
@@ -400,7 +460,7 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
     torch.manual_seed(seed)
-    model = build_model(model_name, input_size=32, in_channels=4, num_classes=1000).to(dev)
+    model = build_model(model_name, input_size=32, in_channels=4, num_classes=1000, attn_impl=attn_impl).to(dev)
     with torch.no_grad():  # DiT init zeroes the output layers; random weights make the check meaningful
         for name, p in model.named_parameters():
             if p.dim() > 1 and ("adaLN" in name or "final_layer.linear" in name):
@@ -410,7 +470,7 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
     guided = guidance != "none"
     flops = sample_flops(model, steps, guided)
     result = dict(model=model_name, batch=batch, steps=steps, guidance=guidance, precision=precision,
-                  compile=bool(compile), device=dev.type, card=torch.cuda.get_device_name(dev) if cuda else "cpu",
+                  compile=bool(compile), attn_impl=attn_impl, device=dev.type, card=torch.cuda.get_device_name(dev) if cuda else "cpu",
                   torch=torch.__version__, date=datetime.date.today().isoformat(), flops_per_image=flops,
                   peak_tflops=peak_tflops, status="ok")
     if cuda:
@@ -422,7 +482,7 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
             blk.attn.impl = "explicit"
         ref, _ = _latents(generate, model, diffusion, guidance, check, "fp32", kwargs)
         for blk in model.all_blocks():
-            blk.attn.impl = "auto"
+            blk.attn.impl = attn_impl
     if compile:
         model.compile_blocks()
     if check:

@@ -24,12 +24,14 @@ def run_train_step(args) -> int:
         args.model, args.batch, compile=args.compile, precision=args.precision, passes=args.passes,
         steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops, device=args.device,
         seed=args.seed, attn_impl=args.attn, separate_passes=not args.joint_backward,
-        activation_checkpointing=args.activation_checkpointing,
+        activation_checkpointing=args.activation_checkpointing, profile=args.profile,
         log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
     )
     from mdtzoo.training.distributed import env_info
 
     if env_info().rank == 0:
+        if "profile" in result:
+            print(result.pop("profile"), flush=True)
         print(format_result(result), flush=True)
         if args.json:
             write_json(result, args.json)
@@ -40,7 +42,7 @@ def run_sample(args) -> int:
     from mdtzoo.bench import bench_sample, write_json
 
     r = bench_sample(args.model, args.batch, steps=args.steps, guidance=args.guidance, precision=args.precision,
-                     compile=args.compile, repeats=args.repeats, check=args.check, peak_tflops=args.peak_tflops,
+                     compile=args.compile, attn_impl=args.attn, repeats=args.repeats, check=args.check, peak_tflops=args.peak_tflops,
                      device=args.device, seed=args.seed, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     check = (f"; vs the unoptimised fp32 path on {r['check_images']} images: relative difference "
              f"{r['check_rel_diff']:.2e}" if "check_images" in r else "")
@@ -121,11 +123,12 @@ def add_parser(sub) -> None:
                    help="matmul peak for the utilisation fraction (H100 bf16, measured: 790)")
     t.add_argument("--device", default=None, help="cuda, cpu, cuda:1 (default: cuda if available)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex", "explicit"],
+    t.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex", "triton", "explicit"],
                    help="attention path with the relative-position bias (explicit = the slow reference)")
     t.add_argument("--joint-backward", action="store_true",
                    help="one backward of full + masked loss (default: the two passes in turn, less memory)")
     t.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")
+    t.add_argument("--profile", action="store_true", help="print the top kernels of two extra steps")
     t.add_argument("--json", metavar="PATH", help="write the result as JSON")
     t.add_argument("--verbose", action="store_true", help="log warm-up progress to stderr")
     t.set_defaults(fn=run_train_step)
@@ -137,6 +140,7 @@ def add_parser(sub) -> None:
     sm.add_argument("--guidance", default="power_cosine", help="none | constant | power_cosine")
     sm.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     sm.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    sm.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex", "triton", "explicit"])
     sm.add_argument("--repeats", type=int, default=2, help="timed repeats (median)")
     sm.add_argument("--check", type=int, default=8,
                     help="images to compare with the unoptimised fp32 path first (0: skip)")

@@ -13,10 +13,11 @@ with heavy contention). The fast paths avoid that:
   sample every (i, j) pair hits a different entry, so the backward writes each sample's
   gradient without collisions (a plain scatter) and sums over the batch -- no atomics,
   deterministic. The (H, N, N) -> table step is then a small gather of N*N entries.
-* ``impl`` picks the kernel: ``"auto"`` = flash SDPA without a bias, the explicit maths with
-  a bias (what torch.compile fuses best; measured in docs/performance.md); ``"sdpa"`` passes
-  the bias as a float mask; ``"flex"`` is FlexAttention reading the shared (H, N, N) bias at
-  the kept positions inside the kernel (CUDA; forward only on the CPU).
+* ``impl`` picks the kernel: ``"auto"`` = flash SDPA without a bias; with a bias, FlexAttention
+  on CUDA (the fastest measured, docs/performance.md) and the explicit maths with the
+  collision-free gather on the CPU; ``"sdpa"`` passes the bias as a float mask; ``"flex"`` is
+  FlexAttention reading the shared (H, N, N) bias at the kept positions inside the kernel
+  (CUDA; forward only on the CPU).
 * ``"explicit"`` is the reference for tests: the naive per-sample table gather and
   softmax(q k^T / sqrt(d) + bias) v spelled out.
 """
@@ -28,11 +29,12 @@ import functools
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("auto", "sdpa", "explicit", "flex")
+IMPLS = ("auto", "sdpa", "explicit", "flex", "triton")
 
 # FlexAttention's default kernel blocks run out of shared memory with a captured bias on H100
 # (SPEC section 6); these fit, and bench's attention check runs them before any timing.
-FLEX_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
+FLEX_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32,
+                       "num_stages": 2}
 
 
 def check_impl(impl: str) -> str:
@@ -58,13 +60,20 @@ class _KeptBias(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (flat,) = ctx.saved_tensors
-        h, nn_ = ctx.full_shape
-        b = flat.shape[0]
-        # Each sample's K*K pairs are distinct grid pairs: scatter (no collisions) then sum over b.
-        acc = _accumulation_dtype(grad.dtype)
-        per_sample = grad.new_zeros((b, h, nn_), dtype=acc)
-        per_sample.scatter_(2, flat.unsqueeze(1).expand(b, h, flat.shape[1]), grad.to(acc))
-        return per_sample.sum(0).to(grad.dtype), None
+        return reduce_kept_grad(grad, flat, ctx.full_shape[1]), None
+
+
+def reduce_kept_grad(grad: torch.Tensor, flat: torch.Tensor, grid_pairs: int) -> torch.Tensor:
+    """(B, H, K*K) gradient at each sample's flat pair indices (B, K*K) -> (H, G*G) summed over b.
+
+    Each sample's K*K pairs are distinct grid pairs: scatter without collisions, then sum over b
+    (deterministic, no atomics), accumulated in float32 for 16-bit gradients.
+    """
+    b, h = grad.shape[:2]
+    acc = _accumulation_dtype(grad.dtype)
+    per_sample = grad.new_zeros((b, h, grid_pairs), dtype=acc)
+    per_sample.scatter_(2, flat.unsqueeze(1).expand(b, h, flat.shape[1]), grad.to(acc))
+    return per_sample.sum(0).to(grad.dtype)
 
 
 def kept_bias(full: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
@@ -99,7 +108,7 @@ def _flex(cuda: bool):
     return torch.compile(flex, dynamic=False) if cuda else flex
 
 
-def flex_attention(q, k, v, full, ids_keep=None):
+def flex_attention(q, k, v, full, ids_keep=None, kernel_options=None):
     """FlexAttention with ``full[h, pos_i, pos_j]`` (pos = ids_keep rows, or 0..N-1) added in-kernel."""
     n = full.shape[-1]
     full = full.to(q.dtype).reshape(full.shape[0], n * n)
@@ -109,7 +118,7 @@ def flex_attention(q, k, v, full, ids_keep=None):
     else:
         def score_mod(score, b, h, i, j):
             return score + full[h, ids_keep[b, i] * n + ids_keep[b, j]]
-    options = FLEX_KERNEL_OPTIONS if q.is_cuda else None
+    options = (kernel_options or FLEX_KERNEL_OPTIONS) if q.is_cuda else None
     return _flex(q.is_cuda)(q, k, v, score_mod=score_mod, kernel_options=options)
 
 
@@ -127,8 +136,12 @@ def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto"):
     if impl == "explicit":
         return explicit_attention(q, k, v, rel_pos_bias.table_gather(ids_keep))
     full = rel_pos_bias.full()
-    if impl == "flex":
+    if impl == "flex" or (impl == "auto" and q.is_cuda and q.dtype != torch.float64):
         return flex_attention(q, k, v, full, ids_keep)
+    if impl == "triton":
+        from mdtzoo.models.triton_attention import triton_attention
+
+        return triton_attention(q, k, v, full, ids_keep)
     bias = full if ids_keep is None else kept_bias(full, ids_keep)
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))

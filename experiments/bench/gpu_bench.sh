@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# All of issue 7's GPU measurements, one group per call; JSON per run into $OUT, a table last.
+#   bash experiments/bench/gpu_bench.sh train     # attention kernels + the training-step table
+#   bash experiments/bench/gpu_bench.sh sample    # 250-step DDPM + CFG sampling, MDT-XL/2
+#   bash experiments/bench/gpu_bench.sh tune      # FlexAttention block sizes + kernel profiles
+#   bash experiments/bench/gpu_bench.sh kernels   # Triton / Flex variants, sampling
+#   bash experiments/bench/gpu_bench.sh ddp       # 1 vs 2 GPUs (DDP), MDT-XL/2 and DiT-XL/2
+# Every kernel is checked against the explicit reference before it is timed (bench attention /
+# sample --check); a run that fails or times out leaves an error line, the rest go on.
+set -u
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+group=${1:-train}
+py=${PYTHON:-python3}
+run() {  # run NAME TIMEOUT ARGS...
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*" >&2
+  timeout "$limit" "$py" -m mdtzoo "$@" > "$OUT/$name.log" 2>&1 || echo "!! $name failed or timed out (rc $?)" >&2
+  tail -n 2 "$OUT/$name.log" >&2
+}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >&2
+"$py" -c "import torch; print('torch', torch.__version__)" >&2
+case $group in
+train)
+  run attention 150 bench attention --json "$OUT/attention.json"
+  for spec in "dit_s2 256" "dit_xl2 64" "mdt_s2 256" "mdt_b2 256" "mdt_xl2 64"; do
+    set -- $spec
+    run "step_$1_b$2" 170 bench train-step --model "$1" --batch "$2" --compile --precision bf16 \
+      --steps 10 --warmup 3 --json "$OUT/step_$1_b$2.json"
+  done
+  ;;
+sample)
+  run sample_mdt_xl2 420 bench sample --model mdt_xl2 --batch 256 --compile --check 8 --json "$OUT/sample_mdt_xl2.json"
+  run step_mdt_s2_b256_eager 120 bench train-step --model mdt_s2 --batch 256 --precision bf16 \
+    --json "$OUT/step_mdt_s2_b256_eager.json"
+  ;;
+tune)
+  run attention_flex 200 bench attention --impl explicit,flex:m64n64,flex:m128n64,flex:m64n64w8,flex:m64n64s2,flex:bwd64 \
+    --json "$OUT/attention_flex.json"
+  for m in "mdt_s2 256" "dit_s2 256"; do
+    set -- $m
+    run "profile_$1" 170 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --profile \
+      --json "$OUT/step_$1_b$2.json"
+  done
+  ;;
+kernels)
+  run attention_kernels 200 bench attention \
+    --impl explicit,flex,triton:64x64,triton:f128,triton:w8,triton:s3,triton:b32,triton:b128 \
+    --json "$OUT/attention_kernels.json"
+  for spec in "mdt_s2 256" "mdt_xl2 64"; do
+    set -- $spec
+    run "step_$1_b$2_triton" 170 bench train-step --model "$1" --batch "$2" --compile --precision bf16 \
+      --attn triton --json "$OUT/step_$1_b$2_triton.json"
+  done
+  [ -n "${SKIP_SAMPLE:-}" ] || run sample_mdt_xl2 230 bench sample --model mdt_xl2 --batch 128 --compile --check 8 --json "$OUT/sample_mdt_xl2.json"
+  ;;
+ddp)
+  for m in "mdt_xl2 64" "dit_xl2 64"; do
+    set -- $m
+    run "ddp1_$1" 150 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --json "$OUT/ddp1_$1.json"
+    echo "== ddp2_$1" >&2
+    timeout 200 "$py" -m torch.distributed.run --standalone --nproc_per_node 2 -m mdtzoo bench train-step \
+      --model "$1" --batch "$2" --compile --precision bf16 --json "$OUT/ddp2_$1.json" > "$OUT/ddp2_$1.log" 2>&1 \
+      || echo "!! ddp2_$1 failed (rc $?)" >&2
+    tail -n 2 "$OUT/ddp2_$1.log" >&2
+  done
+  ;;
+esac
+ls "$OUT"/*.json >/dev/null 2>&1 && "$py" -m mdtzoo bench table $(ls "$OUT"/step_*.json "$OUT"/ddp*.json 2>/dev/null)
+for f in "$OUT"/attention*.log; do [ -f "$f" ] && grep "^|" "$f"; done
+[ -f "$OUT/sample_mdt_xl2.log" ] && tail -n 1 "$OUT/sample_mdt_xl2.log"
+exit 0

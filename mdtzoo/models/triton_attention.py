@@ -1,0 +1,215 @@
+"""A Triton flash-attention kernel with MDT's relative-position bias read in-kernel.
+
+softmax(q k^T / sqrt(d) + bias) v where bias[b, h, i, j] = full[h, pos_b[i], pos_b[j]]:
+``full`` (H, G, G) is the bias over the whole token grid, shared by the batch, and pos_b the
+grid positions of sample b's tokens (the kept tokens in the masked pass; 0..G-1 in the full
+pass). Nothing of size (B, H, N, N) is read in the forward -- the bias tile is gathered from
+``full``, which is small enough to stay in L2.
+
+Backward: one program per (key block, batch, head) recomputes the probabilities from the
+saved log-sum-exp, accumulates dK and dV, and writes dS = P (dP - delta) once. dQ = dS K is
+then one batched matmul and the bias gradient is dS summed over the batch at each sample's
+positions (``attention.kept_bias``'s collision-free reduction) -- no atomics anywhere.
+
+Written for the GPU; under ``TRITON_INTERPRET=1`` it also runs on the CPU (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
+                H: tl.constexpr, NQ, G, D: tl.constexpr,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, HAS_POS: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    m_ok = offs_m < NQ
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if HAS_POS:
+        pos_m = tl.load(POS + b * NQ + offs_m, mask=m_ok, other=0)
+    else:
+        pos_m = offs_m
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+    for start in range(0, NQ, BN):
+        offs_n = start + tl.arange(0, BN)
+        n_ok = offs_n < NQ
+        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if HAS_POS:
+            pos_n = tl.load(POS + b * NQ + offs_n, mask=n_ok, other=0)
+        else:
+            pos_n = offs_n
+        bias = tl.load(FULL + h * G * G + pos_m[:, None] * G + pos_n[None, :],
+                       mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale + bias.to(tl.float32)
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + bh * NQ + offs_m, m_i + tl.log(l_i), mask=m_ok)
+
+
+@triton.jit
+def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DK, DV, DS, scale,
+                H: tl.constexpr, NQ, G, D: tl.constexpr,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+                BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, HAS_POS: tl.constexpr, PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    n_ok = offs_n < NQ
+    d_ok = offs_d < D
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    if HAS_POS:
+        pos_n = tl.load(POS + b * NQ + offs_n, mask=n_ok, other=0)
+    else:
+        pos_n = offs_n
+    dk = tl.zeros([BN, BD], tl.float32)
+    dv = tl.zeros([BN, BD], tl.float32)
+    for start in range(0, NQ, BM):
+        offs_m = start + tl.arange(0, BM)
+        m_ok = offs_m < NQ
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=q_mask, other=0.0)
+        if HAS_POS:
+            pos_m = tl.load(POS + b * NQ + offs_m, mask=m_ok, other=0)
+        else:
+            pos_m = offs_m
+        bias = tl.load(FULL + h * G * G + pos_m[:, None] * G + pos_n[None, :],
+                       mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        lse = tl.load(LSE + bh * NQ + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale + bias.to(tl.float32)
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC).to(tl.float32)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(tl.float32)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC).to(tl.float32)
+        tl.store(DS + bh * NQ * NQ + offs_m[:, None] * NQ + offs_n[None, :], ds.to(DS.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(DK + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(DV + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=kv_mask)
+
+
+# Block shapes and launch settings (H100-tuned by ``mdtzoo bench attention --impl triton:NAME``).
+CONFIG = {"fwd_bm": 64, "fwd_bn": 64, "fwd_warps": 4, "fwd_stages": 2,
+          "bwd_bm": 64, "bwd_bn": 64, "bwd_warps": 4, "bwd_stages": 2}
+
+
+def _precision(q: torch.Tensor) -> str:
+    """float32 inputs get exact float32 products (Triton's default would be TF32), as torch's
+    matmuls do unless TF32 is allowed."""
+    return "tf32" if (q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32) else "ieee"
+
+
+def _head_block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+@torch.library.custom_op("mdtzoo::relbias_flash_fwd", mutates_args=())
+def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Tensor,
+               pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, n, d = q.shape
+    q, k, v, full = q.contiguous(), k.contiguous(), v.contiguous(), full.contiguous()
+    bm, bn, bd = CONFIG["fwd_bm"], CONFIG["fwd_bn"], _head_block(d)
+    o = torch.empty_like(q)
+    lse = torch.empty((b * h, n), device=q.device, dtype=torch.float32)
+    _fwd_kernel[(triton.cdiv(n, bm), b * h)](
+        q, k, v, full, pos if pos is not None else lse, o, lse, d ** -0.5, h, n, full.shape[-1], d,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        BM=bm, BN=bn, BD=bd, HAS_POS=pos is not None, PREC=_precision(q), num_warps=CONFIG["fwd_warps"],
+        num_stages=CONFIG["fwd_stages"])
+    return o, lse
+
+
+@_flash_fwd.register_fake
+def _(q, k, v, full, pos):
+    b, h, n, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b * h, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("mdtzoo::relbias_flash_bwd", mutates_args=())
+def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None,
+               o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv, dS (B, H, N, N) in q's dtype."""
+    b, h, n, d = q.shape
+    q, k, v, full, do = q.contiguous(), k.contiguous(), v.contiguous(), full.contiguous(), do.contiguous()
+    delta = (do.float() * o.float()).sum(-1).reshape(b * h, n)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    ds = torch.empty((b, h, n, n), device=q.device, dtype=q.dtype)
+    bm, bn, bd = CONFIG["bwd_bm"], CONFIG["bwd_bn"], _head_block(d)
+    scale = d ** -0.5
+    _bwd_kernel[(triton.cdiv(n, bn), b * h)](
+        q, k, v, full, pos if pos is not None else lse, do, lse, delta, dk, dv, ds, scale, h, n, full.shape[-1], d,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        BM=bm, BN=bn, BD=bd, HAS_POS=pos is not None, PREC=_precision(q), num_warps=CONFIG["bwd_warps"],
+        num_stages=CONFIG["bwd_stages"])
+    dq = (ds @ k) * scale
+    return dq, dk, dv, ds
+
+
+@_flash_bwd.register_fake
+def _(q, k, v, full, pos, o, lse, do):
+    b, h, n, _ = q.shape
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty((b, h, n, n))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, full, pos = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, full, pos, o, lse)
+
+
+def _backward(ctx, do, _dlse):
+    from mdtzoo.models.attention import reduce_kept_grad
+
+    q, k, v, full, pos, o, lse = ctx.saved_tensors
+    b, h, n, _ = q.shape
+    g = full.shape[-1]
+    dq, dk, dv, ds = _flash_bwd(q, k, v, full, pos, o, lse, do)
+    if pos is not None:
+        flat = (pos.long()[:, :, None] * g + pos.long()[:, None, :]).reshape(b, n * n)
+        dfull = reduce_kept_grad(ds.reshape(b, h, n * n), flat, g * g).reshape(h, g, g)
+    else:
+        dfull = ds.sum(0, dtype=torch.float32 if ds.dtype in (torch.float16, torch.bfloat16) else ds.dtype)
+    return dq, dk, dv, dfull.to(full.dtype), None
+
+
+_flash_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def triton_attention(q, k, v, full, ids_keep=None):
+    """(B, H, N, d) attention with ``full[h, pos_i, pos_j]`` added; pos = ids_keep rows or 0..N-1."""
+    pos = None if ids_keep is None else ids_keep.to(torch.int32).contiguous()
+    return _flash_fwd(q, k, v, full, pos)[0]
