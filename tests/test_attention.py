@@ -155,6 +155,12 @@ for masked in (False, True):
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
         res.append([out, q.grad, k.grad, v.grad, bias.relative_position_bias_table.grad])
     worst = max([worst] + [((a - b).norm() / b.norm()).item() for a, b in zip(*res)])
+# The fake (meta) kernels must describe the real outputs, strides included, or torch.compile
+# breaks: check them on non-contiguous (B, N, H, d) -> (B, H, N, d) views, as Attention makes.
+qkv = torch.randn(2, 20, 3, 2, 24).permute(2, 0, 3, 1, 4)
+full = torch.randn(2, 20, 20)
+torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_fwd.default, (qkv[0], qkv[1], qkv[2], full, None),
+                      test_utils=("test_schema", "test_faketensor"))
 print("WORST", worst)
 """
 

@@ -76,7 +76,7 @@ def test_bench_train_step_command_on_cpu(tmp_path, capsys):
     assert r["peak_fraction"] == pytest.approx(r["tflops"] / 790.0)
     assert "| mdt_xs2 | 4 |" in markdown_table([r])
     assert main(["bench", "table", str(out)]) == 0
-    assert "| mdt_xs2 | 4 | fp32 | no | both |" in capsys.readouterr().out
+    assert "| mdt_xs2 | 4 | 1 | fp32 | no | both |" in capsys.readouterr().out
 
 
 def test_bench_full_pass_and_bad_input(tmp_path, capsys):

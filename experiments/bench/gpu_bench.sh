@@ -55,7 +55,9 @@ kernels)
   [ -n "${SKIP_SAMPLE:-}" ] || run sample_mdt_xl2 230 bench sample --model mdt_xl2 --batch 128 --compile --check 8 --json "$OUT/sample_mdt_xl2.json"
   ;;
 ddp)
-  for m in "mdt_xl2 64" "dit_xl2 64"; do
+  run step_mdt_s2_b256_triton 170 bench train-step --model mdt_s2 --batch 256 --compile --precision bf16 \
+    --attn triton --json "$OUT/step_mdt_s2_b256_triton.json"
+  for m in ${DDP_MODELS:-"mdt_xl2 64" "dit_xl2 64"}; do
     set -- $m
     run "ddp1_$1" 150 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --json "$OUT/ddp1_$1.json"
     echo "== ddp2_$1" >&2

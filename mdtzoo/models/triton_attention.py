@@ -142,7 +142,7 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Te
     b, h, n, d = q.shape
     q, k, v, full = q.contiguous(), k.contiguous(), v.contiguous(), full.contiguous()
     bm, bn, bd = CONFIG["fwd_bm"], CONFIG["fwd_bn"], _head_block(d)
-    o = torch.empty_like(q)
+    o = q.new_empty(q.shape)
     lse = torch.empty((b * h, n), device=q.device, dtype=torch.float32)
     _fwd_kernel[(triton.cdiv(n, bm), b * h)](
         q, k, v, full, pos if pos is not None else lse, o, lse, d ** -0.5, h, n, full.shape[-1], d,
@@ -155,7 +155,7 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Te
 @_flash_fwd.register_fake
 def _(q, k, v, full, pos):
     b, h, n, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b * h, n), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((b * h, n), dtype=torch.float32)  # contiguous, as the kernel's
 
 
 @torch.library.custom_op("mdtzoo::relbias_flash_bwd", mutates_args=())
@@ -166,7 +166,7 @@ def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Te
     b, h, n, d = q.shape
     q, k, v, full, do = q.contiguous(), k.contiguous(), v.contiguous(), full.contiguous(), do.contiguous()
     delta = (do.float() * o.float()).sum(-1).reshape(b * h, n)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
     ds = torch.empty((b, h, n, n), device=q.device, dtype=q.dtype)
     bm, bn, bd = CONFIG["bwd_bm"], CONFIG["bwd_bn"], _head_block(d)
     scale = d ** -0.5
@@ -182,7 +182,7 @@ def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Te
 @_flash_bwd.register_fake
 def _(q, k, v, full, pos, o, lse, do):
     b, h, n, _ = q.shape
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty((b, h, n, n))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty((b, h, n, n))
 
 
 def _setup(ctx, inputs, output):
