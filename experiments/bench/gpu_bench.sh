@@ -57,8 +57,8 @@ kernels)
 ddp)
   run step_mdt_s2_b256_triton 170 bench train-step --model mdt_s2 --batch 256 --compile --precision bf16 \
     --attn triton --json "$OUT/step_mdt_s2_b256_triton.json"
-  for m in ${DDP_MODELS:-"mdt_xl2 64" "dit_xl2 64"}; do
-    set -- $m
+  for m in ${DDP_MODELS:-mdt_xl2 dit_xl2}; do
+    set -- "$m" 64
     run "ddp1_$1" 150 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --json "$OUT/ddp1_$1.json"
     echo "== ddp2_$1" >&2
     timeout 200 "$py" -m torch.distributed.run --standalone --nproc_per_node 2 -m mdtzoo bench train-step \
