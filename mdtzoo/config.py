@@ -67,6 +67,29 @@ def search_paths(config_file: str | os.PathLike) -> list[str]:
     return out
 
 
+def _safe_file_readers() -> None:
+    """Make gin's file-existence checks say False instead of raising.
+
+    gin's Python-package reader raises TypeError when a folder on sys.path shares an include's
+    first component -- e.g. a ``runs/`` folder in the working directory against
+    ``include 'runs/imagenet256_latents.gin'`` -- instead of letting the next search path match.
+    """
+    from gin import config as gin_config
+
+    def safe(check):
+        def exists(path):
+            try:
+                return check(path)
+            except Exception:  # noqa: BLE001 - "cannot tell" means "not here"
+                return False
+
+        exists.mdtzoo_safe = True
+        return exists
+
+    gin_config._FILE_READERS[:] = [(reader, check if getattr(check, "mdtzoo_safe", False) else safe(check))
+                                   for reader, check in gin_config._FILE_READERS]
+
+
 def parse(config_files: Sequence[str | os.PathLike] = (), bindings: Iterable[str] = ()) -> str:
     """Clear gin, then parse ``config_files`` and ``bindings`` (later ones win). Returns config_str().
 
@@ -74,6 +97,7 @@ def parse(config_files: Sequence[str | os.PathLike] = (), bindings: Iterable[str
     the known names of that family.
     """
     gin.clear_config()
+    _safe_file_readers()
     for f in config_files:
         if not Path(f).is_file():
             raise ConfigError(f"gin file not found: {f}")

@@ -81,7 +81,7 @@ def test_sweep_points_fill_exactly_their_rows():
     sweep = load_sweep(SWEEP, "/tmp/small-root")
     names = [p.name for p in sweep.points]
     assert len(names) == 15 and names[:6] == ["mdt_seed0", "mdt_seed1", "mdt_seed2", "dit_seed0", "dit_seed1", "dit_seed2"]
-    assert sweep.evaluation == {"metrics": ["heldout_loss", "relation_acc"], "num_samples": 512, "sample_steps": "100",
+    assert sweep.evaluation == {"metrics": ["heldout_loss", "relation_acc"], "num_samples": 256, "sample_steps": "50",
                                 "seed": 0}
     expected = {  # point -> the rows (table, row name) it must fill, and no other
         "mdt_seed0": {("small_table1", "mdt"), ("small_table3", "mask_ratio_0.3")} |

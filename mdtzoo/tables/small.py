@@ -36,7 +36,7 @@ from mdtzoo.tables.timing import seconds_at, solo_seconds_per_step
 MODEL_MDT, MODEL_DIT = "mdt_xs2", "dit_xs2"
 SMALL_DATA = {"dataset": "relations", "datasets.relations.image_size": 32}
 OUR_METRICS = ("relation_acc", "relation_score", "heldout_mse")
-CURVE_METRICS = ("relation_acc", "relation_score")
+CURVE_METRICS = ("heldout_mse", "relation_acc", "relation_score")
 AXES = ("steps", "gpu_seconds")
 SWEEP = "small/small.sweep"
 
@@ -205,6 +205,8 @@ def speedup_table(frame: pd.DataFrame, metrics: Sequence[str] = CURVE_METRICS, a
     base_runs, cand_runs = runs_of(frame, baseline), runs_of(frame, candidate)
     who = {"DiT": baseline.label[0], "MDT": candidate.label[0]}
     rows, index = [], []
+    if metrics is CURVE_METRICS:  # the defaults: those the runs have
+        metrics = [m for m in metrics if m in frame.columns]
     for metric in metrics:
         higher = metric in papers.HIGHER_IS_BETTER
         finals = [c.iloc[-1] for c in (curve(frame, r, metric) for r in base_runs) if len(c)]
