@@ -100,7 +100,7 @@ def test_sweep_points_fill_exactly_their_rows():
         filled = {(t, r.name) for t, spec in SMALL_TABLES.items() for r in spec.rows if not mismatches(cols, r.match)}
         assert filled == expected[point.name], point.name
         assert gin.query_parameter("datasets.relations.image_size") == 32
-        assert cols["train.keep_every"] == cols["train.heldout_every"] == cols["train.ckpt_every"] == 400
+        assert cols["train.keep_every"] == cols["train.heldout_every"] == cols["train.ckpt_every"] == 300
     gin.clear_config()
 
 
@@ -109,22 +109,22 @@ def test_base_gin_steps_and_interval_are_one_binding_each():
     assert gin.query_parameter("train.steps") == 8000
     cols = config_columns(parse_gin_text(text))
     assert (cols["train.keep_every"], cols["train.heldout_every"], cols["train.ckpt_every"]) == (800, 800, 800)
-    assert cols["model"] == "mdt_xs2" and cols["train.global_batch"] == 256 and cols["masking.random.ratio"] == 0.3
+    assert cols["model"] == "mdt_xs2" and cols["train.global_batch"] == 128 and cols["masking.random.ratio"] == 0.3
     gin.clear_config()
 
 
 # ------------------------------------------------------------------------------ training time
 def test_train_seconds_charges_windows_after_pauses_at_the_median(tmp_path):
-    # 50-step windows of 1 s (256 x 50 / 12800); the first (start-up) takes 10 s, the one after the
-    # held-out loss at step 400 takes 5 s: 16 windows of training = 16 s, 29 s as logged.
-    rates = {50: 1280.0, 450: 2560.0}
+    # 50-step windows of 0.5 s (128 x 50 / 12800); the first (start-up) takes 5 s, the one after the
+    # held-out loss at step 300 (EVAL_EVERY) takes 2.5 s: 16 windows of training = 8 s, 14.5 s as logged.
+    rates = {50: 1280.0, 350: 2560.0}
     run = make_run(tmp_path, "r", "mdt.gin", train=[(s, rates.get(s, 12800.0)) for s in range(50, 801, 50)])
     steps, seconds = train_seconds(run)
     assert steps[0] == 0 and steps[-1] == 800 and seconds[0] == 0
-    assert seconds[-1] == pytest.approx(16.0)
-    np.testing.assert_allclose(seconds[:3], [0.0, 1.0, 2.0])
-    assert train_seconds(run, correct=False)[1][-1] == pytest.approx(29.0)
-    np.testing.assert_allclose(seconds_at(run, [400, 800, 1000]), [8.0, 16.0, np.nan])
+    assert seconds[-1] == pytest.approx(8.0)
+    np.testing.assert_allclose(seconds[:3], [0.0, 0.5, 1.0])
+    assert train_seconds(run, correct=False)[1][-1] == pytest.approx(14.5)
+    np.testing.assert_allclose(seconds_at(run, [400, 800, 1000]), [4.0, 8.0, np.nan])
     np.testing.assert_allclose(seconds_at(run, [400, 800], rate=0.5), [200.0, 400.0])
 
 
