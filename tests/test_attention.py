@@ -180,3 +180,22 @@ def test_triton_kernel_matches_reference_in_the_interpreter(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     worst = float(proc.stdout.split("WORST")[-1])
     assert worst < 1e-5
+
+
+def test_a_relative_encoding_with_only_forward_uses_the_explicit_maths():
+    """A user's relative encoding that only implements forward(ids_keep) still works (any impl)."""
+    bias, ids, qkv = _case(torch.float64)
+
+    class OnlyForward(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids_keep=None):
+            return self.inner.table_gather(ids_keep)
+
+    user = OnlyForward(bias)
+    q, k, v = (t[:, :, : ids.shape[1]] for t in qkv)
+    ref = attention(q, k, v, bias, ids, impl="explicit")
+    for impl in FAST:
+        torch.testing.assert_close(attention(q, k, v, user, ids, impl=impl), ref, rtol=1e-12, atol=1e-12)

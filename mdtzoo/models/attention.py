@@ -126,15 +126,22 @@ def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto"):
     """Multi-head attention with an optional relative-position bias module.
 
     q, k, v: (B, H, N, d). rel_pos_bias: a module with ``full() -> (H, G, G)`` over the whole
-    grid and ``table_gather(ids_keep)`` (the naive per-sample gather); ``ids_keep`` (B, N) are
-    the grid positions of the N tokens in the masked pass (None: all G = N positions in order).
+    grid (every fast path reads only that) and optionally ``table_gather(ids_keep)`` (the naive
+    per-sample gather, the reference); a module with neither is called as ``module(ids_keep)``
+    and used with the explicit maths. ``ids_keep`` (B, N) are the grid positions of the N
+    tokens in the masked pass (None: all G = N positions in order).
     """
     if rel_pos_bias is None:
         if impl == "explicit":
             return explicit_attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v)
+    if not hasattr(rel_pos_bias, "full"):  # a user's relative encoding with only forward(ids_keep)
+        return explicit_attention(q, k, v, rel_pos_bias(ids_keep))
     if impl == "explicit":
-        return explicit_attention(q, k, v, rel_pos_bias.table_gather(ids_keep))
+        gather = getattr(rel_pos_bias, "table_gather", None)
+        bias = gather(ids_keep) if gather else (rel_pos_bias.full() if ids_keep is None
+                                                 else kept_bias(rel_pos_bias.full(), ids_keep))
+        return explicit_attention(q, k, v, bias)
     full = rel_pos_bias.full()
     if impl == "flex" or (impl == "auto" and q.is_cuda and q.dtype != torch.float64):
         return flex_attention(q, k, v, full, ids_keep)
