@@ -124,7 +124,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     from mdtzoo.models import build_model
     from mdtzoo.training.ema import EMA
     from mdtzoo.training.loop import make_optimizer
-    from mdtzoo.training.objective import DiffusionObjective
+    from mdtzoo.training.objective import DiffusionObjective, backward_parts, prepare_step
 
     if batch < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"need batch >= 1, steps >= 1, warmup >= 0; got {batch}, {steps}, {warmup}")
@@ -165,15 +165,9 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         opt = make_optimizer(model.parameters(), "adamw", 1e-4, 0.0, (0.9, 0.999), fused=cuda)
         ema = EMA(model, 0.9999, warmup=True)
         objective = DiffusionObjective(model, diffusion, passes, "all", seed=seed)
-        if activation_checkpointing:
-            model.set_activation_checkpointing(True)
-        if compile:
-            model.compile_blocks()
-        step_fn, parts = objective, objective.parts(separate_passes)
-        if info.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            step_fn = DDP(objective, device_ids=[dev.index] if cuda else None)
+        step_fn, parts = prepare_step(objective, dev, info.world, compile=compile,
+                                      activation_checkpointing=activation_checkpointing,
+                                      separate_passes=separate_passes)
         autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16"
                     else contextlib.nullcontext())
         g = torch.Generator(device=dev).manual_seed(seed)
@@ -181,13 +175,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         y = torch.randint(0, 1000, (batch,), device=dev, generator=g)
 
         def one_step(step: int) -> None:
-            for i, part in enumerate(parts):
-                sync = (contextlib.nullcontext() if (i == len(parts) - 1 or info.world == 1)
-                        else step_fn.no_sync())
-                with sync:
-                    with autocast:
-                        out = step_fn(x0, y, step, part=part)
-                    out["loss"].backward()
+            backward_parts(step_fn, parts, (x0, y, step), autocast, world=info.world)
             torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)

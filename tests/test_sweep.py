@@ -375,10 +375,10 @@ def test_preemption_checkpoints_requeues_the_same_strings_and_resumes_exactly(to
     original_handler = signal.signal(usr2, fake.checkpoint_and_try_requeue)
     forward = DiffusionObjective.forward
 
-    def preempt_during_step_3(self, x0, y, step, *args):
+    def preempt_during_step_3(self, x0, y, step, *args, **kwargs):
         if step == 2:
             os.kill(os.getpid(), usr2)  # what SLURM sends signal_delay_s before the end
-        return forward(self, x0, y, step, *args)
+        return forward(self, x0, y, step, *args, **kwargs)
 
     monkeypatch.setattr(DiffusionObjective, "forward", preempt_during_step_3)
     try:

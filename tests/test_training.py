@@ -91,10 +91,10 @@ def test_resume_is_bit_exact_after_a_crash(toy, tmp_path, monkeypatch):
     # Crash during step 5 (after the step-3 checkpoint): the run dies without saving.
     original = DiffusionObjective.forward
 
-    def crash(self, x0, y, step, *args):
+    def crash(self, x0, y, step, *args, **kwargs):
         if step == 4:
             raise KeyboardInterrupt("killed")
-        return original(self, x0, y, step, *args)
+        return original(self, x0, y, step, *args, **kwargs)
 
     setup_gin(tmp_path / "crashed")
     monkeypatch.setattr(DiffusionObjective, "forward", crash)
@@ -115,10 +115,10 @@ def test_preemption_signal_checkpoints_and_resumes(toy, tmp_path, monkeypatch):
     setup_gin(tmp_path / "pre", ckpt_every=100)
     original = DiffusionObjective.forward
 
-    def preempt(self, x0, y, step, *args):
+    def preempt(self, x0, y, step, *args, **kwargs):
         if step == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return original(self, x0, y, step, *args)
+        return original(self, x0, y, step, *args, **kwargs)
 
     monkeypatch.setattr(DiffusionObjective, "forward", preempt)
     result = train()
@@ -135,8 +135,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(toy, tmp_pat
     setup_gin(tmp_path / "nan")
     original = DiffusionObjective.forward
 
-    def poison(self, x0, y, step, *args):
-        out = original(self, x0, y, step, *args)
+    def poison(self, x0, y, step, *args, **kwargs):
+        out = original(self, x0, y, step, *args, **kwargs)
         if step == 4:
             out["loss"] = out["loss"] * float("nan")
         return out

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import gin
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mdtzoo import config as cfg
 from mdtzoo.registry import DATASETS
@@ -26,7 +25,7 @@ from mdtzoo.training import distributed as dist_util
 from mdtzoo.training.data import StepSampler, make_loader
 from mdtzoo.training.ema import EMA
 from mdtzoo.training.heldout import heldout_loss
-from mdtzoo.training.objective import DiffusionObjective
+from mdtzoo.training.objective import DiffusionObjective, backward_parts, prepare_step
 from mdtzoo.training.rundir import RunDir, write_text
 
 OPTIMIZERS = ("adamw", "adan")
@@ -215,14 +214,8 @@ def train(
         return {"status": "done", "step": start, "run_dir": str(run.path)}
 
     objective = DiffusionObjective(model, diffusion, passes, masked_loss_on, seed=seed)
-    if activation_checkpointing:
-        model.set_activation_checkpointing(True)
-    if compile:
-        model.compile_blocks()
-    step_fn, parts = objective, objective.parts(separate_passes)
-    if info.world > 1:
-        step_fn = DDP(objective, device_ids=[dev.index] if dev.type == "cuda" else None,
-                      find_unused_parameters=passes == "full" and model.interp is not None)
+    step_fn, parts = prepare_step(objective, dev, info.world, compile=compile,
+                                  activation_checkpointing=activation_checkpointing, separate_passes=separate_passes)
     sampler = StepSampler(len(data), global_batch, micro_batch, info.rank, info.world, seed, start, steps - start)
     loader = make_loader(data, sampler, num_workers)
     accum = world_batch // micro_batch
@@ -274,15 +267,10 @@ def train(
                     g = dist_util.step_generator(seed, step, 0, VAE_STREAM, dev)
                     z = torch.randn((global_batch, *mean.shape[1:]), device=dev, generator=g)
                     x0 = (mean + std * z[offset : offset + mean.shape[0]]).float()
-                for i, part in enumerate(parts):
-                    last = micro == accum - 1 and i == len(parts) - 1
-                    sync = contextlib.nullcontext() if (last or info.world == 1) else step_fn.no_sync()
-                    with sync:
-                        with autocast:
-                            out = step_fn(x0, y, step, offset, global_batch, part)
-                        (out["loss"] / accum).backward()
-                    for k, v in out.items():
-                        losses[k] = losses.get(k, 0.0) + v.detach().float() / accum
+                out = backward_parts(step_fn, parts, (x0, y, step, offset, global_batch), autocast,
+                                     sync=micro == accum - 1, scale=1.0 / accum, world=info.world)
+                for k, v in out.items():
+                    losses[k] = losses.get(k, 0.0) + v
             # One all-reduce of every logged scalar: the log shows the global batch, not rank 0's share.
             # The preemption flag rides along, so every rank stops at the same step (else one rank
             # would wait in the checkpoint barrier while another enters the next all-reduce).

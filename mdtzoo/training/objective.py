@@ -14,6 +14,8 @@ the batch is split over GPUs or accumulation steps, and a resumed run replays it
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -113,3 +115,44 @@ class DiffusionObjective(nn.Module):
     def parts(self, separate: bool = True) -> list[str]:
         """The parts a step backpropagates in turn: ['full', 'masked'] for MDT, else ['all']."""
         return ["full", "masked"] if (separate and self.passes == "both") else ["all"]
+
+
+def prepare_step(objective: DiffusionObjective, device: torch.device, world: int = 1, *, compile: bool = False,
+                 activation_checkpointing: bool = False, separate_passes: bool = True):
+    """(step_fn, parts): the objective set up as the trainer runs it.
+
+    Activation checkpointing and regional compilation are switched on in the model; with
+    ``world`` > 1 the objective is wrapped in DDP (unused parameters only when an MDT trains
+    its full pass alone). ``parts`` are what ``backward_parts`` backpropagates in turn.
+    """
+    model = objective.model
+    if activation_checkpointing:
+        model.set_activation_checkpointing(True)
+    if compile:
+        model.compile_blocks()
+    step_fn = objective
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        step_fn = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                      find_unused_parameters=objective.passes == "full" and getattr(model, "interp", None) is not None)
+    return step_fn, objective.parts(separate_passes)
+
+
+def backward_parts(step_fn, parts: list[str], args: tuple, autocast, *, sync: bool = True, scale: float = 1.0,
+                   world: int = 1) -> dict[str, torch.Tensor]:
+    """Forward and backward every part in turn (loss x ``scale``); detached float outputs, summed.
+
+    Under DDP only the last part of a micro-batch with ``sync`` all-reduces the gradients.
+    """
+    out_sum: dict[str, torch.Tensor] = {}
+    for i, part in enumerate(parts):
+        last = sync and i == len(parts) - 1
+        context = contextlib.nullcontext() if (last or world == 1) else step_fn.no_sync()
+        with context:
+            with autocast:
+                out = step_fn(*args, part=part)
+            (out["loss"] * scale).backward()
+        for k, v in out.items():
+            out_sum[k] = out_sum.get(k, 0.0) + v.detach().float() * scale
+    return out_sum
