@@ -70,6 +70,11 @@ def _run_metric(fn):
     return fn
 
 
+def is_run_metric(name: str) -> bool:
+    """A registered metric that needs no reference batch (computed on the run's own data)."""
+    return getattr(METRICS.get(name), "kind", "features") == "run"
+
+
 @METRICS.register("heldout_loss")
 @_run_metric
 def heldout_loss_metric(context: RunContext, num_timesteps: int = 10, max_items: int = 512) -> dict[str, float]:
@@ -191,7 +196,14 @@ def evaluate_run(
     sample_steps = sample_steps or ("250" if ref else "100")
     context = RunContext(model, configured_diffusion(), heldout, num_samples, sample_steps, seed, dev, guide,
                          vae_model)
+    return _score(context, metrics, out_path, step, path.name, guidance, cfg_scale, ref, weights, existing)
 
+
+def _score(context: RunContext, metrics, out_path: Path, step: int, checkpoint_name: str | None, guidance: str,
+           cfg_scale, ref, weights, existing: dict | None) -> dict:
+    """Compute ``metrics`` on the context's model, merge with ``existing``, write ``out_path`` (+ PNG grid)."""
+    model, dev = context.model, context.device
+    num_samples, sample_steps, seed = context.num_samples, context.sample_steps, context.seed
     results: dict[str, float] = {}
     feature_metrics = []
     for name in metrics:
@@ -210,7 +222,7 @@ def evaluate_run(
         metrics = existing["metric_names"] + list(metrics)
     record = {
         "step": step,
-        "checkpoint": path.name,
+        "checkpoint": checkpoint_name,
         "metric_names": list(metrics),
         "metrics": {k: float(v) for k, v in results.items()},
         "settings": {"num_samples": num_samples, "sample_steps": sample_steps, "guidance": guidance,
@@ -228,3 +240,29 @@ def evaluate_run(
         record["grid"] = grid.name
     write_text(out_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
+
+
+def evaluate_model(model: torch.nn.Module, heldout, run_dir: str | os.PathLike, step: int, *,
+                   metrics: Sequence[str] | None = None, num_samples: int | None = None, sample_steps: str = "100",
+                   seed: int = 0, vae=None, device=None) -> dict:
+    """The trainer's in-run evaluation: run metrics of ``model`` (its EMA weights) at ``step``.
+
+    Writes the same ``RUN/eval/step_XXXXXXXX.json`` (+ PNG grid) that ``evaluate_run`` writes for
+    that step's checkpoint, so ``mdtzoo eval`` / the tables find it and no checkpoint has to be
+    kept for it. An existing result is returned as it is (finished results are never overwritten).
+    """
+    from mdtzoo.training.loop import configured_diffusion
+
+    out_path = result_path(run_dir, step)
+    if out_path.is_file():
+        return json.loads(out_path.read_text())
+    if metrics is None:
+        metrics = ["heldout_loss"] + (["relation_acc"] if hasattr(heldout, "oracle") else [])
+    for name in metrics:
+        if not is_run_metric(name):
+            raise ValueError(f"in-run evaluation takes run metrics only (no reference batch); {name!r} is not one")
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    num_samples = num_samples or 16 * model.num_classes
+    context = RunContext(model, configured_diffusion(), heldout, num_samples, str(sample_steps), seed, dev, "none",
+                         vae)
+    return _score(context, list(metrics), out_path, step, None, "none", None, None, None, None)

@@ -67,3 +67,39 @@ def test_cli_run_mode(relations_run, capsys):
     out = capsys.readouterr().out
     assert "heldout_mse" in out and "step_00000002.json" in out
     assert json.loads((relations_run / "eval" / "step_00000002.json").read_text())["step"] == 2
+
+
+def test_in_run_evaluation_equals_evaluating_the_checkpoint_afterwards(tmp_path):
+    """train.eval_every writes RUN/eval/step_X.json from the EMA weights in memory; evaluate_run
+    on that step's checkpoint (force) recomputes the same numbers, so no checkpoint need be kept."""
+    run = tmp_path / "run"
+    bindings = [
+        "build.model = @models.mdt_xs4", f"train.run_dir = '{run}'", "train.dataset = 'datasets.relations'",
+        "datasets.relations.image_size = 16", "datasets.relations.length = 64", "datasets.relations.heldout_size = 16",
+        "train.steps = 4", "train.global_batch = 8", "train.progress = False", "train.ckpt_every = 2",
+        "train.keep_every = 2", "train.eval_every = 2", "train.eval_samples = 16", "train.eval_sample_steps = '3'",
+    ]
+    config.parse([], bindings)
+    train()
+    in_run = read_results(run)
+    assert [r["step"] for r in in_run] == [2, 4] and all(r["checkpoint"] is None for r in in_run)
+    assert (run / "eval" / "step_00000002.png").is_file()
+    logged = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in logged if r["kind"] == "eval"] == [2, 4]
+    for r in in_run:
+        again = evaluate_run(run, checkpoint=run / "checkpoints" / f"ckpt_{r['step']:08d}.pt", num_samples=16,
+                             sample_steps="3", force=True)
+        assert again["metric_names"] == r["metric_names"] == ["heldout_loss", "relation_acc"]
+        assert again["metrics"] == pytest.approx(r["metrics"], rel=1e-6, abs=1e-9)
+        assert r["metrics"]["heldout_mse"] > 0
+
+
+def test_in_run_evaluation_rejects_metrics_that_need_a_reference_batch(tmp_path):
+    config.parse([], [
+        "build.model = @models.mdt_xs4", f"train.run_dir = '{tmp_path / 'run'}'", "train.dataset = 'datasets.relations'",
+        "datasets.relations.image_size = 16", "datasets.relations.length = 64", "train.steps = 2",
+        "train.global_batch = 8", "train.progress = False", "train.eval_every = 1", "train.eval_metrics = ['fid']",
+    ])
+    with pytest.raises(ValueError, match="'fid' is not one: heldout_loss, relation_acc"):
+        train()
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -104,6 +104,17 @@ def test_sweep_points_fill_exactly_their_rows():
     gin.clear_config()
 
 
+def test_in_run_evaluation_uses_the_sweeps_eval_settings():
+    """base.gin's in-run oracle evaluation (train.eval_*) and the sweep's [eval] must not drift apart:
+    run_gpu.py reuses the trainer's results only because they were made with the same settings."""
+    sweep = load_sweep(SWEEP, "/tmp/small-root")
+    cols = config_columns(parse_gin_text(config.parse([EXP / "small" / "mdt.gin"])))
+    assert cols["train.eval_samples"] == sweep.evaluation["num_samples"] == 256
+    assert str(cols["train.eval_sample_steps"]) == str(sweep.evaluation["sample_steps"]) == "50"
+    assert cols["train.eval_every"] == cols["train.heldout_every"] == 300
+    gin.clear_config()
+
+
 def test_base_gin_steps_and_interval_are_one_binding_each():
     text = config.parse([EXP / "small" / "mdt.gin"], ["train.steps = 8000", "EVAL_EVERY = 800"])
     assert gin.query_parameter("train.steps") == 8000

@@ -47,6 +47,8 @@ TINY_BINDINGS = (
     "datasets.relations.length = 64", "datasets.relations.heldout_size = 16", "train.steps = 4",
     "train.global_batch = 8", "EVAL_EVERY = 2", "train.log_every = 1", "train.warmup_steps = 0",
     "train.heldout_items = 16", "train.num_workers = 0", "train.precision = 'fp32'",
+    "train.eval_samples = 8", "train.eval_sample_steps = '2'",  # = TINY_EVAL, for the in-run evaluation
+    "train.heldout_timesteps = 2", "metrics.heldout_loss.num_timesteps = 2",  # it dominates a tiny CPU run
 )
 TINY_EVAL = {"num_samples": 8, "sample_steps": "2"}
 TINY_CALIBRATION_STEPS = 4

@@ -19,7 +19,7 @@ import gin
 import torch
 
 from mdtzoo import config as cfg
-from mdtzoo.registry import DATASETS
+from mdtzoo.registry import DATASETS, METRICS
 from mdtzoo.training import checkpoint as ckpt
 from mdtzoo.training import distributed as dist_util
 from mdtzoo.training.data import StepSampler, make_loader
@@ -133,6 +133,10 @@ def train(
     heldout_items: int = 256,
     heldout_timesteps: int = 10,
     sample_every: int = 0,
+    eval_every: int = 0,
+    eval_metrics: tuple | None = None,
+    eval_samples: int | None = None,
+    eval_sample_steps: str = "100",
     sample_count: int = 16,
     sample_respacing: str = "100",
     num_workers: int = 0,
@@ -158,6 +162,11 @@ def train(
       steps, on the first ``heldout_items`` held-out items at ``heldout_timesteps`` evenly spaced t.
     keep_every: checkpoints at multiples of this step are never pruned (0: keep only the newest
       ``keep_checkpoints``); evaluate them later with ``mdtzoo eval RUN --step N``.
+    eval_every / eval_metrics / eval_samples / eval_sample_steps: in-run evaluation of the EMA
+      weights every so many steps (and at the end) with registered run metrics (default:
+      heldout_loss, plus relation_acc on the relations data): RUN/eval/step_X.json and its PNG grid,
+      exactly what ``mdtzoo eval RUN --step X`` would write from that step's checkpoint, without
+      keeping the checkpoint. Checkpointing and evaluation time is left out of the logged img/s.
     ema_warmup: EMA decay min(ema_decay, (1+step)/(10+step)) so short runs' EMA weights are
       usable (the paper's DiT-style EMA has no warm-up: set False; over 400k steps it changes nothing).
     vae: encode images with this VAE on the fly ('ema', 'mse', a local directory; offline) and
@@ -219,7 +228,14 @@ def train(
     sampler = StepSampler(len(data), global_batch, micro_batch, info.rank, info.world, seed, start, steps - start)
     loader = make_loader(data, sampler, num_workers)
     accum = world_batch // micro_batch
-    heldout = DATASETS.build(dataset, split="heldout") if (heldout_every or sample_every) else None
+    heldout = DATASETS.build(dataset, split="heldout") if (heldout_every or sample_every or eval_every) else None
+    if eval_every:
+        from mdtzoo import evaluation  # registers the run metrics
+
+        for name in eval_metrics or ():
+            if getattr(METRICS.get(name), "kind", None) != "run":  # unknown: fails listing the known ones
+                raise ValueError(f"train.eval_metrics takes run metrics (no reference batch); {name!r} is not "
+                                 f"one: {', '.join(n for n in METRICS.names() if evaluation.is_run_metric(n))}")
 
     def save(step: int) -> None:
         if info.is_main:
@@ -246,6 +262,13 @@ def train(
             _to_tensorboard(writer, {"step": step, "kind": "heldout", **record})
         if sample_every:
             _sample_grid(run, ema.model, step, data, sample_count, sample_respacing, seed, dev)
+        if eval_every and (step % eval_every == 0 or step == steps):
+            from mdtzoo.evaluation import evaluate_model
+
+            result = evaluate_model(ema.model, heldout, run.path, step, metrics=eval_metrics,
+                                    num_samples=eval_samples, sample_steps=eval_sample_steps, seed=seed,
+                                    vae=autoencoder, device=dev)
+            run.log({"step": step, "kind": "eval", **result["metrics"]})
 
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
@@ -304,11 +327,13 @@ def train(
                         bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_sec']:.0f}")
             if bar is not None:
                 bar.update(1)
+            pause = time.perf_counter()
             if step % ckpt_every == 0 or step == steps or stop:
                 save(step)
             if step == steps or (heldout_every and step % heldout_every == 0) or (
-                    sample_every and step % sample_every == 0):
+                    sample_every and step % sample_every == 0) or (eval_every and step % eval_every == 0):
                 evaluate(step)
+            t_last += time.perf_counter() - pause  # the next log window times training only
             if stop and step < steps:
                 status = "preempted"
                 if info.is_main:
