@@ -120,6 +120,22 @@ def test_model_paths_agree_end_to_end(impl):
 def test_unknown_impl_names_the_valid_ones():
     with pytest.raises(ValueError, match="unknown attention impl 'flash3'.*'explicit'"):
         build_model("mdt_xs2", input_size=8, attn_impl="flash3")
+    q = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="unknown attention impl 'flash3'"):  # also without a bias
+        attention(q, q, q, impl="flash3")
+
+
+def test_triton_on_the_cpu_says_where_it_runs(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bias, ids, qkv = _case(torch.float32)
+    with pytest.raises(ValueError, match="'triton' runs on a CUDA GPU.*'auto', 'sdpa', 'explicit'"):
+        attention(*qkv, bias, impl="triton")
+
+
+def test_bench_cli_offers_every_attention_impl():
+    from mdtzoo.launch.bench_cmd import ATTN_IMPLS
+
+    assert ATTN_IMPLS == IMPLS
 
 
 @pytest.mark.parametrize("impl", FAST)

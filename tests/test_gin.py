@@ -134,8 +134,6 @@ def test_readme_component_table_is_generated_from_the_registry():
 def test_a_runs_folder_in_the_working_directory_does_not_break_includes(tmp_path, monkeypatch):
     """`include 'runs/...gin'` with a runs/ folder in the cwd (where users keep their runs):
     gin's package reader took runs/ for a Python package and raised TypeError."""
-    import sys
-
     from mdtzoo import config
 
     (tmp_path / "runs").mkdir()
@@ -143,4 +141,3 @@ def test_a_runs_folder_in_the_working_directory_does_not_break_includes(tmp_path
     monkeypatch.syspath_prepend(str(tmp_path))
     text = config.parse([config.EXPERIMENTS_DIR / "paper" / "table3" / "mask_ratio_0.3.gin"])
     assert "datasets.latents.root" in text and "masking.random.ratio = 0.3" in text
-    assert str(tmp_path) in sys.path

@@ -14,6 +14,9 @@ import argparse
 import json
 import sys
 
+# = mdtzoo.models.attention.IMPLS (a test keeps them equal), spelled here so `mdtzoo --help` stays torch-free
+ATTN_IMPLS = ("auto", "sdpa", "explicit", "flex", "triton")
+
 
 def run_train_step(args) -> int:
     from mdtzoo.bench import PASS_CHOICES, bench_train_step, format_result, write_json
@@ -123,7 +126,7 @@ def add_parser(sub) -> None:
                    help="matmul peak for the utilisation fraction (H100 bf16, measured: 790)")
     t.add_argument("--device", default=None, help="cuda, cpu, cuda:1 (default: cuda if available)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex", "triton", "explicit"],
+    t.add_argument("--attn", default="auto", choices=ATTN_IMPLS,
                    help="attention path with the relative-position bias (explicit = the slow reference)")
     t.add_argument("--joint-backward", action="store_true",
                    help="one backward of full + masked loss (default: the two passes in turn, less memory)")
@@ -140,7 +143,7 @@ def add_parser(sub) -> None:
     sm.add_argument("--guidance", default="power_cosine", help="none | constant | power_cosine")
     sm.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     sm.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
-    sm.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex", "triton", "explicit"])
+    sm.add_argument("--attn", default="auto", choices=ATTN_IMPLS)
     sm.add_argument("--repeats", type=int, default=2, help="timed repeats (median)")
     sm.add_argument("--check", type=int, default=8,
                     help="images to compare with the unoptimised fp32 path first (0: skip)")

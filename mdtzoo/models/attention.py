@@ -131,6 +131,7 @@ def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto"):
     and used with the explicit maths. ``ids_keep`` (B, N) are the grid positions of the N
     tokens in the masked pass (None: all G = N positions in order).
     """
+    check_impl(impl)
     if rel_pos_bias is None:
         if impl == "explicit":
             return explicit_attention(q, k, v)
@@ -146,13 +147,22 @@ def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto"):
     if impl == "flex" or (impl == "auto" and q.is_cuda and q.dtype != torch.float64):
         return flex_attention(q, k, v, full, ids_keep)
     if impl == "triton":
-        from mdtzoo.models.triton_attention import triton_attention
-
-        return triton_attention(q, k, v, full, ids_keep)
+        return _triton(q, k, v, full, ids_keep)
     bias = full if ids_keep is None else kept_bias(full, ids_keep)
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-    if impl == "auto":
-        return _fused_explicit(q, k, v, bias)
-    check_impl(impl)
-    raise AssertionError(impl)
+    return _fused_explicit(q, k, v, bias)  # auto off CUDA
+
+
+def _triton(q, k, v, full, ids_keep):
+    """Our Triton kernel; a clear error where it cannot run (no GPU, no triton)."""
+    import os
+
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("attn_impl 'triton' runs on a CUDA GPU (or under TRITON_INTERPRET=1, slowly); "
+                         f"on {q.device.type} use one of: 'auto', 'sdpa', 'explicit'")
+    try:
+        from mdtzoo.models.triton_attention import triton_attention
+    except ImportError as err:
+        raise ValueError(f"attn_impl 'triton' needs the triton package ({err}); use 'auto' or 'flex'") from None
+    return triton_attention(q, k, v, full, ids_keep)
