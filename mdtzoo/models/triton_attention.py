@@ -22,6 +22,29 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile(PTR, b, h, sb, sh, sn, offs, offs_d, mask):
+    """A (rows, BD) tile of a (B, H, N, d) tensor: rows ``offs`` of sample b, head h."""
+    return tl.load(PTR + b * sb + h * sh + offs[:, None] * sn + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _positions(POS, b, NQ, offs, ok, HAS_POS: tl.constexpr):
+    """Grid positions of tokens ``offs`` of sample b: their kept positions, or themselves."""
+    if HAS_POS:
+        return tl.load(POS + b * NQ + offs, mask=ok, other=0)
+    else:
+        return offs
+
+
+@triton.jit
+def _scores(q, k, FULL, h, G, pos_m, pos_n, m_ok, n_ok, scale, PREC: tl.constexpr):
+    """q k^T * scale + full[h, pos_m, pos_n], in float32."""
+    bias = tl.load(FULL + h * G * G + pos_m[:, None] * G + pos_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                   other=0.0)
+    return tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale + bias.to(tl.float32)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
                 H: tl.constexpr, NQ, G, D: tl.constexpr,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -34,34 +57,23 @@ def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
     offs_d = tl.arange(0, BD)
     m_ok = offs_m < NQ
     d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if HAS_POS:
-        pos_m = tl.load(POS + b * NQ + offs_m, mask=m_ok, other=0)
-    else:
-        pos_m = offs_m
+    q = _tile(Q, b, h, sqb, sqh, sqn, offs_m, offs_d, m_ok[:, None] & d_ok[None, :])
+    pos_m = _positions(POS, b, NQ, offs_m, m_ok, HAS_POS)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
     for start in range(0, NQ, BN):
         offs_n = start + tl.arange(0, BN)
         n_ok = offs_n < NQ
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if HAS_POS:
-            pos_n = tl.load(POS + b * NQ + offs_n, mask=n_ok, other=0)
-        else:
-            pos_n = offs_n
-        bias = tl.load(FULL + h * G * G + pos_m[:, None] * G + pos_n[None, :],
-                       mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale + bias.to(tl.float32)
+        k = _tile(K, b, h, skb, skh, skn, offs_n, offs_d, n_ok[:, None] & d_ok[None, :])
+        pos_n = _positions(POS, b, NQ, offs_n, n_ok, HAS_POS)
+        s = _scores(q, k, FULL, h, G, pos_m, pos_n, m_ok, n_ok, scale, PREC)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = _tile(V, b, h, svb, svh, svn, offs_n, offs_d, n_ok[:, None] & d_ok[None, :])
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
         m_i = m_new
     acc = acc / l_i[:, None]
@@ -84,29 +96,21 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DK, DV, DS, scale,
     n_ok = offs_n < NQ
     d_ok = offs_d < D
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-    if HAS_POS:
-        pos_n = tl.load(POS + b * NQ + offs_n, mask=n_ok, other=0)
-    else:
-        pos_n = offs_n
+    k = _tile(K, b, h, skb, skh, skn, offs_n, offs_d, kv_mask)
+    v = _tile(V, b, h, svb, svh, svn, offs_n, offs_d, kv_mask)
+    pos_n = _positions(POS, b, NQ, offs_n, n_ok, HAS_POS)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BD], tl.float32)
     for start in range(0, NQ, BM):
         offs_m = start + tl.arange(0, BM)
         m_ok = offs_m < NQ
         q_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=q_mask, other=0.0)
-        if HAS_POS:
-            pos_m = tl.load(POS + b * NQ + offs_m, mask=m_ok, other=0)
-        else:
-            pos_m = offs_m
-        bias = tl.load(FULL + h * G * G + pos_m[:, None] * G + pos_n[None, :],
-                       mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        q = _tile(Q, b, h, sqb, sqh, sqn, offs_m, offs_d, q_mask)
+        do = _tile(DO, b, h, sdb, sdh, sdn, offs_m, offs_d, q_mask)
+        pos_m = _positions(POS, b, NQ, offs_m, m_ok, HAS_POS)
         lse = tl.load(LSE + bh * NQ + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale + bias.to(tl.float32)
+        s = _scores(q, k, FULL, h, G, pos_m, pos_n, m_ok, n_ok, scale, PREC)
         p = tl.exp(s - lse[:, None])
         p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC).to(tl.float32)
