@@ -108,7 +108,7 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: bool = False,
+def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: bool | str = False,
                      precision: str = "auto", passes: str = "auto", steps: int = 10, warmup: int = 3,
                      peak_tflops: float = DEFAULT_PEAK_TFLOPS, device: str | None = None,
                      seed: int = 0, attn_impl: str = "auto", separate_passes: bool = True,
@@ -124,7 +124,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     from mdtzoo.models import build_model
     from mdtzoo.training.ema import EMA
     from mdtzoo.training.loop import make_optimizer
-    from mdtzoo.training.objective import DiffusionObjective, backward_parts, prepare_step
+    from mdtzoo.training.objective import DiffusionObjective, backward_parts, prepare_step, uses_cudagraphs
 
     if batch < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"need batch >= 1, steps >= 1, warmup >= 0; got {batch}, {steps}, {warmup}")
@@ -140,7 +140,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         raise ValueError(f"precision must be 'bf16', 'fp32' or 'auto'; got {precision!r}")
     log = log or (lambda *_: None)
     result = dict(
-        model=model_name, batch=batch, precision=precision, compile=bool(compile), passes=passes,
+        model=model_name, batch=batch, precision=precision, compile=compile if isinstance(compile, str) else bool(compile),
+        passes=passes,
         steps=steps, warmup=warmup, peak_tflops=peak_tflops, device=dev.type, world=info.world,
         attn_impl=attn_impl, separate_passes=bool(separate_passes),
         activation_checkpointing=bool(activation_checkpointing),
@@ -165,6 +166,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         opt = make_optimizer(model.parameters(), "adamw", 1e-4, 0.0, (0.9, 0.999), fused=cuda)
         ema = EMA(model, 0.9999, warmup=True)
         objective = DiffusionObjective(model, diffusion, passes, "all", seed=seed)
+        cudagraphs = uses_cudagraphs(compile)
         step_fn, parts = prepare_step(objective, dev, info.world, compile=compile,
                                       activation_checkpointing=activation_checkpointing,
                                       separate_passes=separate_passes)
@@ -175,6 +177,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         y = torch.randint(0, 1000, (batch,), device=dev, generator=g)
 
         def one_step(step: int) -> None:
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
             backward_parts(step_fn, parts, (x0, y, step), autocast, world=info.world)
             torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
             opt.step()
@@ -339,6 +343,9 @@ FLEX_VARIANTS = {  # kernel_options tried by ``bench attention --impl flex:NAME`
     "m64n64s2": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32,
                  "num_stages": 2},
     "bwd64": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64},
+    # the default blocks with the bias replicated over G batch groups (fewer colliding gradient atomics)
+    **{f"g{g}": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32,
+                 "num_stages": 2, "bias_groups": g} for g in (4, 16, 64)},
 }
 
 
@@ -402,11 +409,15 @@ def bench_attention(impls=("explicit", "auto", "sdpa", "flex"), *, batch: int = 
                 rel = None if impl == "no-bias" else bias
                 which = "auto" if impl == "no-bias" else impl_name
 
-                def step():
+                def step(backward=True):
                     out = fn(q, k, v, rel, ids if (masked and rel is not None) else None, impl=which)
-                    out.backward(torch.ones_like(out))
+                    if backward:
+                        out.backward(torch.ones_like(out))
 
-                row["masked_ms" if masked else "full_ms"] = _cuda_time(step, repeats) * 1e3
+                name = "masked" if masked else "full"
+                row[f"{name}_ms"] = _cuda_time(step, repeats) * 1e3
+                with torch.no_grad():
+                    row[f"{name}_fwd_ms"] = _cuda_time(lambda: step(False), repeats) * 1e3
             row["status"] = "ok"
         except Exception as err:  # noqa: BLE001 - a failing kernel is a result row, not a crash
             row.update(status="error", error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")

@@ -177,6 +177,16 @@ qkv = torch.randn(2, 20, 3, 2, 24).permute(2, 0, 3, 1, 4)
 full = torch.randn(2, 20, 20)
 torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_fwd.default, (qkv[0], qkv[1], qkv[2], full, None),
                       test_utils=("test_schema", "test_faketensor"))
+# The bias-gradient kernel (CUDA's reduce_kept_grad): each grid pair summed over the samples that
+# kept it, equal to scattering sample by sample; and its fake kernel.
+from mdtzoo.models.triton_attention import kept_grad
+ids = torch.stack([torch.randperm(30)[:17] for _ in range(3)])
+ds = torch.randn(3, 2, 17, 17)
+ref = torch.zeros(2, 30, 30)
+for b in range(3):
+    ref[:, ids[b][:, None], ids[b][None, :]] += ds[b]
+worst = max(worst, ((kept_grad(ds, ids, 30) - ref).norm() / ref.norm()).item())
+torch.library.opcheck(kept_grad, (ds, ids, 30), test_utils=("test_schema", "test_faketensor"))
 print("WORST", worst)
 """
 
@@ -215,3 +225,19 @@ def test_a_relative_encoding_with_only_forward_uses_the_explicit_maths():
     ref = attention(q, k, v, bias, ids, impl="explicit")
     for impl in FAST:
         torch.testing.assert_close(attention(q, k, v, user, ids, impl=impl), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_bench_cli_offers_every_compile_mode():
+    from mdtzoo.launch.bench_cmd import COMPILE_MODES
+    from mdtzoo.training import objective
+
+    assert COMPILE_MODES == objective.COMPILE_MODES
+
+
+def test_unknown_compile_mode_names_the_valid_ones():
+    from mdtzoo.training.objective import compile_mode, uses_cudagraphs
+
+    assert compile_mode(True) == "default" and compile_mode(False) is None
+    assert uses_cudagraphs("reduce-overhead") and not uses_cudagraphs(True)
+    with pytest.raises(ValueError, match="reduce-overhead.*got 'fastest'"):
+        compile_mode("fastest")

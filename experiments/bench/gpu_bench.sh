@@ -5,6 +5,8 @@
 #   bash experiments/bench/gpu_bench.sh tune      # FlexAttention block sizes + kernel profiles
 #   bash experiments/bench/gpu_bench.sh kernels   # Triton / Flex variants, sampling
 #   bash experiments/bench/gpu_bench.sh ddp       # 1 vs 2 GPUs (DDP), MDT-XL/2 and DiT-XL/2
+#   bash experiments/bench/gpu_bench.sh attn      # kernels at S/2 and XL/2 shapes, forward alone too
+#   bash experiments/bench/gpu_bench.sh overhead  # compile modes (CUDA graphs) on small models, DiT-XL/2 profile
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
 set -u
@@ -53,6 +55,21 @@ kernels)
       --attn triton --json "$OUT/step_$1_b$2_triton.json"
   done
   [ -n "${SKIP_SAMPLE:-}" ] || run sample_mdt_xl2 230 bench sample --model mdt_xl2 --batch 128 --compile --check 8 --json "$OUT/sample_mdt_xl2.json"
+  ;;
+attn)
+  run attention_s2 170 bench attention --impl flex,flex:g16,triton --json "$OUT/attention_s2.json"
+  run attention_xl2 120 bench attention --impl flex,triton --batch 64 --heads 16 --dim 72 \
+    --json "$OUT/attention_xl2.json"
+  run step_mdt_s2_b256_triton 110 bench train-step --model mdt_s2 --batch 256 --compile --precision bf16 \
+    --attn triton --json "$OUT/step_mdt_s2_b256_triton.json"
+  ;;
+overhead)
+  for mode in default reduce-overhead; do
+    run "step_mdt_xs2_b128_$mode" 90 bench train-step --model mdt_xs2 --batch 128 --compile-mode "$mode" \
+      --precision bf16 --json "$OUT/step_mdt_xs2_b128_$mode.json"
+  done
+  run step_dit_xl2_b64_profile 110 bench train-step --model dit_xl2 --batch 64 --compile --precision bf16 --profile \
+    --json "$OUT/step_dit_xl2_b64_profile.json"
   ;;
 ddp)
   run step_mdt_s2_b256_triton 170 bench train-step --model mdt_s2 --batch 256 --compile --precision bf16 \

@@ -15,6 +15,7 @@ import json
 import sys
 
 # = mdtzoo.models.attention.IMPLS (a test keeps them equal), spelled here so `mdtzoo --help` stays torch-free
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # = objective's
 ATTN_IMPLS = ("auto", "sdpa", "explicit", "flex", "triton")
 
 
@@ -24,7 +25,7 @@ def run_train_step(args) -> int:
     if args.passes not in PASS_CHOICES:
         raise ValueError(f"--passes must be one of {PASS_CHOICES}")
     result = bench_train_step(
-        args.model, args.batch, compile=args.compile, precision=args.precision, passes=args.passes,
+        args.model, args.batch, compile=args.compile_mode or args.compile, precision=args.precision, passes=args.passes,
         steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops, device=args.device,
         seed=args.seed, attn_impl=args.attn, separate_passes=not args.joint_backward,
         activation_checkpointing=args.activation_checkpointing, profile=args.profile,
@@ -62,7 +63,9 @@ def run_attention(args) -> int:
     from mdtzoo.bench import bench_attention
 
     rows = bench_attention(tuple(args.impl.split(",")), batch=args.batch, heads=args.heads, grid=args.grid,
-                           keep=args.keep, compile=not args.no_compile, repeats=args.repeats)
+                           keep=args.keep, dim=args.dim, compile=not args.no_compile, repeats=args.repeats)
+    print(f"B {args.batch}, H {args.heads}, N {args.grid ** 2}, K {args.keep}, d {args.dim}; forward + backward "
+          "(forward alone)")
     print("| impl | compile | full pass ms | masked pass ms | worst rel. error (bf16) |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -70,7 +73,8 @@ def run_attention(args) -> int:
             print(f"| {r['impl']} | {r['compile']} | {r['error']} | | |")
             continue
         err = max((v for k, v in r.get("errors", {}).items() if "bfloat16" in k), default=float("nan"))
-        print(f"| {r['impl']} | {r['compile']} | {r['full_ms']:.2f} | {r['masked_ms']:.2f} | {err:.1e} |")
+        print(f"| {r['impl']} | {r['compile']} | {r['full_ms']:.2f} ({r['full_fwd_ms']:.2f}) "
+              f"| {r['masked_ms']:.2f} ({r['masked_fwd_ms']:.2f}) | {err:.1e} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
@@ -116,6 +120,8 @@ def add_parser(sub) -> None:
     t.add_argument("--model", default="mdt_xl2", help="a model preset (mdt_xl2, dit_s2, ...)")
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--compile", action="store_true", help="torch.compile the objective (as train.compile)")
+    t.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="compile with this torch.compile mode (reduce-overhead: blocks replay CUDA graphs)")
     t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="bf16 autocast or fp32 (auto: bf16 on a GPU, fp32 on the CPU)")
     t.add_argument("--passes", default="auto", choices=["auto", "both", "full", "masked"],
@@ -159,6 +165,7 @@ def add_parser(sub) -> None:
     a.add_argument("--heads", type=int, default=6)
     a.add_argument("--grid", type=int, default=16, help="token grid side (16: 256 tokens)")
     a.add_argument("--keep", type=int, default=179, help="kept tokens in the masked pass")
+    a.add_argument("--dim", type=int, default=64, help="head dim (64: S/2, B/2; 72: XL/2)")
     a.add_argument("--repeats", type=int, default=20)
     a.add_argument("--no-compile", action="store_true")
     a.add_argument("--json", metavar="PATH")

@@ -48,40 +48,56 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _KeptBias(torch.autograd.Function):
-    """(H, N*N) full bias, (B, K*K) flat indices -> (B, H, K*K); collision-free backward."""
+    """(H, N, N) full bias, (B, K) kept positions -> (B, H, K, K); collision-free backward."""
 
     @staticmethod
-    def forward(ctx, full: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(flat)
-        ctx.full_shape = full.shape
-        h, b = full.shape[0], flat.shape[0]
-        return full.index_select(1, flat.reshape(-1)).reshape(h, b, -1).transpose(0, 1)
+    def forward(ctx, full: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(ids_keep)
+        ctx.grid = full.shape[-1]
+        h, n, _ = full.shape
+        b, k = ids_keep.shape
+        flat = (ids_keep[:, :, None] * n + ids_keep[:, None, :]).reshape(-1)
+        return full.reshape(h, n * n).index_select(1, flat).reshape(h, b, k, k).transpose(0, 1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (flat,) = ctx.saved_tensors
-        return reduce_kept_grad(grad, flat, ctx.full_shape[1]), None
+        (ids_keep,) = ctx.saved_tensors
+        return reduce_kept_grad(grad, ids_keep, ctx.grid), None
 
 
-def reduce_kept_grad(grad: torch.Tensor, flat: torch.Tensor, grid_pairs: int) -> torch.Tensor:
-    """(B, H, K*K) gradient at each sample's flat pair indices (B, K*K) -> (H, G*G) summed over b.
+def reduce_kept_grad(grad: torch.Tensor, ids_keep: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, H, K, K) gradient at each sample's kept positions (B, K) -> (H, N, N) summed over b.
 
-    Each sample's K*K pairs are distinct grid pairs: scatter without collisions, then sum over b
-    (deterministic, no atomics), accumulated in float32 for 16-bit gradients.
+    Each sample's K*K pairs are distinct grid pairs, so nothing collides: on CUDA a Triton
+    kernel gathers, for every grid pair, the entries of the samples that kept it and sums them
+    in a fixed order (``triton_attention.kept_grad``); elsewhere each sample is scattered into its
+    own (H, N*N) slab and the slabs are summed. Both deterministic, no atomics, accumulated in
+    float32 for 16-bit gradients.
     """
-    b, h = grad.shape[:2]
+    b, h, k, _ = grad.shape
     acc = _accumulation_dtype(grad.dtype)
-    per_sample = grad.new_zeros((b, h, grid_pairs), dtype=acc)
-    per_sample.scatter_(2, flat.unsqueeze(1).expand(b, h, flat.shape[1]), grad.to(acc))
-    return per_sample.sum(0).to(grad.dtype)
+    if grad.is_cuda and grad.dtype != torch.float64 and _triton_available():
+        from mdtzoo.models.triton_attention import kept_grad
+
+        return kept_grad(grad, ids_keep, n).to(grad.dtype)
+    flat = (ids_keep[:, :, None] * n + ids_keep[:, None, :]).reshape(b, 1, k * k).expand(b, h, k * k)
+    per_sample = grad.new_zeros((b, h, n * n), dtype=acc)
+    per_sample.scatter_(2, flat, grad.reshape(b, h, k * k).to(acc))
+    return per_sample.sum(0).to(grad.dtype).reshape(h, n, n)
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def kept_bias(full: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     """(H, N, N) shared bias and (B, K) kept grid positions -> (B, H, K, K) = full[:, keep_i, keep_j]."""
-    h, n, _ = full.shape
-    b, k = ids_keep.shape
-    flat = (ids_keep[:, :, None] * n + ids_keep[:, None, :]).reshape(b, k * k)
-    return _KeptBias.apply(full.reshape(h, n * n), flat).reshape(b, h, k, k)
+    return _KeptBias.apply(full, ids_keep)
 
 
 def explicit_attention(q, k, v, bias=None):
@@ -109,16 +125,31 @@ def _flex(cuda: bool):
 
 
 def flex_attention(q, k, v, full, ids_keep=None, kernel_options=None):
-    """FlexAttention with ``full[h, pos_i, pos_j]`` (pos = ids_keep rows, or 0..N-1) added in-kernel."""
+    """FlexAttention with ``full[h, pos_i, pos_j]`` (pos = ids_keep rows, or 0..N-1) added in-kernel.
+
+    ``kernel_options`` may carry ``bias_groups`` G > 1 (an experiment of ``bench attention``): the
+    bias is read from G copies, sample b from copy b % G, so fewer programs add into the same
+    gradient entry; the copies' gradients are summed by autograd.
+    """
     n = full.shape[-1]
+    options = dict(kernel_options or FLEX_KERNEL_OPTIONS)
+    groups = int(options.pop("bias_groups", 1))
+    options = options if q.is_cuda else None
     full = full.to(q.dtype).reshape(full.shape[0], n * n)
-    if ids_keep is None:
+    if groups > 1:
+        full = full.unsqueeze(0).expand(groups, *full.shape).contiguous()
+        if ids_keep is None:
+            def score_mod(score, b, h, i, j):
+                return score + full[b % groups, h, i * n + j]
+        else:
+            def score_mod(score, b, h, i, j):
+                return score + full[b % groups, h, ids_keep[b, i] * n + ids_keep[b, j]]
+    elif ids_keep is None:
         def score_mod(score, b, h, i, j):
             return score + full[h, i * n + j]
     else:
         def score_mod(score, b, h, i, j):
             return score + full[h, ids_keep[b, i] * n + ids_keep[b, j]]
-    options = (kernel_options or FLEX_KERNEL_OPTIONS) if q.is_cuda else None
     return _flex(q.is_cuda)(q, k, v, score_mod=score_mod, kernel_options=options)
 
 

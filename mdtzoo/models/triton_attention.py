@@ -9,7 +9,8 @@ pass). Nothing of size (B, H, N, N) is read in the forward -- the bias tile is g
 Backward: one program per (key block, batch, head) recomputes the probabilities from the
 saved log-sum-exp, accumulates dK and dV, and writes dS = P (dP - delta) once. dQ = dS K is
 then one batched matmul and the bias gradient is dS summed over the batch at each sample's
-positions (``attention.kept_bias``'s collision-free reduction) -- no atomics anywhere.
+positions (``kept_grad``: every grid pair gathers its entries from the samples that kept it)
+-- no atomics anywhere.
 
 Written for the GPU; under ``TRITON_INTERPRET=1`` it also runs on the CPU (tests).
 """
@@ -125,9 +126,52 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DK, DV, DS, scale,
              mask=kv_mask)
 
 
+@triton.jit
+def _kept_grad_kernel(DS, INV, OUT, B, K, G, H: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr):
+    """OUT[h, p, q] = sum over b of DS[b, h, INV[b, p], INV[b, q]] where both are kept (INV >= 0).
+
+    One program per (h, p block, q block) gathers its tile from every sample in turn: each output
+    is written once, in a fixed summation order -- no atomics, deterministic.
+    """
+    pid_p = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    h = tl.program_id(2)
+    offs_p = pid_p * BP + tl.arange(0, BP)
+    offs_q = pid_q * BQ + tl.arange(0, BQ)
+    p_ok = offs_p < G
+    q_ok = offs_q < G
+    acc = tl.zeros([BP, BQ], tl.float32)
+    for b in range(B):
+        ip = tl.load(INV + b * G + offs_p, mask=p_ok, other=-1)
+        iq = tl.load(INV + b * G + offs_q, mask=q_ok, other=-1)
+        ok = (ip >= 0)[:, None] & (iq >= 0)[None, :]
+        base = (b * H + h).to(tl.int64) * K * K
+        acc += tl.load(DS + base + ip[:, None] * K + iq[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + h * G * G + offs_p[:, None] * G + offs_q[None, :], acc, mask=p_ok[:, None] & q_ok[None, :])
+
+
+@torch.library.custom_op("mdtzoo::kept_grad", mutates_args=())
+def kept_grad(ds: torch.Tensor, ids_keep: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, H, K, K) gradient at the kept positions (B, K) of a grid of ``grid`` tokens ->
+    (H, grid, grid) float32, summed over the batch (``attention.reduce_kept_grad`` on CUDA)."""
+    b, h, k, _ = ds.shape
+    inv = torch.full((b, grid), -1, device=ds.device, dtype=torch.int32)
+    inv.scatter_(1, ids_keep.long(), torch.arange(k, device=ds.device, dtype=torch.int32).expand(b, k))
+    out = torch.empty((h, grid, grid), device=ds.device, dtype=torch.float32)
+    bp, bq = CONFIG["grad_bp"], CONFIG["grad_bq"]
+    _kept_grad_kernel[(triton.cdiv(grid, bp), triton.cdiv(grid, bq), h)](
+        ds.contiguous(), inv, out, b, k, grid, h, BP=bp, BQ=bq, num_warps=4)
+    return out
+
+
+@kept_grad.register_fake
+def _(ds, ids_keep, grid):
+    return ds.new_empty((ds.shape[1], grid, grid), dtype=torch.float32)
+
+
 # Block shapes and launch settings (H100-tuned by ``mdtzoo bench attention --impl triton:NAME``).
 CONFIG = {"fwd_bm": 64, "fwd_bn": 64, "fwd_warps": 4, "fwd_stages": 2,
-          "bwd_bm": 64, "bwd_bn": 64, "bwd_warps": 4, "bwd_stages": 2}
+          "bwd_bm": 64, "bwd_bn": 64, "bwd_warps": 4, "bwd_stages": 2, "grad_bp": 32, "grad_bq": 64}
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -196,18 +240,20 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, do, _dlse):
-    from mdtzoo.models.attention import reduce_kept_grad
-
     q, k, v, full, pos, o, lse = ctx.saved_tensors
-    b, h, n, _ = q.shape
     g = full.shape[-1]
     dq, dk, dv, ds = _flash_bwd(q, k, v, full, pos, o, lse, do)
     if pos is not None:
-        flat = (pos.long()[:, :, None] * g + pos.long()[:, None, :]).reshape(b, n * n)
-        dfull = reduce_kept_grad(ds.reshape(b, h, n * n), flat, g * g).reshape(h, g, g)
+        dfull = kept_grad(ds, pos, g) if ds.is_cuda else _reference_kept_grad(ds, pos, g)  # the same sums
     else:
         dfull = ds.sum(0, dtype=torch.float32 if ds.dtype in (torch.float16, torch.bfloat16) else ds.dtype)
     return dq, dk, dv, dfull.to(full.dtype), None
+
+
+def _reference_kept_grad(ds, pos, g):
+    from mdtzoo.models.attention import reduce_kept_grad
+
+    return reduce_kept_grad(ds.float(), pos.long(), g)
 
 
 _flash_fwd.register_autograd(_backward, setup_context=_setup)

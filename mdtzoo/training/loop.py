@@ -25,7 +25,7 @@ from mdtzoo.training import distributed as dist_util
 from mdtzoo.training.data import StepSampler, make_loader
 from mdtzoo.training.ema import EMA
 from mdtzoo.training.heldout import heldout_loss
-from mdtzoo.training.objective import DiffusionObjective, backward_parts, prepare_step
+from mdtzoo.training.objective import DiffusionObjective, backward_parts, prepare_step, uses_cudagraphs
 from mdtzoo.training.rundir import RunDir, write_text
 
 OPTIMIZERS = ("adamw", "adan")
@@ -121,7 +121,7 @@ def train(
     passes: str = "auto",
     masked_loss_on: str = "all",
     precision: str = "auto",
-    compile: bool = False,
+    compile: bool | str = False,
     separate_passes: bool = True,
     activation_checkpointing: bool = False,
     seed: int = 0,
@@ -154,7 +154,9 @@ def train(
     masked_loss_on: 'all' tokens (default) or 'removed' tokens only (Table 5e).
     precision: 'bf16' autocast, 'fp32', or 'auto' (bf16 on GPU, fp32 on CPU).
     compile: torch.compile every transformer block (regional: one graph per token count, no
-      graph breaks; the random draws, masks and loss stay eager).
+      graph breaks; the random draws, masks and loss stay eager). True, or a torch.compile mode:
+      'reduce-overhead' also replays each block as CUDA graphs (less CPU launch overhead: small
+      models; see docs/performance.md).
     separate_passes: backpropagate MDT's full and masked pass one after the other (the same
       gradient as one backward of the sum; only one pass's activations are alive at a time).
     activation_checkpointing: recompute block activations in the backward (less memory, slower).
@@ -174,6 +176,7 @@ def train(
       (``datasets.latents``, ``mdtzoo extract``) are much cheaper for long runs.
     tensorboard: also write every logged record to RUN/tensorboard (needs the tensorboard package).
     """
+    cudagraphs = uses_cudagraphs(compile)  # checks the value before any work
     info, dev = dist_util.setup(device)
     run = RunDir(run_dir)
     config_text = cfg.config_str()
@@ -281,6 +284,8 @@ def train(
             for group in opt.param_groups:  # linear warm-up, then constant (the paper's schedule)
                 group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
             losses = {}
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
             for micro in range(accum):
                 x0, y = next(batches)
                 x0, y = x0.to(dev, non_blocking=True), y.to(dev, non_blocking=True)

@@ -117,19 +117,43 @@ class DiffusionObjective(nn.Module):
         return ["full", "masked"] if (separate and self.passes == "both") else ["all"]
 
 
-def prepare_step(objective: DiffusionObjective, device: torch.device, world: int = 1, *, compile: bool = False,
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(compile: bool | str) -> str | None:
+    """``train.compile`` -> a torch.compile mode (None: not compiled): True = 'default', or a mode's name."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return "default"
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be True, False or a torch.compile mode ({', '.join(COMPILE_MODES)}); "
+                         f"got {compile!r}")
+    return compile
+
+
+def uses_cudagraphs(compile: bool | str) -> bool:
+    """Whether compiled blocks replay CUDA graphs (each training step must then be marked)."""
+    return compile_mode(compile) in ("reduce-overhead", "max-autotune")
+
+
+def prepare_step(objective: DiffusionObjective, device: torch.device, world: int = 1, *,
+                 compile: bool | str = False,
                  activation_checkpointing: bool = False, separate_passes: bool = True):
     """(step_fn, parts): the objective set up as the trainer runs it.
 
-    Activation checkpointing and regional compilation are switched on in the model; with
+    Activation checkpointing and regional compilation (``compile``: True or a torch.compile mode;
+    with 'reduce-overhead' each block replays CUDA graphs, and every step must begin with
+    ``torch.compiler.cudagraph_mark_step_begin()``) are switched on in the model; with
     ``world`` > 1 the objective is wrapped in DDP (unused parameters only when an MDT trains
     its full pass alone). ``parts`` are what ``backward_parts`` backpropagates in turn.
     """
     model = objective.model
     if activation_checkpointing:
         model.set_activation_checkpointing(True)
-    if compile:
-        model.compile_blocks()
+    mode = compile_mode(compile)
+    if mode is not None:
+        model.compile_blocks(**({} if mode == "default" else {"mode": mode}))
     step_fn = objective
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
