@@ -375,7 +375,8 @@ def bench_attention(impls=("explicit", "auto", "sdpa", "flex"), *, batch: int = 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n = grid * grid
     bias = RelativePositionBias((grid, grid), heads).to(dev)
-    ids = torch.stack([torch.randperm(n, device=dev)[:keep] for _ in range(batch)])
+    # kept positions in grid order, as the model's masked pass passes them (MaskOut.in_grid_order)
+    ids = torch.stack([torch.randperm(n, device=dev)[:keep] for _ in range(batch)]).sort(dim=1).values
     q0, k0, v0 = (torch.randn(batch, heads, n, dim, device=dev, dtype=torch.bfloat16) for _ in range(3))
     results = []
     from mdtzoo.models import attention as attn_mod

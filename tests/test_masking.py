@@ -68,6 +68,34 @@ def check_structure(out, batch, grid):
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
+@given(batch=st.integers(1, 6), grid=grids, ratio=st.floats(0.0, 0.9), seed=st.integers(0, 2**31))
+def test_grid_order_is_the_same_mask_sorted(name, batch, grid, ratio, seed):
+    """What the model's masked pass uses (sorted kept positions for the attention kernels)."""
+    out = draw(make(name, ratio), batch, grid, seed)
+    ordered = out.in_grid_order()
+    check_structure(ordered, batch, grid)
+    assert ordered.num_keep == out.num_keep and torch.equal(ordered.mask, out.mask)
+    assert torch.equal(ordered.ids_keep, out.ids_keep.sort(dim=1).values)
+    assert torch.all(ordered.ids_keep.diff(dim=1) > 0) and torch.all(ordered.ids_removed.diff(dim=1) > 0)
+
+
+def test_masked_pass_does_not_depend_on_the_kept_order():
+    from mdtzoo.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mdt_xs2", input_size=8, num_classes=4).double().eval()
+    g = torch.Generator().manual_seed(3)
+    x, t, y = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64), torch.tensor([1, 50, 900]), torch.tensor([0, 1, 2])
+    mask = model.sample_mask(3, generator=g)
+    perm = torch.randperm(mask.num_keep, generator=g)
+    shuffled = from_shuffle(torch.cat([mask.ids_keep[:, perm], mask.ids_removed.flip(1)], 1), mask.num_keep)
+    with torch.no_grad():
+        a = model(x, t, y, mask=mask, drop_labels=False)
+        b = model(x, t, y, mask=shuffled, drop_labels=False)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
 @given(batch=st.integers(1, 4), grid=grids, ratio=st.floats(0.0, 0.9), seed=st.integers(0, 2**31))
 def test_gather_then_scatter_restores_kept_tokens_bit_exactly(name, batch, grid, ratio, seed):
     n = grid[0] * grid[1]

@@ -58,10 +58,12 @@ kernels)
   ;;
 attn)
   run attention_s2 170 bench attention --impl flex,flex:g16,triton --json "$OUT/attention_s2.json"
-  run attention_xl2 120 bench attention --impl flex,triton --batch 64 --heads 16 --dim 72 \
+  for attn in flex triton; do
+    run "step_mdt_s2_b256_$attn" 110 bench train-step --model mdt_s2 --batch 256 --compile --precision bf16 \
+      --attn "$attn" --json "$OUT/step_mdt_s2_b256_$attn.json"
+  done
+  run attention_xl2 170 bench attention --impl triton,flex --batch 64 --heads 16 --dim 72 \
     --json "$OUT/attention_xl2.json"
-  run step_mdt_s2_b256_triton 110 bench train-step --model mdt_s2 --batch 256 --compile --precision bf16 \
-    --attn triton --json "$OUT/step_mdt_s2_b256_triton.json"
   ;;
 overhead)
   for mode in default reduce-overhead; do

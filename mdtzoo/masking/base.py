@@ -42,6 +42,18 @@ class MaskOut:
         return MaskOut(self.ids_shuffle[start:stop], self.ids_restore[start:stop], self.mask[start:stop],
                        self.num_keep)
 
+    def in_grid_order(self) -> "MaskOut":
+        """The same mask with the kept (and the removed) tokens in ascending grid order.
+
+        A masked pass's result does not depend on the order of the kept tokens (attention is
+        permutation-equivariant and the interpolator restores the grid order), but the fast
+        attention kernels read the relative-position bias at the kept positions, and sorted
+        positions make those reads nearly contiguous (docs/performance.md).
+        """
+        keep = self.ids_keep.sort(dim=1).values
+        removed = self.ids_removed.sort(dim=1).values
+        return from_shuffle(torch.cat([keep, removed], dim=1), self.num_keep)
+
     def to(self, device: torch.device | str) -> "MaskOut":
         return MaskOut(
             self.ids_shuffle.to(device), self.ids_restore.to(device), self.mask.to(device), self.num_keep

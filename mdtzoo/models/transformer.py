@@ -218,6 +218,7 @@ class DiffusionTransformer(nn.Module):
         input_skip = h if self.dense_skips else None
         ids_keep = None
         if mask_out is not None and not self.symmetric:
+            mask_out = mask_out.in_grid_order()  # the same result; contiguous bias reads in attention
             ids_keep = mask_out.ids_keep
             h = torch.gather(h, 1, ids_keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
 
