@@ -106,3 +106,22 @@ def test_tiny_run_trains_evaluates_every_checkpoint_cleans_up_and_resumes(tmp_pa
     assert driver.main(again) == 0
     out = capsys.readouterr().out
     assert "0 to run, 2 complete" in out and "start " not in out and "finished: 2/2 points complete" in out
+
+
+def test_deadline_stops_running_workers_and_starts_no_more(tmp_path, driver):
+    """--deadline: running workers get SIGTERM (train() checkpoints, as on a preemption), pending ones
+    never start; everything left counts as stopped (exit code 3) and the same command resumes it."""
+    import time
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")  # a worker that would outlive the deadline
+    fake.chmod(0o755)
+    jobs = [{"mode": "run", "name": f"p{i}", "run_dir": str(tmp_path / f"p{i}"), "log": str(tmp_path / f"p{i}.log")}
+            for i in range(3)]
+    messages = []
+    start = time.time()
+    codes = driver.run_pool(jobs, [None], 1, str(fake), messages.append, deadline=start + 1.0)
+    assert codes == {"p0": 3, "p1": 3, "p2": 3}
+    assert time.time() - start < 30                                   # the sleeping worker was stopped
+    assert sum(m.startswith("start ") for m in messages) == 1         # only one slot, one worker started
+    assert any("deadline: stopping 1 running worker(s), 2 not started" in m for m in messages)

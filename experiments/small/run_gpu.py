@@ -6,6 +6,7 @@ delete the checkpoints; time some points alone; summarise (issue 8, docs/results
     python experiments/small/run_gpu.py experiments/small/small.sweep --tiny             # CPU, ~2 min: plumbing
     python experiments/small/run_gpu.py experiments/small/small.sweep --gin "train.steps = 8000" \
         --gin "EVAL_EVERY = 800" --archive $OUT/small.tar.gz                              # longer runs
+    python experiments/small/run_gpu.py experiments/small/small.sweep --deadline 3300 --archive a.tgz  # in a 1 h slot
 
 Per point, one worker process (this file, ``--worker``) with ``CUDA_VISIBLE_DEVICES`` set to its
 GPU, GPUs taken round-robin, at most gpus x per-gpu workers at a time. A worker trains the point
@@ -45,7 +46,7 @@ sys.path.insert(0, str(REPO))  # run from anywhere without installing mdtzoo
 # --tiny: the same grid at toy size, so the whole pipeline runs on a CPU in a minute or two.
 TINY_BINDINGS = (
     "datasets.relations.length = 64", "datasets.relations.heldout_size = 16", "train.steps = 4",
-    "train.global_batch = 8", "EVAL_EVERY = 2", "train.log_every = 1", "train.warmup_steps = 0",
+    "train.global_batch = 8", "EVAL_EVERY = 2", "train.compile = False", "train.log_every = 1", "train.warmup_steps = 0",
     "train.heldout_items = 16", "train.num_workers = 0", "train.precision = 'fp32'",
     "train.eval_samples = 8", "train.eval_sample_steps = '2'",  # = TINY_EVAL, for the in-run evaluation
     "train.heldout_timesteps = 2", "metrics.heldout_loss.num_timesteps = 2",  # it dominates a tiny CPU run
@@ -177,11 +178,35 @@ def worker_env(gpu: str | None, threads: int) -> dict:
     return env
 
 
-def run_pool(jobs: list[dict], slots: list, threads: int, python: str, log) -> dict[str, int]:
-    """Run worker specs, one per free slot (a GPU index or None), in order; {name: exit code}."""
+def _stop(running: dict) -> None:
+    """SIGTERM every running worker (train() checkpoints after its current step), then wait."""
+    for job, proc, _, _ in running.values():
+        proc.terminate()
+    for job, proc, _, handle in running.values():
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        handle.close()
+
+
+def run_pool(jobs: list[dict], slots: list, threads: int, python: str, log,
+             deadline: float | None = None) -> dict[str, int]:
+    """Run worker specs, one per free slot (a GPU index or None), in order; {name: exit code}.
+
+    At ``deadline`` (a time.time() value) the running workers are stopped as on a preemption
+    (their runs resume later) and the pending ones are not started; both count as exit code 3.
+    """
     pending, running, codes = list(jobs), {}, {}
     try:
         while pending or running:
+            if deadline is not None and time.time() > deadline:
+                log(f"deadline: stopping {len(running)} running worker(s), {len(pending)} not started; "
+                    "the same command resumes them")
+                _stop(running)
+                codes.update({job["name"]: 3 for job, *_ in running.values()})
+                codes.update({job["name"]: 3 for job in pending})
+                return codes
             for i, gpu in enumerate(slots):
                 if i in running or not pending:
                     continue
@@ -205,14 +230,7 @@ def run_pool(jobs: list[dict], slots: list, threads: int, python: str, log) -> d
                 log(f"{what}: {job['name']} after {time.time() - t0:.0f} s" + _tail(job, proc.returncode))
     except KeyboardInterrupt:
         log("interrupted: asking the running workers to checkpoint and stop")
-        for job, proc, _, _ in running.values():
-            proc.terminate()  # SIGTERM: train() checkpoints after the current step
-        for job, proc, _, handle in running.values():
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            handle.close()
+        _stop(running)
         raise
     return codes
 
@@ -322,6 +340,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
     parser.add_argument("--keep-checkpoints", action="store_true", help="do not delete RUN/checkpoints after evaluating")
     parser.add_argument("--archive", metavar="TAR_GZ", help="pack ROOT (and its calibration) without checkpoints here")
+    parser.add_argument("--deadline", type=float, metavar="SECONDS",
+                        help="stop the workers this long after the start (as on a preemption: they resume on the "
+                             "next call), skip calibration, then summarise and archive what is there")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -387,12 +408,13 @@ def main(argv=None) -> int:
             print(f"  then timed alone for {calibrate_steps} steps: {', '.join(j['name'] for j in cal) or 'nothing new'}")
         return 0
 
+    deadline = started + args.deadline if args.deadline else None
     try:
-        codes = run_pool(jobs, slots, threads, sys.executable, log)
+        codes = run_pool(jobs, slots, threads, sys.executable, log, deadline)
     except KeyboardInterrupt:
         log("stopped; the same command resumes")
         return 130
-    if args.calibrate != "none":
+    if args.calibrate != "none" and not (deadline and time.time() > deadline):
         cal = calibration_jobs(points, root_path, calibrate_steps, args.calibrate, args.keep_checkpoints)
         if cal:
             log(f"timing {len(cal)} point(s) alone on a GPU for {calibrate_steps} steps")
