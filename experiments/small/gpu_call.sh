@@ -3,8 +3,8 @@
 # by a deadline like a preemption (a later call resumes them), archived without checkpoints into $OUT.
 #   bash experiments/small/gpu_call.sh 'mdt_seed*,dit_seed*,mdt_ratio0.1,mdt_ratio0.5' 540
 #   bash experiments/small/gpu_call.sh 'mdt_ratio0.7,mdt_no_*,mdt_full_only,mdt_masked_only,mdt_loss_removed' 540
-# A 30-step smoke run tries base.gin's compile mode (CUDA graphs) first; if it fails, the grid compiles
-# without graphs (train.compile = True) and says so.
+# A 30-step smoke run tries base.gin's compile mode (CUDA graphs) first (SKIP_SMOKE=1: not); if it
+# fails, the grid compiles without graphs (train.compile = True) and says so. STEPS=N overrides train.steps.
 set -u
 OUT=${OUT:-small_out}
 mkdir -p "$OUT"
@@ -12,12 +12,15 @@ only=$1
 budget=${2:-540}          # seconds from the start of this script to the end of the archive
 py=${PYTHON:-python3}
 extra=()
+[ -n "${STEPS:-}" ] && extra+=(--gin "train.steps = $STEPS")
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 rm -rf /tmp/small_smoke
-if ! timeout 110 "$py" -m mdtzoo train experiments/small/mdt.gin --run-dir /tmp/small_smoke \
+if [ -n "${SKIP_SMOKE:-}" ]; then
+  echo "smoke run skipped"
+elif ! timeout 110 "$py" -m mdtzoo train experiments/small/mdt.gin --run-dir /tmp/small_smoke \
     --gin "train.steps = 30" --gin "EVAL_EVERY = 30" --gin "train.eval_samples = 32" > "$OUT/smoke.log" 2>&1; then
   echo "!! smoke run with CUDA graphs failed; the grid compiles without them:"; tail -n 8 "$OUT/smoke.log"
-  extra=(--gin "train.compile = True")
+  extra+=(--gin "train.compile = True")
 else
   echo "smoke run ok ($SECONDS s)"; grep -h '"kind": "train"' /tmp/small_smoke/metrics.jsonl | tail -n 1
 fi
