@@ -7,6 +7,7 @@
 #   bash experiments/bench/gpu_bench.sh ddp       # 1 vs 2 GPUs (DDP), MDT-XL/2 and DiT-XL/2
 #   bash experiments/bench/gpu_bench.sh attn      # kernels at S/2 and XL/2 shapes, forward alone too
 #   bash experiments/bench/gpu_bench.sh overhead  # compile modes (CUDA graphs) on small models, DiT-XL/2 profile
+#   bash experiments/bench/gpu_bench.sh final     # the training-step table again, with and without CUDA graphs
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
 set -u
@@ -72,6 +73,14 @@ overhead)
   done
   run step_dit_xl2_b64_profile 110 bench train-step --model dit_xl2 --batch 64 --compile --precision bf16 --profile \
     --json "$OUT/step_dit_xl2_b64_profile.json"
+  ;;
+final)
+  for spec in "mdt_s2 256 default" "mdt_s2 256 reduce-overhead" "mdt_xl2 64 default" "dit_s2 256 reduce-overhead" \
+              "dit_s2 256 default" "mdt_b2 256 default"; do
+    set -- $spec
+    run "step_$1_b$2_$3" 100 bench train-step --model "$1" --batch "$2" --compile-mode "$3" --precision bf16 \
+      --steps 10 --warmup 3 --json "$OUT/step_$1_b$2_$3.json"
+  done
   ;;
 ddp)
   run step_mdt_s2_b256_triton 170 bench train-step --model mdt_s2 --batch 256 --compile --precision bf16 \

@@ -5,6 +5,7 @@
 #   bash experiments/small/gpu_call.sh 'mdt_ratio0.7,mdt_no_*,mdt_full_only,mdt_masked_only,mdt_loss_removed' 540
 # A 30-step smoke run tries base.gin's compile mode (CUDA graphs) first (SKIP_SMOKE=1: not); if it
 # fails, the grid compiles without graphs (train.compile = True) and says so. STEPS=N overrides train.steps.
+#   CALIBRATE=mdt_seed0,dit_seed0 CALIBRATE_ONLY=1 SKIP_SMOKE=1 bash experiments/small/gpu_call.sh '*' 300
 set -u
 OUT=${OUT:-small_out}
 mkdir -p "$OUT"
@@ -13,6 +14,7 @@ budget=${2:-540}          # seconds from the start of this script to the end of 
 py=${PYTHON:-python3}
 extra=()
 [ -n "${STEPS:-}" ] && extra+=(--gin "train.steps = $STEPS")
+[ -n "${CALIBRATE_ONLY:-}" ] && extra+=(--calibrate-only)   # with CALIBRATE=mdt_seed0,dit_seed0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 rm -rf /tmp/small_smoke
 if [ -n "${SKIP_SMOKE:-}" ]; then

@@ -336,6 +336,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calibrate", default="mdt_seed0,dit_seed0", metavar="PATTERNS",
                         help="points to time alone on a GPU afterwards (default mdt_seed0,dit_seed0; 'none': skip)")
     parser.add_argument("--calibrate-steps", type=int, default=None, help="steps of a timing run (default 300)")
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="only the timing runs (--calibrate), e.g. on a machine of its own; no grid")
     parser.add_argument("--tiny", action="store_true", help="toy sizes (CPU, a minute or two): tests the pipeline")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
     parser.add_argument("--keep-checkpoints", action="store_true", help="do not delete RUN/checkpoints after evaluating")
@@ -391,9 +393,11 @@ def main(argv=None) -> int:
     states = {p.name: point_state(p.run_dir) for p in points}
     jobs = [{"mode": "run", "name": p.name, "gin_files": list(p.gin_files), "bindings": list(p.bindings),
              "run_dir": p.run_dir, "evaluation": evaluation, "keep_checkpoints": args.keep_checkpoints,
-             "log": str(Path(p.run_dir) / WORKER_LOG)} for p in points if states[p.name] != "complete"]
+             "log": str(Path(p.run_dir) / WORKER_LOG)} for p in points
+            if states[p.name] != "complete" and not args.calibrate_only]
     where = f"{gpus} GPU(s) x {per_gpu} workers" if gpus else f"CPU, {per_gpu} workers"
-    log(f"{len(jobs)} to run, {len(points) - len(jobs)} complete; {where}, {threads} thread(s) each; "
+    log(("calibration only; " if args.calibrate_only else f"{len(jobs)} to run, {len(points) - len(jobs)} complete; ")
+        + f"{where}, {threads} thread(s) each; "
         f"evaluation: {json.dumps(evaluation)}")
     if args.dry_run:
         common = [b for b in bindings if all(b in job["bindings"] for job in jobs)]
