@@ -259,7 +259,7 @@ def calibration_jobs(points, root: Path, steps: int, patterns: str, keep: bool) 
             continue
         run_dir = folder / p.name
         bindings = [b for b in p.bindings if not b.startswith("train.run_dir")] + [
-            f"train.steps = {steps}", "train.heldout_every = 0", "train.sample_every = 0",
+            f"train.steps = {steps}", "train.heldout_every = 0", "train.sample_every = 0", "train.eval_every = 0",
             f"train.ckpt_every = {steps}", "train.keep_every = 0", f"train.log_every = {max(1, steps // 10)}",
             f"train.run_dir = {str(run_dir)!r}"]
         jobs.append({"mode": "calibrate", "name": p.name, "gin_files": list(p.gin_files), "bindings": bindings,
@@ -272,6 +272,7 @@ def merge_calibration(root: Path, jobs: list[dict]) -> None:
     from mdtzoo.tables.timing import CALIBRATION, read_calibration
 
     data = read_calibration(root)
+    root.mkdir(parents=True, exist_ok=True)  # a machine that ran only the timing runs has no grid yet
     for job in jobs:
         record = read_json(Path(job["run_dir"]) / DRIVER_FILE)
         if record.get("complete") and record.get("sec_per_step"):
@@ -435,7 +436,7 @@ def main(argv=None) -> int:
     incomplete = [p.name for p in points if not is_complete(p.run_dir)]
     log(f"finished: {len(points) - len(incomplete)}/{len(points)} points complete"
         + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 0 if not failed and not incomplete else 1
+    return 0 if not failed and (args.calibrate_only or not incomplete) else 1
 
 
 if __name__ == "__main__":
