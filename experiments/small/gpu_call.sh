@@ -26,5 +26,5 @@ elif ! timeout 110 "$py" -m mdtzoo train experiments/small/mdt.gin --run-dir /tm
 else
   echo "smoke run ok ($SECONDS s)"; grep -h '"kind": "train"' /tmp/small_smoke/metrics.jsonl | tail -n 1
 fi
-"$py" experiments/small/run_gpu.py experiments/small/small.sweep --gpus 1 --per-gpu 8 --only "$only" \
+"$py" experiments/small/run_gpu.py "${SWEEP:-experiments/small/small.sweep}" --gpus 1 --per-gpu 8 --only "$only" \
   "${extra[@]}" --calibrate "${CALIBRATE:-none}" --deadline $((budget - SECONDS - 25)) --archive "$OUT/small.tar.gz"

@@ -38,7 +38,7 @@ def _step(text: str | None):
 def run_table(args) -> int:
     from mdtzoo.tables import collect, make_table, small, table_markdown, table_spec, write_table
 
-    frame = collect(args.paths, _substitutions(args))
+    frame = collect(args.paths, _substitutions(args), upto=args.upto)
     if frame.empty:
         raise ValueError(f"no run directories under {', '.join(args.paths)}")
     if args.table in small.SMALL_TABLES or args.table in small.REPORTS:
@@ -63,7 +63,7 @@ def run_curves(args) -> int:
 
     out = args.out or f"curves_{args.metric.replace(',', '_')}.png"
     fig = plot_curves(args.paths, metric=args.metric, x=args.x, gpus=args.gpus, out=out,
-                      substitute=_substitutions(args), runs=args.runs)
+                      substitute=_substitutions(args), runs=args.runs, upto=args.upto)
     lines = len(fig.axes[0].get_lines())
     print(f"wrote {out} ({lines} configuration{'s' if lines != 1 else ''} per panel)")
     return 0
@@ -74,6 +74,9 @@ def _common(p) -> None:
     p.add_argument("--substitute", action="append", default=[], metavar="OURS=PAPER",
                    help="treat model OURS as the paper's PAPER when matching rows (e.g. mdt_xs2=mdt_s2)")
     p.add_argument("--debug", action="store_true", help="debug runs: --substitute mdt_xs2=mdt_s2 dit_xs2=dit_s2")
+    p.add_argument("--upto", type=int, metavar="STEP",
+                   help="compare at a common horizon: evaluations after STEP are ignored and every run that "
+                        "got to STEP counts as finished (runs stopped at different steps)")
 
 
 def add_parser(sub) -> None:

@@ -159,11 +159,24 @@ def metric_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c not in META_COLUMNS and c not in DERIVED_COLUMNS and "." not in c]
 
 
-def collect(paths: Iterable[str | os.PathLike], substitute: Mapping[str, str] | None = None) -> pd.DataFrame:
+def at_horizon(frame: pd.DataFrame, upto: int) -> pd.DataFrame:
+    """The runs as if every one had been trained for ``upto`` steps: rows after it are dropped, and
+    a run with a row at ``upto`` counts as done (it got there, even if it went on or was stopped
+    later); a run that stopped before keeps its status, so tables still leave it out."""
+    if upto < 1:
+        raise ValueError(f"the horizon must be a step >= 1; got {upto}")
+    reached = set(frame.loc[frame["step"] == upto, "run"])
+    out = frame[~(frame["step"] > upto)].copy()  # NaN steps (runs with nothing) stay
+    out.loc[out["run"].isin(reached), "status"] = "done"
+    return out.reset_index(drop=True)
+
+
+def collect(paths: Iterable[str | os.PathLike], substitute: Mapping[str, str] | None = None,
+            upto: int | None = None) -> pd.DataFrame:
     """Long DataFrame of every run under ``paths`` (one row per run x evaluated step x settings).
 
     substitute: model renames applied before matching ({'mdt_xs2': 'mdt_s2'}); the original
-    name stays in the ``build.model`` column.
+    name stays in the ``build.model`` column. upto: compare at a common horizon (:func:`at_horizon`).
     """
     rows = [row for name, run_dir in find_runs(paths) for row in run_rows(name, run_dir, substitute)]
     frame = pd.DataFrame(rows)
@@ -171,4 +184,5 @@ def collect(paths: Iterable[str | os.PathLike], substitute: Mapping[str, str] | 
         return frame
     front = ["run", "run_dir", "status", "step"]
     frame = frame[front + [c for c in frame.columns if c not in front]]
-    return frame.sort_values(["run", "step"], kind="stable", na_position="last").reset_index(drop=True)
+    frame = frame.sort_values(["run", "step"], kind="stable", na_position="last").reset_index(drop=True)
+    return at_horizon(frame, upto) if upto is not None else frame

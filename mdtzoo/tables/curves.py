@@ -117,12 +117,13 @@ def x_axes(x: str | Sequence[str]) -> tuple[str, ...]:
 
 def plot_curves(paths: Sequence[str | Path], metric: str | Sequence[str] = "heldout_mse", x: str = "both",
                 gpus: int = 1, out: str | Path | None = None, substitute: Mapping[str, str] | None = None,
-                runs: str | Sequence[str] | None = None):
+                runs: str | Sequence[str] | None = None, upto: int | None = None):
     """Draw the curves (see the module docstring); returns the matplotlib Figure, saved to ``out``.
 
     metric: a metric or several ("relation_acc,relation_score": one row of panels each).
     x: "both" (steps and gpu_hours) or a comma-separated list of steps / gpu_hours / gpu_seconds.
     runs: shell patterns of the run names to plot ("mdt_seed*,dit_seed*"); default every run.
+    upto: plot only up to this step (every run cut at a common horizon, ``collect.at_horizon``).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -130,7 +131,7 @@ def plot_curves(paths: Sequence[str | Path], metric: str | Sequence[str] = "held
 
     xs = x_axes(x)
     metrics = patterns(metric)
-    frame = collect(paths, substitute)
+    frame = collect(paths, substitute, upto=upto)
     if not frame.empty:
         frame = select_runs(frame, runs)
     per_metric = {m: (curve_groups(frame, m) if not frame.empty else []) for m in metrics}
