@@ -273,3 +273,31 @@ def test_cli_writes_every_small_table_and_the_fig1_plot(linear_runs, tmp_path, c
 def test_report_rejects_unknown_names(linear_runs):
     with pytest.raises(ValueError, match="unknown small table"):
         report("small_table9", collect([linear_runs]))
+
+
+def test_horizon_compares_runs_stopped_at_different_steps(linear_runs):
+    """--upto: DiT at 2,000 steps (acc 0.2 +- offsets), its seeds stopped later count as done; MDT reaches
+    0.2 at 1,000 (ratio 0.5); a run stopped before the horizon stays out; the closed forms of linear_runs."""
+    import shutil
+
+    from mdtzoo.tables.collect import at_horizon
+
+    for name in ("dit_seed0", "mdt_seed2"):
+        (linear_runs / name / "DONE").unlink()       # stopped (deadline), evaluated to 4,000 anyway
+    short = linear_runs / "mdt_seed1"
+    for path in (short / "eval").glob("step_*.json"):
+        if int(path.stem[5:]) > 1600:
+            path.unlink()                             # stopped before the horizon
+    (short / "DONE").unlink()
+    frame = collect([linear_runs], upto=2000)
+    assert frame["step"].max() == 2000
+    status = frame.groupby("run")["status"].first()
+    assert status["dit_seed0"] == "done" and status["mdt_seed2"] == "done" and status["mdt_seed1"] != "done"
+    acc = speedup_table(frame).frame.loc[("relation acc.", "steps")]
+    assert acc["threshold"] == pytest.approx(0.20) and acc["DiT (mean)"] == pytest.approx(2000.0)
+    assert acc["MDT seeds"] == "s0 1,000 · s2 1,050" and acc["MDT reached"] == "2/2"
+    assert acc["ratio of means"] == pytest.approx(0.5125)  # the mean curve of seeds 0 and 2 (offset -0.005)
+    assert len(at_horizon(collect([linear_runs]), 4000)) == len(collect([linear_runs]))
+    with pytest.raises(ValueError, match="horizon must be a step >= 1"):
+        at_horizon(frame, 0)
+    shutil.rmtree(short)
