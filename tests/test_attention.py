@@ -162,14 +162,17 @@ for masked in (False, True):
     with torch.no_grad():
         bias.relative_position_bias_table.normal_()
     ids = torch.stack([torch.randperm(20)[:13] for _ in range(2)])
-    base = [torch.randn(2, 2, 20, 24) for _ in range(3)]  # head dim 24: padded to a block of 32
+    base = torch.randn(2, 20, 3, 2, 24)  # (B, N, qkv, H, d); head dim 24: padded to a block of 32
     res = []
     for impl in ("explicit", "triton"):
-        q, k, v = [(t[:, :, :13] if masked else t).clone().requires_grad_(True) for t in base]
+        leaf = base.clone().requires_grad_(True)
+        q, k, v = leaf.permute(2, 0, 3, 1, 4)  # strided (B, H, N, d) views, as Attention passes them
+        if masked:
+            q, k, v = q[:, :, :13], k[:, :, :13], v[:, :, :13]
         bias.zero_grad()
         out = attention(q, k, v, bias, ids if masked else None, impl=impl)
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-        res.append([out, q.grad, k.grad, v.grad, bias.relative_position_bias_table.grad])
+        res.append([out, leaf.grad, bias.relative_position_bias_table.grad])
     worst = max([worst] + [((a - b).norm() / b.norm()).item() for a, b in zip(*res)])
 # The fake (meta) kernels must describe the real outputs, strides included, or torch.compile
 # breaks: check them on non-contiguous (B, N, H, d) -> (B, H, N, d) views, as Attention makes.

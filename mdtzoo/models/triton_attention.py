@@ -86,7 +86,7 @@ def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
 @triton.jit
 def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DK, DV, DS, scale,
                 H: tl.constexpr, NQ, G, D: tl.constexpr,
-                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, HAS_POS: tl.constexpr, PREC: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -120,9 +120,9 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DK, DV, DS, scale,
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC).to(tl.float32)
         tl.store(DS + bh * NQ * NQ + offs_m[:, None] * NQ + offs_n[None, :], ds.to(DS.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
-    tl.store(DK + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+    tl.store(DK + b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=kv_mask)
-    tl.store(DV + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+    tl.store(DV + b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :], dv.to(DV.dtype.element_ty),
              mask=kv_mask)
 
 
@@ -180,6 +180,12 @@ def _precision(q: torch.Tensor) -> str:
     return "tf32" if (q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32) else "ieee"
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its rows are contiguous (the kernels take any batch/head/token strides, as
+    Attention's permuted views of one qkv tensor have), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -188,7 +194,7 @@ def _head_block(d: int) -> int:
 def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Tensor,
                pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, n, d = q.shape
-    q, k, v, full = q.contiguous(), k.contiguous(), v.contiguous(), full.contiguous()
+    q, k, v, full = _rows(q), _rows(k), _rows(v), full.contiguous()
     bm, bn, bd = CONFIG["fwd_bm"], CONFIG["fwd_bn"], _head_block(d)
     o = q.new_empty(q.shape)
     lse = torch.empty((b * h, n), device=q.device, dtype=torch.float32)
@@ -212,15 +218,15 @@ def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Te
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dq, dk, dv, dS (B, H, N, N) in q's dtype."""
     b, h, n, d = q.shape
-    q, k, v, full, do = q.contiguous(), k.contiguous(), v.contiguous(), full.contiguous(), do.contiguous()
+    q, k, v, full, do = _rows(q), _rows(k), _rows(v), full.contiguous(), _rows(do)
     delta = (do.float() * o.float()).sum(-1).reshape(b * h, n)
-    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
+    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous (the fake kernel's strides)
     ds = torch.empty((b, h, n, n), device=q.device, dtype=q.dtype)
     bm, bn, bd = CONFIG["bwd_bm"], CONFIG["bwd_bn"], _head_block(d)
     scale = d ** -0.5
     _bwd_kernel[(triton.cdiv(n, bn), b * h)](
         q, k, v, full, pos if pos is not None else lse, do, lse, delta, dk, dv, ds, scale, h, n, full.shape[-1], d,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
         BM=bm, BN=bn, BD=bd, HAS_POS=pos is not None, PREC=_precision(q), num_warps=CONFIG["bwd_warps"],
         num_stages=CONFIG["bwd_stages"])
     dq = (ds @ k) * scale
