@@ -4,7 +4,8 @@
 #   bash experiments/small/gpu_call.sh 'mdt_seed*,dit_seed*,mdt_ratio0.1,mdt_ratio0.5' 540
 #   bash experiments/small/gpu_call.sh 'mdt_ratio0.7,mdt_no_*,mdt_full_only,mdt_masked_only,mdt_loss_removed' 540
 # A 30-step smoke run tries base.gin's compile mode (CUDA graphs) first (SKIP_SMOKE=1: not); if it
-# fails, the grid compiles without graphs (train.compile = True) and says so. STEPS=N overrides train.steps.
+# fails, the grid compiles without graphs (train.compile = True) and says so. STEPS=N overrides train.steps,
+# GIN="binding" adds one, ROOT=dir moves the run dirs (a variant of the same sweep).
 #   CALIBRATE=mdt_seed0,dit_seed0 CALIBRATE_ONLY=1 SKIP_SMOKE=1 bash experiments/small/gpu_call.sh '*' 300
 set -u
 OUT=${OUT:-small_out}
@@ -14,6 +15,8 @@ budget=${2:-540}          # seconds from the start of this script to the end of 
 py=${PYTHON:-python3}
 extra=()
 [ -n "${STEPS:-}" ] && extra+=(--gin "train.steps = $STEPS")
+[ -n "${GIN:-}" ] && extra+=(--gin "$GIN")            # one more binding, e.g. GIN="train.lr = 3e-4"
+[ -n "${ROOT:-}" ] && extra+=(--root "$ROOT")         # run dirs elsewhere than the sweep's root
 [ -n "${CALIBRATE_ONLY:-}" ] && extra+=(--calibrate-only)   # with CALIBRATE=mdt_seed0,dit_seed0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 rm -rf /tmp/small_smoke
