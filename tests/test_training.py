@@ -285,3 +285,25 @@ def test_prune_keeps_the_newest_and_the_keep_every_steps(tmp_path):
         ckpt.atomic_save({"model": {}, "step": step}, ckpt.checkpoint_path(tmp_path, step))
     ckpt.prune(tmp_path, keep=1, keep_every=200)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [200, 400, 500]
+
+
+def test_cuda_graph_compile_mode_marks_every_step(toy, tmp_path, monkeypatch):
+    """train.compile = 'reduce-overhead': the blocks are compiled with that mode and every step
+    begins with cudagraph_mark_step_begin (else CUDA-graph replays overwrite live outputs); the
+    compilation itself is stubbed here (it is timed on a GPU: docs/performance.md)."""
+    from mdtzoo.models.transformer import DiffusionTransformer
+
+    modes, marks = [], []
+    monkeypatch.setattr(DiffusionTransformer, "compile_blocks", lambda self, **options: modes.append(options))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    setup_gin(tmp_path / "run", steps=4, compile="reduce-overhead")
+    assert train()["status"] == "done"
+    assert modes == [{"mode": "reduce-overhead"}] and len(marks) == 4
+
+
+def test_unknown_compile_mode_fails_before_the_run_dir_exists(toy, tmp_path):
+    run = tmp_path / "run"
+    setup_gin(run, compile="fast")
+    with pytest.raises(ValueError, match="torch.compile mode .*reduce-overhead.*got 'fast'"):
+        train()
+    assert not run.exists()
