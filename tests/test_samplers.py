@@ -147,3 +147,15 @@ def test_given_noise_is_the_start():
     assert torch.allclose(x, d.p_from_output(oracle()(noise, torch.zeros(2, dtype=torch.long)), noise, torch.zeros(2, dtype=torch.long))["pred_x0"], atol=1e-5)
     with pytest.raises(ValueError, match="noise has shape"):
         SAMPLERS.build("ddim")(d, oracle(), (3, 1, 2, 2), noise=noise)
+
+
+def test_per_sample_noise_is_each_generators_own_draw():
+    """randn with B generators: row i is generator i's draw, whatever the batch (one device copy)."""
+    from mdtzoo.diffusion import randn
+
+    gens = [torch.Generator().manual_seed(s) for s in (3, 1, 4)]
+    got = randn((3, 2, 5), gens, device="cpu")
+    for row, s in zip(got, (3, 1, 4)):
+        assert torch.equal(row, torch.randn(2, 5, generator=torch.Generator().manual_seed(s)))
+    with pytest.raises(ValueError, match="got 2 generators for a batch of 3"):
+        randn((3, 2), gens[:2])

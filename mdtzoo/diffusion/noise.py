@@ -30,5 +30,7 @@ def randn(shape, generator: Generator = None, *, device=None, dtype=torch.float3
     generators = list(generator)
     if len(generators) != shape[0]:
         raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]} samples")
-    draws = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype).to(device) for g in generators]
-    return torch.stack(draws)
+    draws = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generators]
+    if len({d.device for d in draws}) == 1:  # the usual case: one copy to the samples' device, not B
+        return torch.stack(draws).to(device)
+    return torch.stack([d.to(device) for d in draws])
