@@ -401,6 +401,8 @@ def bench_attention(impls=("explicit", "auto", "sdpa", "flex"), *, batch: int = 
         else:
             impl_name = impl
         try:
+            log(f"attention {impl}: checking against the explicit reference, then timing "
+                f"(compiles first; a stall here is the compilation)")
             if impl != "no-bias":
                 row["errors"] = check_attention(impl_name, heads=heads, grid=grid, keep=keep, dim=dim, device=dev,
                                                 compile=row["compile"])

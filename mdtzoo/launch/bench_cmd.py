@@ -63,7 +63,8 @@ def run_attention(args) -> int:
     from mdtzoo.bench import bench_attention
 
     rows = bench_attention(tuple(args.impl.split(",")), batch=args.batch, heads=args.heads, grid=args.grid,
-                           keep=args.keep, dim=args.dim, compile=not args.no_compile, repeats=args.repeats)
+                           keep=args.keep, dim=args.dim, compile=not args.no_compile, repeats=args.repeats,
+                           log=lambda message: print(message, file=sys.stderr, flush=True))
     print(f"B {args.batch}, H {args.heads}, N {args.grid ** 2}, K {args.keep}, d {args.dim}; forward + backward "
           "(forward alone)")
     print("| impl | compile | full pass ms | masked pass ms | worst rel. error (bf16) |")
