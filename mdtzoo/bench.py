@@ -368,9 +368,15 @@ def bench_attention(impls=("explicit", "auto", "sdpa", "flex"), *, batch: int = 
     checked against the explicit reference (``check_attention``) before it is timed; the
     flash kernel without any bias is timed too, as the floor.
     """
-    from mdtzoo.models.attention import attention
+    from mdtzoo.models.attention import IMPLS, attention
     from mdtzoo.posenc.relbias import RelativePositionBias
 
+    valid = [*IMPLS, *(f"flex:{k}" for k in FLEX_VARIANTS), *(f"triton:{k}" for k in TRITON_VARIANTS)]
+    unknown = [i for i in impls if i not in valid]
+    if unknown:
+        raise ValueError(f"unknown attention path(s) {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
+    if not 0 < keep <= grid * grid:
+        raise ValueError(f"keep must be in 1..{grid * grid} (the grid's {grid}x{grid} tokens); got {keep}")
     log = log or (lambda *_: None)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n = grid * grid

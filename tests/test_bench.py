@@ -88,3 +88,12 @@ def test_bench_full_pass_and_bad_input(tmp_path, capsys):
     assert main(["bench", "train-step", "--model", "dit_s2", "--batch", "2", "--passes", "both",
                  "--device", "cpu"]) == 2
     assert "masked pass" in capsys.readouterr().err
+
+
+def test_bench_attention_names_unknown_paths_and_bad_shapes_before_any_work():
+    from mdtzoo.bench import bench_attention
+
+    with pytest.raises(ValueError, match=r"unknown attention path\(s\) 'flex:nope'; valid: auto, .*flex:g16.*triton:b32"):
+        bench_attention(("flex", "flex:nope"))
+    with pytest.raises(ValueError, match="keep must be in 1..16 .*got 17"):
+        bench_attention(("explicit",), grid=4, keep=17)

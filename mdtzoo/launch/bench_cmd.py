@@ -14,8 +14,9 @@ import argparse
 import json
 import sys
 
-# = mdtzoo.models.attention.IMPLS (a test keeps them equal), spelled here so `mdtzoo --help` stays torch-free
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # = objective's
+# = mdtzoo.training.objective.COMPILE_MODES and mdtzoo.models.attention.IMPLS (tests keep them equal),
+# spelled here so `mdtzoo --help` stays torch-free
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTN_IMPLS = ("auto", "sdpa", "explicit", "flex", "triton")
 
 
