@@ -23,6 +23,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _program(H: tl.constexpr, NQ, D: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr):
+    """This program's sample b, head h, row index b * H + h, and its block of BLOCK token rows
+    (grid axis 0) and BD head-dim columns, with their in-range masks."""
+    bh = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BD)
+    return bh // H, bh % H, bh, offs, offs < NQ, offs_d, offs_d < D
+
+
+@triton.jit
 def _tile(PTR, b, h, sb, sh, sn, offs, offs_d, mask):
     """A (rows, BD) tile of a (B, H, N, d) tensor: rows ``offs`` of sample b, head h."""
     return tl.load(PTR + b * sb + h * sh + offs[:, None] * sn + offs_d[None, :], mask=mask, other=0.0)
@@ -50,14 +60,7 @@ def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
                 H: tl.constexpr, NQ, G, D: tl.constexpr,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, HAS_POS: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_d = tl.arange(0, BD)
-    m_ok = offs_m < NQ
-    d_ok = offs_d < D
+    b, h, bh, offs_m, m_ok, offs_d, d_ok = _program(H, NQ, D, BM, BD)
     q = _tile(Q, b, h, sqb, sqh, sqn, offs_m, offs_d, m_ok[:, None] & d_ok[None, :])
     pos_m = _positions(POS, b, NQ, offs_m, m_ok, HAS_POS)
     m_i = tl.full([BM], float("-inf"), tl.float32)
@@ -88,14 +91,7 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DK, DV, DS, scale,
                 H: tl.constexpr, NQ, G, D: tl.constexpr,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, HAS_POS: tl.constexpr, PREC: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_d = tl.arange(0, BD)
-    n_ok = offs_n < NQ
-    d_ok = offs_d < D
+    b, h, bh, offs_n, n_ok, offs_d, d_ok = _program(H, NQ, D, BN, BD)
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k = _tile(K, b, h, skb, skh, skn, offs_n, offs_d, kv_mask)
     v = _tile(V, b, h, svb, svh, svn, offs_n, offs_d, kv_mask)
