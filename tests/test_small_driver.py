@@ -125,3 +125,9 @@ def test_deadline_stops_running_workers_and_starts_no_more(tmp_path, driver):
     assert time.time() - start < 30                                   # the sleeping worker was stopped
     assert sum(m.startswith("start ") for m in messages) == 1         # only one slot, one worker started
     assert any("deadline: stopping 1 running worker(s), 2 not started" in m for m in messages)
+
+
+def test_a_deadline_already_past_is_refused(driver, capsys):
+    with pytest.raises(SystemExit):
+        driver.main([str(SWEEP), "--deadline", "-20", "--dry-run"])
+    assert "--deadline must be a positive number of seconds; got -20" in capsys.readouterr().err

@@ -180,9 +180,9 @@ def worker_env(gpu: str | None, threads: int) -> dict:
 
 def _stop(running: dict) -> None:
     """SIGTERM every running worker (train() checkpoints after its current step), then wait."""
-    for job, proc, _, _ in running.values():
+    for _, proc, _, _ in running.values():
         proc.terminate()
-    for job, proc, _, handle in running.values():
+    for _, proc, _, handle in running.values():
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -352,6 +352,8 @@ def main(argv=None) -> int:
         return worker(json.loads(args.worker))
     if not args.sweep:
         parser.error("give a sweep file")
+    if args.deadline is not None and args.deadline <= 0:
+        parser.error(f"--deadline must be a positive number of seconds; got {args.deadline:g}")
 
     from mdtzoo.config import ConfigError
     from mdtzoo.launch.sweep import load_sweep, validate

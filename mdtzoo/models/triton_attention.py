@@ -156,7 +156,7 @@ def kept_grad(ds: torch.Tensor, ids_keep: torch.Tensor, grid: int) -> torch.Tens
     out = torch.empty((h, grid, grid), device=ds.device, dtype=torch.float32)
     bp, bq = CONFIG["grad_bp"], CONFIG["grad_bq"]
     _kept_grad_kernel[(triton.cdiv(grid, bp), triton.cdiv(grid, bq), h)](
-        ds.contiguous(), inv, out, b, k, grid, h, BP=bp, BQ=bq, num_warps=4)
+        ds.contiguous(), inv, out, b, k, grid, h, BP=bp, BQ=bq, num_warps=CONFIG["grad_warps"])
     return out
 
 
@@ -167,7 +167,7 @@ def _(ds, ids_keep, grid):
 
 # Block shapes and launch settings (H100-tuned by ``mdtzoo bench attention --impl triton:NAME``).
 CONFIG = {"fwd_bm": 64, "fwd_bn": 64, "fwd_warps": 4, "fwd_stages": 2,
-          "bwd_bm": 64, "bwd_bn": 64, "bwd_warps": 4, "bwd_stages": 2, "grad_bp": 32, "grad_bq": 64}
+          "bwd_bm": 64, "bwd_bn": 64, "bwd_warps": 4, "bwd_stages": 2, "grad_bp": 32, "grad_bq": 64, "grad_warps": 4}
 
 
 def _precision(q: torch.Tensor) -> str:
