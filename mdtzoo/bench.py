@@ -451,20 +451,24 @@ def sample_flops(model: nn.Module, steps: int, guided: bool) -> float:
 
 
 def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 250,
-                 guidance: str = "power_cosine", precision: str = "bf16", compile: bool = True,
+                 guidance: str = "power_cosine", precision: str = "bf16", compile: bool | str = True,
                  attn_impl: str = "auto", repeats: int = 2, check: int = 8, peak_tflops: float = DEFAULT_PEAK_TFLOPS,
-                 device: str | None = None, seed: int = 0, log=None) -> dict:
+                 device: str | None = None, seed: int = 0, profile: bool = False, log=None) -> dict:
     """Time ``batch`` images of ``steps``-step DDPM sampling (VAE excluded) at ImageNet latent shape.
 
     With ``check`` > 0, first samples ``check`` images with the fast settings and with the
     unoptimised path (fp32, explicit attention, no compile) from the same seed (random weights
-    scaled so the network's output matters) and reports their differences.
+    scaled so the network's output matters) and reports their differences. ``compile``: True,
+    False or a torch.compile mode for the blocks ('reduce-overhead' replays CUDA graphs).
+    ``profile``: the top kernels of 3 more sampling steps at the timed batch, in ``result['profile']``.
     """
+    from mdtzoo.training.objective import compile_mode
     from mdtzoo.diffusion import build_diffusion
     from mdtzoo.models import build_model
     from mdtzoo.sample import generate
 
     log = log or (lambda *_: None)
+    mode = compile_mode(compile)  # validated before any work
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
     torch.manual_seed(seed)
@@ -478,7 +482,7 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
     guided = guidance != "none"
     flops = sample_flops(model, steps, guided)
     result = dict(model=model_name, batch=batch, steps=steps, guidance=guidance, precision=precision,
-                  compile=bool(compile), attn_impl=attn_impl, device=dev.type, card=torch.cuda.get_device_name(dev) if cuda else "cpu",
+                  compile=mode or False, attn_impl=attn_impl, device=dev.type, card=torch.cuda.get_device_name(dev) if cuda else "cpu",
                   torch=torch.__version__, date=datetime.date.today().isoformat(), flops_per_image=flops,
                   peak_tflops=peak_tflops, status="ok")
     if cuda:
@@ -491,8 +495,8 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
         ref, _ = _latents(generate, model, diffusion, guidance, check, "fp32", kwargs)
         for blk in model.all_blocks():
             blk.attn.impl = attn_impl
-    if compile:
-        model.compile_blocks()
+    if mode:
+        model.compile_blocks(**({} if mode == "default" else {"mode": mode}))
     if check:
         fast, _ = _latents(generate, model, diffusion, guidance, check, precision, kwargs)
         diff = (fast - ref).abs()
@@ -516,6 +520,17 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
     median = statistics.median(times)
     tflops = flops * batch / median / 1e12
     result.update(seconds=median, img_per_s=batch / median, tflops=tflops, peak_fraction=tflops / peak_tflops)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch_profile(activities=activities) as prof:
+            _latents(generate, model, build_diffusion(respacing="3"), guidance, batch, precision, kwargs)
+            if cuda:
+                torch.cuda.synchronize(dev)
+        sort = "cuda_time_total" if cuda else "cpu_time_total"
+        result["profile"] = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
     if cuda:
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     return result

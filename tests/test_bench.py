@@ -97,3 +97,22 @@ def test_bench_attention_names_unknown_paths_and_bad_shapes_before_any_work():
         bench_attention(("flex", "flex:nope"))
     with pytest.raises(ValueError, match="keep must be in 1..16 .*got 17"):
         bench_attention(("explicit",), grid=4, keep=17)
+
+
+def test_bench_sample_on_cpu_checks_profiles_and_refuses_bad_modes(tmp_path, capsys):
+    from mdtzoo.bench import bench_sample, sample_flops
+
+    out = tmp_path / "s.json"
+    rc = main(["bench", "sample", "--model", "mdt_xs2", "--batch", "2", "--steps", "2", "--repeats", "1",
+               "--check", "2", "--precision", "fp32", "--device", "cpu", "--profile", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "img/s" in printed and "Self CPU" in printed  # the profile table comes before the summary
+    r = json.loads(out.read_text())
+    assert "profile" not in r and r["compile"] is False and r["steps"] == 2 and r["batch"] == 2
+    # Same seed, same fp32 maths: the fast path (auto attention) and the explicit reference agree.
+    assert r["check_images"] == 2 and r["check_rel_diff"] < 1e-5
+    assert r["flops_per_image"] == pytest.approx(sample_flops(build_model("mdt_xs2"), 2, guided=True))
+    assert r["img_per_s"] == pytest.approx(2 / r["seconds"])
+    with pytest.raises(ValueError, match="torch.compile mode .*reduce-overhead.*got 'fast'"):
+        bench_sample("mdt_xs2", 2, compile="fast", device="cpu")

@@ -8,6 +8,8 @@
 #   bash experiments/bench/gpu_bench.sh attn      # kernels at S/2 and XL/2 shapes, forward alone too
 #   bash experiments/bench/gpu_bench.sh overhead  # compile modes (CUDA graphs) on small models, DiT-XL/2 profile
 #   bash experiments/bench/gpu_bench.sh final     # the training-step table again, with and without CUDA graphs
+#   bash experiments/bench/gpu_bench.sh diag      # sampling profile and attention paths (50 steps), DiT-XL/2 step
+#   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
 set -u
@@ -82,6 +84,22 @@ final)
       --steps 10 --warmup 3 --json "$OUT/step_$1_b$2_$3.json"
   done
   ;;
+diag)
+  run attention_s2 120 bench attention --impl triton,flex --json "$OUT/attention_s2.json"
+  run sample_profile 200 bench sample --model mdt_xl2 --batch 256 --steps 50 --check 0 --compile --profile \
+    --json "$OUT/sample_profile.json"
+  run sample_sdpa 150 bench sample --model mdt_xl2 --batch 256 --steps 50 --check 0 --compile --attn sdpa \
+    --json "$OUT/sample_sdpa.json"
+  run step_dit_xl2_b64_default 100 bench train-step --model dit_xl2 --batch 64 --compile --precision bf16 \
+    --json "$OUT/step_dit_xl2_b64_default.json"
+  ;;
+autotune)
+  for spec in ${AUTOTUNE_SPECS:-"dit_xl2 64 default" "dit_xl2 64 max-autotune-no-cudagraphs" "dit_s2 256 max-autotune-no-cudagraphs"}; do
+    set -- $spec
+    run "step_$1_b$2_$3" ${AUTOTUNE_LIMIT:-280} bench train-step --model "$1" --batch "$2" --compile-mode "$3" \
+      --precision bf16 --verbose --json "$OUT/step_$1_b$2_$3.json"
+  done
+  ;;
 ddp)
   run step_mdt_s2_b256_triton 170 bench train-step --model mdt_s2 --batch 256 --compile --precision bf16 \
     --attn triton --json "$OUT/step_mdt_s2_b256_triton.json"
@@ -98,5 +116,5 @@ ddp)
 esac
 ls "$OUT"/*.json >/dev/null 2>&1 && "$py" -m mdtzoo bench table $(ls "$OUT"/step_*.json "$OUT"/ddp*.json 2>/dev/null)
 for f in "$OUT"/attention*.log; do [ -f "$f" ] && grep "^|" "$f"; done
-[ -f "$OUT/sample_mdt_xl2.log" ] && tail -n 1 "$OUT/sample_mdt_xl2.log"
+for f in "$OUT"/sample*.log; do [ -f "$f" ] && tail -n 1 "$f"; done
 exit 0

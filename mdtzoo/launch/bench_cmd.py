@@ -47,12 +47,15 @@ def run_sample(args) -> int:
     from mdtzoo.bench import bench_sample, write_json
 
     r = bench_sample(args.model, args.batch, steps=args.steps, guidance=args.guidance, precision=args.precision,
-                     compile=args.compile, attn_impl=args.attn, repeats=args.repeats, check=args.check, peak_tflops=args.peak_tflops,
-                     device=args.device, seed=args.seed, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                     compile=args.compile_mode or args.compile, attn_impl=args.attn, repeats=args.repeats,
+                     check=args.check, peak_tflops=args.peak_tflops, device=args.device, seed=args.seed,
+                     profile=args.profile, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if "profile" in r:
+        print(r.pop("profile"), flush=True)
     check = (f"; vs the unoptimised fp32 path on {r['check_images']} images: relative difference "
              f"{r['check_rel_diff']:.2e}" if "check_images" in r else "")
     print(f"{r['model']} sample {r['steps']} steps, guidance={r['guidance']}, {r['precision']}"
-          f"{' compile' if r['compile'] else ''}, batch {r['batch']}: {r['img_per_s']:.2f} img/s, "
+          f"{' compile ' + r['compile'] if r['compile'] else ''}, attn {r['attn_impl']}, batch {r['batch']}: {r['img_per_s']:.2f} img/s, "
           f"{r['tflops']:.0f} TFLOP/s = {100 * r['peak_fraction']:.0f}% of {r['peak_tflops']:g}"
           + (f", peak memory {r['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in r else "") + check, flush=True)
     if args.json:
@@ -151,6 +154,9 @@ def add_parser(sub) -> None:
     sm.add_argument("--guidance", default="power_cosine", help="none | constant | power_cosine")
     sm.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     sm.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    sm.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                    help="compile the blocks with this torch.compile mode (reduce-overhead: CUDA graphs)")
+    sm.add_argument("--profile", action="store_true", help="print the top kernels of 3 extra sampling steps")
     sm.add_argument("--attn", default="auto", choices=ATTN_IMPLS)
     sm.add_argument("--repeats", type=int, default=2, help="timed repeats (median)")
     sm.add_argument("--check", type=int, default=8,
