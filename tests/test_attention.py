@@ -269,3 +269,30 @@ def test_flex_on_the_cpu_trains_through_the_explicit_maths():
         grads.append([q.grad, k.grad, v.grad, bias.relative_position_bias_table.grad])
     for a, b in zip(*grads):
         assert _rel_err(a, b) < 1e-10
+
+
+def test_materialized_is_an_opaque_contiguous_copy_with_a_pass_through_gradient():
+    """The bias handed to FlexAttention is computed into its own contiguous buffer (torch.compile
+    cannot fold the table gather into the kernel's score_mod); values and gradient unchanged."""
+    from mdtzoo.models.attention import materialized
+
+    table = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 7, (4, 4))
+    full = table[index].permute(2, 0, 1)  # (H, N, N) view with the head stride 1, as full() gives
+    out = materialized(full)
+    assert out.is_contiguous() and not full.is_contiguous() and torch.equal(out, full)
+    weights = torch.randn(3, 4, 4, dtype=torch.float64)
+    (out * weights).sum().backward()
+    expected = torch.zeros(7, 3, dtype=torch.float64).index_put_((index.reshape(-1),),
+                                                                 weights.permute(1, 2, 0).reshape(16, 3), accumulate=True)
+    torch.testing.assert_close(table.grad, expected, rtol=0, atol=1e-12)
+    torch.library.opcheck(materialized, (full.detach(),))
+    with torch.no_grad():  # compiled (the sampler's path): still one graph, same numbers as the explicit maths
+        model = build_model("mdt_xs2", input_size=8, num_classes=4, attn_impl="flex").eval()
+        block = model.blocks[0]
+        x, c = torch.randn(2, 16, 128), torch.randn(2, 128)
+        explanation = torch._dynamo.explain(block._forward)(x, c)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+        got = torch.compile(block, dynamic=False)(x, c)
+        block.attn.impl = "explicit"
+        torch.testing.assert_close(got, block(x, c), rtol=1e-4, atol=1e-5)

@@ -9,6 +9,7 @@
 #   bash experiments/bench/gpu_bench.sh overhead  # compile modes (CUDA graphs) on small models, DiT-XL/2 profile
 #   bash experiments/bench/gpu_bench.sh final     # the training-step table again, with and without CUDA graphs
 #   bash experiments/bench/gpu_bench.sh diag      # sampling profile and attention paths (50 steps), DiT-XL/2 step
+#   bash experiments/bench/gpu_bench.sh paths     # flex (bias materialised) vs triton: XL/2 sampling, XL/2 and S/2 steps
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -92,6 +93,17 @@ diag)
     --json "$OUT/sample_sdpa.json"
   run step_dit_xl2_b64_default 100 bench train-step --model dit_xl2 --batch 64 --compile --precision bf16 \
     --json "$OUT/step_dit_xl2_b64_default.json"
+  ;;
+paths)
+  run sample_flex 170 bench sample --model mdt_xl2 --batch 256 --steps 50 --check 0 --compile --attn flex --profile \
+    --json "$OUT/sample_flex.json"
+  run sample_triton 150 bench sample --model mdt_xl2 --batch 256 --steps 50 --check 0 --compile --attn triton \
+    --json "$OUT/sample_triton.json"
+  for spec in "mdt_xl2 64 flex" "mdt_xl2 64 triton" "mdt_s2 256 flex" "mdt_s2 256 triton"; do
+    set -- $spec
+    run "step_$1_b$2_$3" 100 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --attn "$3" \
+      --json "$OUT/step_$1_b$2_$3.json"
+  done
   ;;
 autotune)
   for spec in ${AUTOTUNE_SPECS:-"dit_xl2 64 default" "dit_xl2 64 max-autotune-no-cudagraphs" "dit_s2 256 max-autotune-no-cudagraphs"}; do

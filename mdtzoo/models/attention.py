@@ -125,6 +125,25 @@ def _flex(cuda: bool):
     return torch.compile(flex, dynamic=False) if cuda else flex
 
 
+@torch.library.custom_op("mdtzoo::materialized", mutates_args=())
+def materialized(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``x`` behind an opaque op: torch.compile cannot fuse the computation of
+    ``x`` into the kernel that reads it. Without it, inductor folded the bias gather
+    table[index[i, j], h] into FlexAttention's score_mod, two dependent loads per logit: MDT-XL/2's
+    sampling spent 34% of its GPU time there (docs/performance.md). Gradient passes through."""
+    out = x.new_empty(x.shape)
+    out.copy_(x)
+    return out
+
+
+@materialized.register_fake
+def _(x):
+    return x.new_empty(x.shape)
+
+
+materialized.register_autograd(lambda ctx, grad: grad)
+
+
 def flex_attention(q, k, v, full, ids_keep=None, kernel_options=None):
     """FlexAttention with ``full[h, pos_i, pos_j]`` (pos = ids_keep rows, or 0..N-1) added in-kernel.
 
@@ -136,7 +155,7 @@ def flex_attention(q, k, v, full, ids_keep=None, kernel_options=None):
     options = dict(kernel_options or FLEX_KERNEL_OPTIONS)
     groups = int(options.pop("bias_groups", 1))
     options = options if q.is_cuda else None
-    full = full.to(q.dtype).reshape(full.shape[0], n * n)
+    full = materialized(full.to(q.dtype)).reshape(full.shape[0], n * n)  # a plain (H, N*N) tensor in-kernel
     if groups > 1:
         full = full.unsqueeze(0).expand(groups, *full.shape).contiguous()
         if ids_keep is None:
