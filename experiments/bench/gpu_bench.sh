@@ -10,6 +10,7 @@
 #   bash experiments/bench/gpu_bench.sh final     # the training-step table again, with and without CUDA graphs
 #   bash experiments/bench/gpu_bench.sh diag      # sampling profile and attention paths (50 steps), DiT-XL/2 step
 #   bash experiments/bench/gpu_bench.sh paths     # flex (bias materialised) vs triton: XL/2 sampling, XL/2 and S/2 steps
+#   bash experiments/bench/gpu_bench.sh final2    # after the materialised bias: 250-step sampling (checked), S/2 B/2 paths, XL/2 profile
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -104,6 +105,17 @@ paths)
     run "step_$1_b$2_$3" 100 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --attn "$3" \
       --json "$OUT/step_$1_b$2_$3.json"
   done
+  ;;
+final2)
+  run sample_mdt_xl2 270 bench sample --model mdt_xl2 --batch 256 --compile --check 8 --repeats 1 \
+    --json "$OUT/sample_mdt_xl2.json"
+  for spec in "mdt_s2 256 flex" "mdt_s2 256 triton" "dit_s2 256 auto" "mdt_b2 256 flex" "mdt_b2 256 triton"; do
+    set -- $spec
+    run "step_$1_b$2_$3" 100 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --attn "$3" \
+      --json "$OUT/step_$1_b$2_$3.json"
+  done
+  run step_mdt_xl2_b64_profile 110 bench train-step --model mdt_xl2 --batch 64 --compile --precision bf16 --profile \
+    --json "$OUT/step_mdt_xl2_b64_auto.json"
   ;;
 autotune)
   for spec in ${AUTOTUNE_SPECS:-"dit_xl2 64 default" "dit_xl2 64 max-autotune-no-cudagraphs" "dit_s2 256 max-autotune-no-cudagraphs"}; do
