@@ -112,8 +112,11 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                      precision: str = "auto", passes: str = "auto", steps: int = 10, warmup: int = 3,
                      peak_tflops: float = DEFAULT_PEAK_TFLOPS, device: str | None = None,
                      seed: int = 0, attn_impl: str = "auto", separate_passes: bool = True,
-                     activation_checkpointing: bool = False, profile: bool = False, log=None) -> dict:
+                     activation_checkpointing: bool = False, profile: bool = False, flex_options: str | None = None,
+                     log=None) -> dict:
     """Time the trainer's step for a preset at ImageNet latent shape; returns a result dict.
+
+    ``flex_options``: a ``FLEX_VARIANTS`` name, FlexAttention's kernel options for this run.
 
     ``batch`` is per process: under torchrun (WORLD_SIZE > 1) the objective is wrapped in DDP
     as in the trainer and img/s counts all processes' images. An out-of-memory error does not
@@ -128,6 +131,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
 
     if batch < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"need batch >= 1, steps >= 1, warmup >= 0; got {batch}, {steps}, {warmup}")
+    check_flex_variant(flex_options)
     info = dist_util.env_info()
     if info.world > 1:
         info, dev = dist_util.setup(device or "auto")
@@ -143,7 +147,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         model=model_name, batch=batch, precision=precision, compile=compile if isinstance(compile, str) else bool(compile),
         passes=passes,
         steps=steps, warmup=warmup, peak_tflops=peak_tflops, device=dev.type, world=info.world,
-        attn_impl=attn_impl, separate_passes=bool(separate_passes),
+        attn_impl=attn_impl, flex_options=flex_options, separate_passes=bool(separate_passes),
         activation_checkpointing=bool(activation_checkpointing),
         card=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,
         date=datetime.date.today().isoformat(), status="ok",
@@ -160,6 +164,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
     times: list[float] = []
+    variant = contextlib.ExitStack()
+    variant.enter_context(flex_variant(flex_options))
     try:
         model = model.to(dev).train()
         diffusion = build_diffusion()
@@ -221,6 +227,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
             raise
         result.update(status="oom", error=str(err).splitlines()[0][:300])
     finally:
+        variant.close()
         if cuda:
             result["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     if result["status"] == "ok":
@@ -359,6 +366,53 @@ TRITON_VARIANTS = {  # block shapes tried by ``bench attention --impl triton:NAM
 }
 
 
+def check_flex_variant(name: str | None) -> str | None:
+    if name is not None and name not in FLEX_VARIANTS:
+        raise ValueError(f"unknown FlexAttention variant {name!r}; valid: {', '.join(FLEX_VARIANTS)}")
+    return name
+
+
+@contextlib.contextmanager
+def flex_variant(name: str | None):
+    """FlexAttention's kernel options set to ``FLEX_VARIANTS[name]`` while inside (None: unchanged).
+
+    Blocks compiled inside keep the options they were traced with. An unknown name is refused,
+    naming the valid ones, before anything is changed.
+    """
+    if check_flex_variant(name) is None:
+        yield
+        return
+    from mdtzoo.models import attention as attn_mod
+
+    saved = dict(attn_mod.FLEX_KERNEL_OPTIONS)
+    attn_mod.FLEX_KERNEL_OPTIONS.clear()
+    attn_mod.FLEX_KERNEL_OPTIONS.update(FLEX_VARIANTS[name])
+    attn_mod._flex.cache_clear()
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        attn_mod.FLEX_KERNEL_OPTIONS.clear()
+        attn_mod.FLEX_KERNEL_OPTIONS.update(saved)
+        attn_mod._flex.cache_clear()
+
+
+@contextlib.contextmanager
+def triton_variant(name: str):
+    """Our Triton kernel's CONFIG updated with ``TRITON_VARIANTS[name]`` while inside."""
+    if name not in TRITON_VARIANTS:
+        raise ValueError(f"unknown Triton variant {name!r}; valid: {', '.join(TRITON_VARIANTS)}")
+    from mdtzoo.models import triton_attention
+
+    saved = dict(triton_attention.CONFIG)
+    triton_attention.CONFIG.update(TRITON_VARIANTS[name])
+    try:
+        yield
+    finally:
+        triton_attention.CONFIG.clear()
+        triton_attention.CONFIG.update(saved)
+
+
 def bench_attention(impls=("explicit", "auto", "sdpa", "flex"), *, batch: int = 256, heads: int = 6,
                     grid: int = 16, keep: int = 179, dim: int = 64, compile: bool = True, repeats: int = 20,
                     device=None, log=None) -> list[dict]:
@@ -385,59 +439,39 @@ def bench_attention(impls=("explicit", "auto", "sdpa", "flex"), *, batch: int = 
     ids = torch.stack([torch.randperm(n, device=dev)[:keep] for _ in range(batch)]).sort(dim=1).values
     q0, k0, v0 = (torch.randn(batch, heads, n, dim, device=dev, dtype=torch.bfloat16) for _ in range(3))
     results = []
-    from mdtzoo.models import attention as attn_mod
-
-    default_options = dict(attn_mod.FLEX_KERNEL_OPTIONS)
     for impl in (*impls, "no-bias"):
         row = {"impl": impl, "compile": bool(compile and not impl.startswith(("flex", "triton"))), "batch": batch,
                "heads": heads, "tokens": n, "kept": keep}
-        triton_saved = None
-        if impl.startswith("triton:"):
-            from mdtzoo.models import triton_attention
+        impl_name, _, variant = impl.partition(":")
+        with contextlib.ExitStack() as variants:
+            if impl_name == "triton" and variant:
+                variants.enter_context(triton_variant(variant))
+            elif impl_name == "flex" and variant:
+                variants.enter_context(flex_variant(variant))
+            try:
+                log(f"attention {impl}: checking against the explicit reference, then timing "
+                    f"(compiles first; a stall here is the compilation)")
+                if impl != "no-bias":
+                    row["errors"] = check_attention(impl_name, heads=heads, grid=grid, keep=keep, dim=dim,
+                                                    device=dev, compile=row["compile"])
+                fn = torch.compile(attention, dynamic=False) if row["compile"] else attention
+                for masked in (False, True):
+                    q, k, v = ((t[:, :, :keep] if masked else t).detach().requires_grad_(True) for t in (q0, k0, v0))
+                    rel = None if impl == "no-bias" else bias
+                    which = "auto" if impl == "no-bias" else impl_name
 
-            triton_saved = dict(triton_attention.CONFIG)
-            triton_attention.CONFIG.update(TRITON_VARIANTS[impl[7:]])
-            impl_name = "triton"
-        elif impl.startswith("flex:"):
-            attn_mod.FLEX_KERNEL_OPTIONS.clear()
-            attn_mod.FLEX_KERNEL_OPTIONS.update(FLEX_VARIANTS[impl[5:]])
-            attn_mod._flex.cache_clear()
-            torch._dynamo.reset()
-            impl_name = "flex"
-        else:
-            impl_name = impl
-        try:
-            log(f"attention {impl}: checking against the explicit reference, then timing "
-                f"(compiles first; a stall here is the compilation)")
-            if impl != "no-bias":
-                row["errors"] = check_attention(impl_name, heads=heads, grid=grid, keep=keep, dim=dim, device=dev,
-                                                compile=row["compile"])
-            fn = torch.compile(attention, dynamic=False) if row["compile"] else attention
-            for masked in (False, True):
-                q, k, v = ((t[:, :, :keep] if masked else t).detach().requires_grad_(True) for t in (q0, k0, v0))
-                rel = None if impl == "no-bias" else bias
-                which = "auto" if impl == "no-bias" else impl_name
+                    def step(backward=True):
+                        out = fn(q, k, v, rel, ids if (masked and rel is not None) else None, impl=which)
+                        if backward:
+                            out.backward(torch.ones_like(out))
 
-                def step(backward=True):
-                    out = fn(q, k, v, rel, ids if (masked and rel is not None) else None, impl=which)
-                    if backward:
-                        out.backward(torch.ones_like(out))
-
-                name = "masked" if masked else "full"
-                row[f"{name}_ms"] = _cuda_time(step, repeats) * 1e3
-                with torch.no_grad():
-                    row[f"{name}_fwd_ms"] = _cuda_time(lambda: step(False), repeats) * 1e3
-            row["status"] = "ok"
-        except Exception as err:  # noqa: BLE001 - a failing kernel is a result row, not a crash
-            row.update(status="error", error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
-        finally:
-            attn_mod.FLEX_KERNEL_OPTIONS.clear()
-            attn_mod.FLEX_KERNEL_OPTIONS.update(default_options)
-            if triton_saved is not None:
-                from mdtzoo.models import triton_attention
-
-                triton_attention.CONFIG.clear()
-                triton_attention.CONFIG.update(triton_saved)
+                    name = "masked" if masked else "full"
+                    row[f"{name}_ms"] = _cuda_time(step, repeats) * 1e3
+                    with torch.no_grad():
+                        row[f"{name}_fwd_ms"] = _cuda_time(lambda: step(False), repeats) * 1e3
+                row["status"] = "ok"
+            except Exception as err:  # noqa: BLE001 - a failing kernel is a result row, not a crash
+                row.update(status="error", error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
         log(f"attention {impl}: {row}")
         results.append(row)
     return results
@@ -453,7 +487,8 @@ def sample_flops(model: nn.Module, steps: int, guided: bool) -> float:
 def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 250,
                  guidance: str = "power_cosine", precision: str = "bf16", compile: bool | str = True,
                  attn_impl: str = "auto", repeats: int = 2, check: int = 8, peak_tflops: float = DEFAULT_PEAK_TFLOPS,
-                 device: str | None = None, seed: int = 0, profile: bool = False, log=None) -> dict:
+                 device: str | None = None, seed: int = 0, profile: bool = False, flex_options: str | None = None,
+                 log=None) -> dict:
     """Time ``batch`` images of ``steps``-step DDPM sampling (VAE excluded) at ImageNet latent shape.
 
     With ``check`` > 0, first samples ``check`` images with the fast settings and with the
@@ -461,7 +496,17 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
     scaled so the network's output matters) and reports their differences. ``compile``: True,
     False or a torch.compile mode for the blocks ('reduce-overhead' replays CUDA graphs).
     ``profile``: the top kernels of 3 more sampling steps at the timed batch, in ``result['profile']``.
+    ``flex_options``: a ``FLEX_VARIANTS`` name, FlexAttention's kernel options for this run.
     """
+    with flex_variant(flex_options):  # an unknown name is refused before any work
+        result = _bench_sample(model_name, batch, steps, guidance, precision, compile, attn_impl, repeats, check,
+                               peak_tflops, device, seed, profile, log)
+    result["flex_options"] = flex_options
+    return result
+
+
+def _bench_sample(model_name, batch, steps, guidance, precision, compile, attn_impl, repeats, check, peak_tflops,
+                  device, seed, profile, log) -> dict:
     from mdtzoo.training.objective import compile_mode
     from mdtzoo.diffusion import build_diffusion
     from mdtzoo.models import build_model

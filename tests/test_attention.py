@@ -246,17 +246,6 @@ def test_unknown_compile_mode_names_the_valid_ones():
         compile_mode("fastest")
 
 
-def test_auto_takes_triton_only_where_it_was_measured_fastest():
-    """16-bit inputs with a power-of-two head dim (S/2, B/2: 64); XL/2's 72 and float32 -> FlexAttention."""
-    from mdtzoo.models.attention import _triton_available, _triton_fits
-
-    q = torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16)
-    assert _triton_fits(q) == _triton_available()
-    assert not _triton_fits(torch.zeros(1, 1, 4, 72, dtype=torch.bfloat16))
-    assert not _triton_fits(torch.zeros(1, 1, 4, 64, dtype=torch.float32))
-    assert not _triton_fits(torch.zeros(1, 1, 4, 256, dtype=torch.float16))
-
-
 def test_flex_on_the_cpu_trains_through_the_explicit_maths():
     """FlexAttention has no CPU backward: a CPU run bound to attn_impl='flex' (as the small grid's
     mdt.gin is, for its GPU runs) still trains, with the reference's gradients."""

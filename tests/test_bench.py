@@ -116,3 +116,23 @@ def test_bench_sample_on_cpu_checks_profiles_and_refuses_bad_modes(tmp_path, cap
     assert r["img_per_s"] == pytest.approx(2 / r["seconds"])
     with pytest.raises(ValueError, match="torch.compile mode .*reduce-overhead.*got 'fast'"):
         bench_sample("mdt_xs2", 2, compile="fast", device="cpu")
+
+
+def test_flex_variants_apply_inside_and_restore_and_unknown_ones_are_named(tmp_path, capsys):
+    from mdtzoo.bench import FLEX_VARIANTS, bench_sample, bench_train_step, flex_variant
+    from mdtzoo.models import attention as attn_mod
+
+    before = dict(attn_mod.FLEX_KERNEL_OPTIONS)
+    with flex_variant("m128n64"):
+        assert attn_mod.FLEX_KERNEL_OPTIONS == FLEX_VARIANTS["m128n64"]
+    assert attn_mod.FLEX_KERNEL_OPTIONS == before
+    with pytest.raises(ValueError, match="unknown FlexAttention variant 'm9'; valid: m64n64s1, m128n64"):
+        bench_train_step("mdt_xs2", 2, device="cpu", flex_options="m9")
+    with pytest.raises(ValueError, match="unknown FlexAttention variant 'm9'"):
+        bench_sample("mdt_xs2", 2, device="cpu", flex_options="m9")
+    assert attn_mod.FLEX_KERNEL_OPTIONS == before
+    out = tmp_path / "r.json"
+    assert main(["bench", "train-step", "--model", "mdt_xs2", "--batch", "2", "--steps", "1", "--warmup", "0",
+                 "--device", "cpu", "--flex-options", "m128n64", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["flex_options"] == "m128n64"
+    assert attn_mod.FLEX_KERNEL_OPTIONS == before

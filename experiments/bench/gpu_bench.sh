@@ -11,6 +11,7 @@
 #   bash experiments/bench/gpu_bench.sh diag      # sampling profile and attention paths (50 steps), DiT-XL/2 step
 #   bash experiments/bench/gpu_bench.sh paths     # flex (bias materialised) vs triton: XL/2 sampling, XL/2 and S/2 steps
 #   bash experiments/bench/gpu_bench.sh final2    # after the materialised bias: 250-step sampling (checked), S/2 B/2 paths, XL/2 profile
+#   bash experiments/bench/gpu_bench.sh tune2     # profiles of MDT-XL/2 and S/2 steps; FlexAttention block variants
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -116,6 +117,20 @@ final2)
   done
   run step_mdt_xl2_b64_profile 110 bench train-step --model mdt_xl2 --batch 64 --compile --precision bf16 --profile \
     --json "$OUT/step_mdt_xl2_b64_auto.json"
+  ;;
+tune2)
+  run step_mdt_xl2_b64_profile 120 bench train-step --model mdt_xl2 --batch 64 --compile --precision bf16 --profile \
+    --json "$OUT/step_mdt_xl2_b64_profile.json"
+  run step_mdt_s2_b256_profile 100 bench train-step --model mdt_s2 --batch 256 --compile --precision bf16 --profile \
+    --json "$OUT/step_mdt_s2_b256_profile.json"
+  for variant in m128n64 m64n64w8 bwd64; do
+    run "step_mdt_s2_b256_$variant" 100 bench train-step --model mdt_s2 --batch 256 --compile --precision bf16 \
+      --flex-options "$variant" --json "$OUT/step_mdt_s2_b256_$variant.json"
+  done
+  for variant in default m128n64; do
+    run "sample_$variant" 150 bench sample --model mdt_xl2 --batch 256 --steps 50 --check 0 --compile \
+      $([ "$variant" = default ] || echo --flex-options "$variant") --json "$OUT/sample_$variant.json"
+  done
   ;;
 autotune)
   for spec in ${AUTOTUNE_SPECS:-"dit_xl2 64 default" "dit_xl2 64 max-autotune-no-cudagraphs" "dit_s2 256 max-autotune-no-cudagraphs"}; do

@@ -13,12 +13,13 @@ with heavy contention). The fast paths avoid that:
   sample every (i, j) pair hits a different entry, so the backward writes each sample's
   gradient without collisions (a plain scatter) and sums over the batch -- no atomics,
   deterministic. The (H, N, N) -> table step is then a small gather of N*N entries.
-* ``impl`` picks the kernel: ``"auto"`` = flash SDPA without a bias; with a bias on CUDA, our
-  Triton kernel (``"triton"``, models/triton_attention.py) for 16-bit inputs with a power-of-two
-  head dim, else FlexAttention (the fastest measured of each, docs/performance.md), and the
-  explicit maths with the collision-free gather on the CPU; ``"sdpa"`` passes the bias as a float
-  mask; ``"flex"`` is FlexAttention reading the shared (H, N, N) bias at the kept positions
-  inside the kernel (CUDA; on the CPU its forward, and the explicit maths where a gradient is needed).
+* ``impl`` picks the kernel: ``"auto"`` = flash SDPA without a bias; with a bias, FlexAttention
+  on CUDA (the fastest measured in the whole training step and in sampling, docs/performance.md)
+  and the explicit maths with the collision-free gather on the CPU; ``"flex"`` is FlexAttention
+  reading the shared (H, N, N) bias -- materialised first, see :func:`materialized` -- at the kept
+  positions inside the kernel (CUDA; on the CPU its forward, and the explicit maths where a gradient
+  is needed); ``"triton"`` is our own kernel (models/triton_attention.py); ``"sdpa"`` passes the
+  bias as a float mask.
 * ``"explicit"`` is the reference for tests: the naive per-sample table gather and
   softmax(q k^T / sqrt(d) + bias) v spelled out.
 """
@@ -196,7 +197,7 @@ def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto"):
         return explicit_attention(q, k, v, bias)
     full = rel_pos_bias.full()
     if impl == "auto" and q.is_cuda and q.dtype != torch.float64:
-        impl = "triton" if _triton_fits(q) else "flex"
+        impl = "flex"  # the fastest measured at S/2, B/2 and XL/2 shapes (docs/performance.md); 'triton' on request
     if impl == "flex" and not (q.device.type == "cpu" and torch.is_grad_enabled()
                                and (q.requires_grad or k.requires_grad or v.requires_grad or full.requires_grad)):
         return flex_attention(q, k, v, full, ids_keep)  # (FlexAttention has no backward on the CPU)
@@ -206,13 +207,6 @@ def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto"):
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
     return _fused_explicit(q, k, v, bias)  # auto off CUDA
-
-
-def _triton_fits(q: torch.Tensor) -> bool:
-    """'auto' takes our Triton kernel where it was measured fastest: a power-of-two head dim
-    (S/2, B/2: 64; XL/2's 72 would be padded to 128 -> FlexAttention) and 16-bit inputs."""
-    d = q.shape[-1]
-    return q.dtype in (torch.float16, torch.bfloat16) and 16 <= d <= 128 and d & (d - 1) == 0 and _triton_available()
 
 
 def _triton(q, k, v, full, ids_keep):
