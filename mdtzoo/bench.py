@@ -350,6 +350,9 @@ FLEX_VARIANTS = {  # kernel_options tried by ``bench attention --impl flex:NAME`
     "m64n64s2": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32,
                  "num_stages": 2},
     "bwd64": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64},
+    # the default options with the bias (and its gradient atomics) in float32 instead of q's bf16
+    "f32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32,
+            "num_stages": 2, "bias_fp32": True},
     # the default blocks with the bias replicated over G batch groups (fewer colliding gradient atomics)
     **{f"g{g}": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32,
                  "num_stages": 2, "bias_groups": g} for g in (4, 16, 64)},

@@ -12,6 +12,7 @@
 #   bash experiments/bench/gpu_bench.sh paths     # flex (bias materialised) vs triton: XL/2 sampling, XL/2 and S/2 steps
 #   bash experiments/bench/gpu_bench.sh final2    # after the materialised bias: 250-step sampling (checked), S/2 B/2 paths, XL/2 profile
 #   bash experiments/bench/gpu_bench.sh tune2     # profiles of MDT-XL/2 and S/2 steps; FlexAttention block variants
+#   bash experiments/bench/gpu_bench.sh f32       # FlexAttention's bias (and its gradient atomics) in float32 vs bf16
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -131,6 +132,17 @@ tune2)
     run "sample_$variant" 150 bench sample --model mdt_xl2 --batch 256 --steps 50 --check 0 --compile \
       $([ "$variant" = default ] || echo --flex-options "$variant") --json "$OUT/sample_$variant.json"
   done
+  ;;
+f32)
+  run attention_s2 150 bench attention --impl flex,flex:f32 --json "$OUT/attention_s2.json"
+  for spec in "mdt_s2 256" "mdt_xl2 64"; do
+    set -- $spec
+    for variant in default f32; do
+      run "step_$1_b$2_$variant" 110 bench train-step --model "$1" --batch "$2" --compile --precision bf16 \
+        $([ "$variant" = default ] || echo --flex-options "$variant") --json "$OUT/step_$1_b$2_$variant.json"
+    done
+  done
+  run attention_xl2 150 bench attention --impl flex,flex:f32 --batch 64 --heads 16 --dim 72 --json "$OUT/attention_xl2.json"
   ;;
 autotune)
   for spec in ${AUTOTUNE_SPECS:-"dit_xl2 64 default" "dit_xl2 64 max-autotune-no-cudagraphs" "dit_s2 256 max-autotune-no-cudagraphs"}; do

@@ -148,15 +148,17 @@ materialized.register_autograd(lambda ctx, grad: grad)
 def flex_attention(q, k, v, full, ids_keep=None, kernel_options=None):
     """FlexAttention with ``full[h, pos_i, pos_j]`` (pos = ids_keep rows, or 0..N-1) added in-kernel.
 
-    ``kernel_options`` may carry ``bias_groups`` G > 1 (an experiment of ``bench attention``): the
+    ``kernel_options`` may carry ``bias_fp32`` (the bias read, and its gradient accumulated, in
+    float32 rather than q's dtype) and ``bias_groups`` G > 1 (experiments of ``bench``): the
     bias is read from G copies, sample b from copy b % G, so fewer programs add into the same
     gradient entry; the copies' gradients are summed by autograd.
     """
     n = full.shape[-1]
     options = dict(kernel_options or FLEX_KERNEL_OPTIONS)
     groups = int(options.pop("bias_groups", 1))
+    bias_dtype = torch.float32 if options.pop("bias_fp32", False) else q.dtype
     options = options if q.is_cuda else None
-    full = materialized(full.to(q.dtype)).reshape(full.shape[0], n * n)  # a plain (H, N*N) tensor in-kernel
+    full = materialized(full.to(bias_dtype)).reshape(full.shape[0], n * n)  # a plain (H, N*N) tensor in-kernel
     if groups > 1:
         full = full.unsqueeze(0).expand(groups, *full.shape).contiguous()
         if ids_keep is None:
