@@ -13,6 +13,7 @@
 #   bash experiments/bench/gpu_bench.sh final2    # after the materialised bias: 250-step sampling (checked), S/2 B/2 paths, XL/2 profile
 #   bash experiments/bench/gpu_bench.sh tune2     # profiles of MDT-XL/2 and S/2 steps; FlexAttention block variants
 #   bash experiments/bench/gpu_bench.sh f32       # FlexAttention's bias (and its gradient atomics) in float32 vs bf16
+#   bash experiments/bench/gpu_bench.sh table     # the final table in one call: every target model, then 250-step sampling
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -143,6 +144,15 @@ f32)
     done
   done
   run attention_xl2 150 bench attention --impl flex,flex:f32 --batch 64 --heads 16 --dim 72 --json "$OUT/attention_xl2.json"
+  ;;
+table)
+  for spec in "dit_s2 256" "mdt_s2 256" "dit_xl2 64" "mdt_xl2 64" "mdt_b2 256"; do
+    set -- $spec
+    run "step_$1_b$2" 100 bench train-step --model "$1" --batch "$2" --compile --precision bf16 \
+      --json "$OUT/step_$1_b$2.json"
+  done
+  run sample_mdt_xl2 200 bench sample --model mdt_xl2 --batch 256 --compile --check 8 --repeats 1 \
+    --json "$OUT/sample_mdt_xl2.json"
   ;;
 autotune)
   for spec in ${AUTOTUNE_SPECS:-"dit_xl2 64 default" "dit_xl2 64 max-autotune-no-cudagraphs" "dit_s2 256 max-autotune-no-cudagraphs"}; do
