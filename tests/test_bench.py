@@ -136,3 +136,21 @@ def test_flex_variants_apply_inside_and_restore_and_unknown_ones_are_named(tmp_p
                  "--device", "cpu", "--flex-options", "m128n64", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["flex_options"] == "m128n64"
     assert attn_mod.FLEX_KERNEL_OPTIONS == before
+
+
+def test_published_performance_table_matches_its_json_results():
+    """docs/performance.md's one-call column (m) is the committed bench JSON, rounded as printed."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "performance.md").read_text()
+    names = {"dit_s2": "DiT-S/2", "dit_xl2": "DiT-XL/2", "mdt_s2": "MDT-S/2", "mdt_b2": "MDT-B/2", "mdt_xl2": "MDT-XL/2"}
+    results = sorted((root / "docs" / "results" / "bench").glob("step_*.json"))
+    assert len(results) == len(names)
+    for path in results:
+        r = json.loads(path.read_text())
+        assert r["status"] == "ok" and r["card"].startswith("NVIDIA H100") and r["precision"] == "bf16"
+        assert f"| {names[r['model']]} | {r['batch']} | **{r['img_per_s']:,.0f}** |" in doc
+    sample = json.loads((root / "docs" / "results" / "bench" / "sample_mdt_xl2.json").read_text())
+    assert sample["steps"] == 250 and sample["check_rel_diff"] < 1e-3
+    assert f"| 256 | **{sample['img_per_s']:.2f}** |" in doc and sample["img_per_s"] >= 3.0
