@@ -210,18 +210,12 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                 t0 = time.perf_counter()
                 one_step(step)
                 times.append(time.perf_counter() - t0)
-        if profile:  # the kernels of two more steps, by total device time
-            from torch.profiler import ProfilerActivity
-            from torch.profiler import profile as torch_profile
-
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-            with torch_profile(activities=activities) as prof:
+        if profile:  # the kernels of two more steps
+            def two_steps():
                 for step in range(warmup + steps, warmup + steps + 2):
                     one_step(step)
-                if cuda:
-                    torch.cuda.synchronize(dev)
-            sort = "cuda_time_total" if cuda else "cpu_time_total"
-            result["profile"] = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+
+            result["profile"] = _profile_table(two_steps, dev, rows=25)
     except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
         if not _is_oom(err):
             raise
@@ -236,6 +230,19 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         result.update(step_ms=median * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
                       img_per_s=batch * info.world / median, tflops=tflops, peak_fraction=tflops / peak_tflops)
     return result
+
+
+def _profile_table(fn, dev: torch.device, rows: int) -> str:
+    """torch.profiler's table of what ``fn()`` ran, by total device time (CPU time off the GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dev.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(dev)
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70)
 
 
 def format_result(r: dict) -> str:
@@ -501,87 +508,73 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
     ``profile``: the top kernels of 3 more sampling steps at the timed batch, in ``result['profile']``.
     ``flex_options``: a ``FLEX_VARIANTS`` name, FlexAttention's kernel options for this run.
     """
-    with flex_variant(flex_options):  # an unknown name is refused before any work
-        result = _bench_sample(model_name, batch, steps, guidance, precision, compile, attn_impl, repeats, check,
-                               peak_tflops, device, seed, profile, log)
-    result["flex_options"] = flex_options
-    return result
-
-
-def _bench_sample(model_name, batch, steps, guidance, precision, compile, attn_impl, repeats, check, peak_tflops,
-                  device, seed, profile, log) -> dict:
     from mdtzoo.training.objective import compile_mode
     from mdtzoo.diffusion import build_diffusion
     from mdtzoo.models import build_model
     from mdtzoo.sample import generate
 
     log = log or (lambda *_: None)
-    mode = compile_mode(compile)  # validated before any work
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cuda = dev.type == "cuda"
-    torch.manual_seed(seed)
-    model = build_model(model_name, input_size=32, in_channels=4, num_classes=1000, attn_impl=attn_impl).to(dev)
-    with torch.no_grad():  # DiT init zeroes the output layers; random weights make the check meaningful
-        for name, p in model.named_parameters():
-            if p.dim() > 1 and ("adaLN" in name or "final_layer.linear" in name):
-                p.normal_(0, 0.005)
-    model.eval()
-    diffusion = build_diffusion(respacing=str(steps))
-    guided = guidance != "none"
-    flops = sample_flops(model, steps, guided)
-    result = dict(model=model_name, batch=batch, steps=steps, guidance=guidance, precision=precision,
-                  compile=mode or False, attn_impl=attn_impl, device=dev.type, card=torch.cuda.get_device_name(dev) if cuda else "cpu",
-                  torch=torch.__version__, date=datetime.date.today().isoformat(), flops_per_image=flops,
-                  peak_tflops=peak_tflops, status="ok")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.cuda.reset_peak_memory_stats(dev)
-    kwargs = dict(labels="uniform", seed=seed, device=dev, num_classes=1000)
-    if check:
-        for blk in model.all_blocks():
-            blk.attn.impl = "explicit"
-        ref, _ = _latents(generate, model, diffusion, guidance, check, "fp32", kwargs)
-        for blk in model.all_blocks():
-            blk.attn.impl = attn_impl
-    if mode:
-        model.compile_blocks(**({} if mode == "default" else {"mode": mode}))
-    if check:
-        fast, _ = _latents(generate, model, diffusion, guidance, check, precision, kwargs)
-        diff = (fast - ref).abs()
-        result.update(check_images=check, check_max_abs_diff=diff.max().item(),
-                      check_mean_abs_diff=diff.mean().item(), check_ref_std=ref.std().item(),
-                      check_rel_diff=((fast - ref).norm() / ref.norm()).item())
-        log(f"sample check: max |fast - reference| = {diff.max().item():.3g}, mean {diff.mean().item():.3g}, "
-            f"reference std {ref.std().item():.3g}")
-    warm = build_diffusion(respacing="2")
-    _latents(generate, model, warm, guidance, batch, precision, kwargs)  # compile at the timed shape
-    times = []
-    for _ in range(repeats):
+    mode = compile_mode(compile)  # validated before any work, as the variant name is on entering
+    with flex_variant(flex_options):
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cuda = dev.type == "cuda"
+        torch.manual_seed(seed)
+        model = build_model(model_name, input_size=32, in_channels=4, num_classes=1000, attn_impl=attn_impl).to(dev)
+        with torch.no_grad():  # DiT init zeroes the output layers; random weights make the check meaningful
+            for name, p in model.named_parameters():
+                if p.dim() > 1 and ("adaLN" in name or "final_layer.linear" in name):
+                    p.normal_(0, 0.005)
+        model.eval()
+        diffusion = build_diffusion(respacing=str(steps))
+        guided = guidance != "none"
+        flops = sample_flops(model, steps, guided)
+        result = dict(model=model_name, batch=batch, steps=steps, guidance=guidance, precision=precision,
+                      compile=mode or False, attn_impl=attn_impl, flex_options=flex_options, device=dev.type,
+                      card=torch.cuda.get_device_name(dev) if cuda else "cpu",
+                      torch=torch.__version__, date=datetime.date.today().isoformat(), flops_per_image=flops,
+                      peak_tflops=peak_tflops, status="ok")
         if cuda:
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        _latents(generate, model, diffusion, guidance, batch, precision, kwargs)
-        if cuda:
-            torch.cuda.synchronize(dev)
-        times.append(time.perf_counter() - t0)
-        log(f"sampled {batch} images in {times[-1]:.1f}s")
-    median = statistics.median(times)
-    tflops = flops * batch / median / 1e12
-    result.update(seconds=median, img_per_s=batch / median, tflops=tflops, peak_fraction=tflops / peak_tflops)
-    if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with torch_profile(activities=activities) as prof:
-            _latents(generate, model, build_diffusion(respacing="3"), guidance, batch, precision, kwargs)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.cuda.reset_peak_memory_stats(dev)
+        kwargs = dict(labels="uniform", seed=seed, device=dev, num_classes=1000)
+        if check:
+            for blk in model.all_blocks():
+                blk.attn.impl = "explicit"
+            ref, _ = _latents(generate, model, diffusion, guidance, check, "fp32", kwargs)
+            for blk in model.all_blocks():
+                blk.attn.impl = attn_impl
+        if mode:
+            model.compile_blocks(**({} if mode == "default" else {"mode": mode}))
+        if check:
+            fast, _ = _latents(generate, model, diffusion, guidance, check, precision, kwargs)
+            diff = (fast - ref).abs()
+            result.update(check_images=check, check_max_abs_diff=diff.max().item(),
+                          check_mean_abs_diff=diff.mean().item(), check_ref_std=ref.std().item(),
+                          check_rel_diff=((fast - ref).norm() / ref.norm()).item())
+            log(f"sample check: max |fast - reference| = {diff.max().item():.3g}, mean {diff.mean().item():.3g}, "
+                f"reference std {ref.std().item():.3g}")
+        warm = build_diffusion(respacing="2")
+        _latents(generate, model, warm, guidance, batch, precision, kwargs)  # compile at the timed shape
+        times = []
+        for _ in range(repeats):
             if cuda:
                 torch.cuda.synchronize(dev)
-        sort = "cuda_time_total" if cuda else "cpu_time_total"
-        result["profile"] = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
-    if cuda:
-        result["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    return result
+            t0 = time.perf_counter()
+            _latents(generate, model, diffusion, guidance, batch, precision, kwargs)
+            if cuda:
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t0)
+            log(f"sampled {batch} images in {times[-1]:.1f}s")
+        median = statistics.median(times)
+        tflops = flops * batch / median / 1e12
+        result.update(seconds=median, img_per_s=batch / median, tflops=tflops, peak_fraction=tflops / peak_tflops)
+        if profile:  # the kernels of 3 more sampling steps
+            three = build_diffusion(respacing="3")
+            result["profile"] = _profile_table(
+                lambda: _latents(generate, model, three, guidance, batch, precision, kwargs), dev, rows=30)
+        if cuda:
+            result["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        return result
 
 
 def _latents(generate, model, diffusion, guidance, num, precision, kwargs):

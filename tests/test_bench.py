@@ -82,8 +82,9 @@ def test_bench_train_step_command_on_cpu(tmp_path, capsys):
 def test_bench_full_pass_and_bad_input(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["bench", "train-step", "--model", "mdt_xs2", "--batch", "2", "--steps", "1", "--warmup", "0",
-                 "--device", "cpu", "--passes", "full", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["passes"] == "full"
+                 "--device", "cpu", "--passes", "full", "--profile", "--json", str(out)]) == 0
+    assert "Self CPU" in capsys.readouterr().out  # the profile of two more steps, printed, not in the JSON
+    assert json.loads(out.read_text())["passes"] == "full" and "profile" not in json.loads(out.read_text())
     # A DiT preset has no masked pass: a one-line error, exit code 2.
     assert main(["bench", "train-step", "--model", "dit_s2", "--batch", "2", "--passes", "both",
                  "--device", "cpu"]) == 2
