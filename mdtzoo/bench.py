@@ -544,7 +544,7 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
             for blk in model.all_blocks():
                 blk.attn.impl = attn_impl
         if mode:
-            model.compile_blocks(**({} if mode == "default" else {"mode": mode}))
+            model.compile_blocks(mode)
         if check:
             fast, _ = _latents(generate, model, diffusion, guidance, check, precision, kwargs)
             diff = (fast - ref).abs()

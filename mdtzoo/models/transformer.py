@@ -129,14 +129,16 @@ class DiffusionTransformer(nn.Module):
         if self.interp is not None:
             yield from self.interp.blocks
 
-    def compile_blocks(self, **options) -> None:
+    def compile_blocks(self, mode: str | None = None) -> None:
         """Regional torch.compile: every transformer block compiled in place, static shapes.
 
         Blocks of one shape share one graph (parameters are graph inputs), so compiling costs
         one graph per token count -- full pass, masked pass (a fixed kept count compiles once)
         -- not one per layer. Masks, gathers and the loss stay eager, where the per-step
-        random generators live; state-dict keys are unchanged.
+        random generators live; state-dict keys are unchanged. ``mode``: a torch.compile mode
+        (None or 'default': the default; 'reduce-overhead' replays each block as CUDA graphs).
         """
+        options = {} if mode in (None, "default") else {"mode": mode}
         for block in self.all_blocks():
             block.compile(dynamic=False, **options)
 

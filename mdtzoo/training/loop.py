@@ -236,7 +236,7 @@ def train(
         from mdtzoo import evaluation  # registers the run metrics
 
         for name in eval_metrics or ():
-            if getattr(METRICS.get(name), "kind", None) != "run":  # unknown: fails listing the known ones
+            if not evaluation.is_run_metric(name):  # an unknown name fails here, listing the known ones
                 raise ValueError(f"train.eval_metrics takes run metrics (no reference batch); {name!r} is not "
                                  f"one: {', '.join(n for n in METRICS.names() if evaluation.is_run_metric(n))}")
 

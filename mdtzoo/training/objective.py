@@ -153,7 +153,7 @@ def prepare_step(objective: DiffusionObjective, device: torch.device, world: int
         model.set_activation_checkpointing(True)
     mode = compile_mode(compile)
     if mode is not None:
-        model.compile_blocks(**({} if mode == "default" else {"mode": mode}))
+        model.compile_blocks(mode)
     step_fn = objective
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
