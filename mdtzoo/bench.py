@@ -215,7 +215,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                 for step in range(warmup + steps, warmup + steps + 2):
                     one_step(step)
 
-            result["profile"] = _profile_table(two_steps, dev, rows=25)
+            result["profile"] = _profile_table(two_steps, dev, rows=25, per=2)
     except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
         if not _is_oom(err):
             raise
@@ -232,8 +232,54 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     return result
 
 
-def _profile_table(fn, dev: torch.device, rows: int) -> str:
-    """torch.profiler's table of what ``fn()`` ran, by total device time (CPU time off the GPU)."""
+# Device kernels by kind, first match wins (names as torch.profiler reports them on CUDA).
+KERNEL_CLASSES = (
+    ("attention", ("flex_attention", "flash", "fmha", "sdpa", "_fwd_kernel", "_bwd_kernel", "kept_grad")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
+    ("optimizer, EMA, grad norm", ("multi_tensor_apply", "adam", "lerp", "lpnorm", "foreach")),
+    ("compiled elementwise", ("triton_poi", "triton_red", "triton_per")),
+    ("copies, casts", ("copy", "catarray")),
+    ("eager elementwise", ("elementwise", "reduce", "index", "scatter", "gather", "sort", "distribution", "fill")),
+)
+
+
+def kernel_class(name: str) -> str:
+    """The kind of a device kernel, by name (``KERNEL_CLASSES``); 'other' when nothing matches."""
+    low = name.lower()
+    for kind, keys in KERNEL_CLASSES:
+        if any(key in low for key in keys):
+            return kind
+    return "other"
+
+
+def kernel_breakdown(kernels, per: int = 1, top: int = 12) -> str:
+    """Where the device time goes: (name, microseconds) of every kernel run -> a text table of
+    milliseconds per ``per`` (steps) by kernel kind, then the ``top`` compiled elementwise kernels
+    (inductor's names list the ops each one fused)."""
+    by_kind: dict[str, list[float]] = {}
+    fused: dict[str, list[float]] = {}
+    for name, us in kernels:
+        kind = kernel_class(name)
+        by_kind.setdefault(kind, []).append(us)
+        if kind == "compiled elementwise":
+            fused.setdefault(name, []).append(us)
+    total = sum(sum(v) for v in by_kind.values()) or 1.0
+    lines = [f"device time per step ({per} profiled), by kernel kind:"]
+    for kind, times in sorted(by_kind.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"  {kind:<28}{sum(times) / per / 1e3:9.2f} ms {100 * sum(times) / total:6.1f}%"
+                     f"  {len(times) / per:6g} kernels")
+    lines.append(f"  {'total':<28}{total / per / 1e3:9.2f} ms")
+    if fused:
+        lines.append(f"top {top} compiled elementwise kernels (ms per step, calls per step):")
+        for name, times in sorted(fused.items(), key=lambda kv: -sum(kv[1]))[:top]:
+            lines.append(f"  {sum(times) / per / 1e3:7.2f} {len(times) / per:4g}  {name[:110]}")
+    return "\n".join(lines)
+
+
+def _profile_table(fn, dev: torch.device, rows: int, per: int = 1) -> str:
+    """torch.profiler's table of what ``fn()`` ran, by total device time (CPU time off the GPU);
+    on a GPU followed by ``kernel_breakdown`` (``fn`` runs ``per`` steps)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = dev.type == "cuda"
@@ -242,7 +288,11 @@ def _profile_table(fn, dev: torch.device, rows: int) -> str:
         if cuda:
             torch.cuda.synchronize(dev)
     sort = "cuda_time_total" if cuda else "cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70)
+    if not cuda:
+        return table
+    kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return table + "\n" + kernel_breakdown(kernels, per)
 
 
 def format_result(r: dict) -> str:
@@ -571,7 +621,7 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
         if profile:  # the kernels of 3 more sampling steps
             three = build_diffusion(respacing="3")
             result["profile"] = _profile_table(
-                lambda: _latents(generate, model, three, guidance, batch, precision, kwargs), dev, rows=30)
+                lambda: _latents(generate, model, three, guidance, batch, precision, kwargs), dev, rows=30, per=3)
         if cuda:
             result["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
         return result

@@ -155,3 +155,28 @@ def test_published_performance_table_matches_its_json_results():
     sample = json.loads((root / "docs" / "results" / "bench" / "sample_mdt_xl2.json").read_text())
     assert sample["steps"] == 250 and sample["check_rel_diff"] < 1e-3
     assert f"| 256 | **{sample['img_per_s']:.2f}** |" in doc and sample["img_per_s"] >= 3.0
+
+
+def test_kernel_breakdown_sorts_kernels_by_kind_per_step():
+    from mdtzoo.bench import kernel_breakdown, kernel_class
+
+    assert kernel_class("triton_tem_fused_flex_attention_backward_transpose_view_10") == "attention"
+    assert kernel_class("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<...>>") == "attention"
+    assert kernel_class("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "matmul"
+    assert kernel_class("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") \
+        == "optimizer, EMA, grad norm"
+    assert kernel_class("triton_poi_fused__to_copy_gelu_view_4") == "compiled elementwise"
+    assert kernel_class("void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda>") == "copies, casts"
+    assert kernel_class("void at::native::reduce_kernel<512, 1, ReduceOp<float, MeanOps>>") == "eager elementwise"
+    assert kernel_class("some_custom_kernel") == "other"
+    kernels = [("nvjet_a", 3000.0), ("nvjet_b", 1000.0), ("triton_poi_fused_gelu_1", 500.0),
+               ("triton_poi_fused_gelu_1", 500.0), ("triton_red_fused_layer_norm_2", 1000.0)]
+    text = kernel_breakdown(kernels, per=2)
+    rows = {line.split("  ")[1].strip(): line for line in text.splitlines()[1:4]}
+    assert text.splitlines()[1].split()[0] == "matmul"  # largest first
+    assert "2.00 ms" in rows["matmul"] and "66.7%" in rows["matmul"] and "1 kernels" in rows["matmul"]
+    assert "1.00 ms" in rows["compiled elementwise"] and "33.3%" in rows["compiled elementwise"]
+    assert "3.00 ms" in text.splitlines()[3]  # the total per step
+    top = [line.split() for line in text.splitlines()[-2:]]  # the fused kernels: 0.5 ms per step each
+    assert sorted((t[0], t[1], t[2]) for t in top) == [("0.50", "0.5", "triton_red_fused_layer_norm_2"),
+                                                       ("0.50", "1", "triton_poi_fused_gelu_1")]

@@ -14,6 +14,7 @@
 #   bash experiments/bench/gpu_bench.sh tune2     # profiles of MDT-XL/2 and S/2 steps; FlexAttention block variants
 #   bash experiments/bench/gpu_bench.sh f32       # FlexAttention's bias (and its gradient atomics) in float32 vs bf16
 #   bash experiments/bench/gpu_bench.sh table     # the final table in one call: every target model, then 250-step sampling
+#   bash experiments/bench/gpu_bench.sh where     # where each step's device time goes, by kernel kind (DiT vs MDT, flex vs triton)
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -153,6 +154,14 @@ table)
   done
   run sample_mdt_xl2 200 bench sample --model mdt_xl2 --batch 256 --compile --check 8 --repeats 1 \
     --json "$OUT/sample_mdt_xl2.json"
+  ;;
+where)
+  for spec in ${WHERE_SPECS:-"dit_xl2 64 auto" "mdt_xl2 64 auto" "dit_s2 256 auto" "mdt_s2 256 auto" "mdt_s2 256 triton"}; do
+    set -- $spec
+    run "step_$1_b$2_$3" 170 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --attn "$3" \
+      --profile --json "$OUT/step_$1_b$2_$3.json"
+    sed -n '/device time per step/,$p' "$OUT/step_$1_b$2_$3.log" >&2
+  done
   ;;
 autotune)
   for spec in ${AUTOTUNE_SPECS:-"dit_xl2 64 default" "dit_xl2 64 max-autotune-no-cudagraphs" "dit_s2 256 max-autotune-no-cudagraphs"}; do
