@@ -126,7 +126,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     from mdtzoo.diffusion import build_diffusion
     from mdtzoo.models import build_model
     from mdtzoo.training.ema import EMA
-    from mdtzoo.training.loop import make_optimizer
+    from mdtzoo.training.loop import grad_norm_, make_optimizer
     from mdtzoo.training.objective import DiffusionObjective, backward_parts, prepare_step, uses_cudagraphs
 
     if batch < 1 or steps < 1 or warmup < 0:
@@ -186,7 +186,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             backward_parts(step_fn, parts, (x0, y, step), autocast, world=info.world)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+            grad_norm_(model.parameters())
             opt.step()
             opt.zero_grad(set_to_none=True)
             ema.update(step + 1)
@@ -423,6 +423,8 @@ TRITON_VARIANTS = {  # block shapes tried by ``bench attention --impl triton:NAM
     "s3": {"fwd_stages": 3, "bwd_stages": 3},
     "b32": {"bwd_bm": 32, "bwd_bn": 64},
     "b128": {"bwd_bm": 64, "bwd_bn": 128, "bwd_warps": 8},
+    "pad": {"split_head": False},  # the head dim padded to one power-of-two tile (72 -> 128)
+    "dq128": {"dq_bm": 128, "dq_warps": 8},
 }
 
 

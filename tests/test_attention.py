@@ -157,12 +157,13 @@ from mdtzoo.models.attention import attention
 from mdtzoo.posenc.relbias import RelativePositionBias
 torch.manual_seed(0)
 worst = 0.0
-for masked in (False, True):
+# head dim 24: one tile padded to 32; head dim 40: two tiles, 32 + 16 (as MDT-XL's 72 = 64 + 16)
+for masked, dim in ((False, 24), (True, 24), (False, 40), (True, 40)):
     bias = RelativePositionBias((4, 5), 2)
     with torch.no_grad():
         bias.relative_position_bias_table.normal_()
     ids = torch.stack([torch.randperm(20)[:13] for _ in range(2)])
-    base = torch.randn(2, 20, 3, 2, 24)  # (B, N, qkv, H, d); head dim 24: padded to a block of 32
+    base = torch.randn(2, 20, 3, 2, dim)  # (B, N, qkv, H, d)
     res = []
     for impl in ("explicit", "triton"):
         leaf = base.clone().requires_grad_(True)
@@ -209,6 +210,21 @@ def test_triton_kernel_matches_reference_in_the_interpreter(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     worst = float(proc.stdout.split("WORST")[-1])
     assert worst < 1e-5
+
+
+def test_triton_head_tiles_pad_less_than_one_power_of_two_tile():
+    pytest.importorskip("triton")
+    from mdtzoo.models.triton_attention import head_blocks
+
+    assert head_blocks(72) == (64, 16)  # MDT-XL: 80 columns of work, not 128
+    assert head_blocks(72, split=False) == (128, 0)
+    assert head_blocks(64) == (64, 0) and head_blocks(8) == (16, 0) and head_blocks(24) == (32, 0)
+    assert head_blocks(40) == (32, 16) and head_blocks(96) == (64, 32) and head_blocks(100) == (128, 0)
+    for d in range(1, 300):
+        first, second = head_blocks(d)
+        assert first + second >= d and first >= 16 and (second == 0 or second >= 16)
+        assert first & (first - 1) == 0 and second & (second - 1) == 0  # powers of two (or 0)
+        assert first + second <= max(16, 1 << (d - 1).bit_length())  # never more work than one tile
 
 
 def test_a_relative_encoding_with_only_forward_uses_the_explicit_maths():

@@ -309,3 +309,23 @@ def test_unknown_compile_mode_fails_before_the_run_dir_exists(toy, tmp_path):
     with pytest.raises(ValueError, match="torch.compile mode .*reduce-overhead.*got 'fast'"):
         train()
     assert not run.exists()
+
+
+def test_grad_norm_without_a_clip_leaves_gradients_untouched_and_equals_clip_grad_norm():
+    from mdtzoo.training.loop import grad_norm_
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(5, 7), torch.nn.Linear(7, 3, bias=False)]
+    for layer in layers:
+        layer(torch.randn(4, layer.in_features)).square().sum().backward()
+    params = [p for layer in layers for p in layer.parameters()]
+    before = [p.grad.clone() for p in params]
+    expected = torch.cat([g.flatten() for g in before]).norm()
+    norm = grad_norm_(params)
+    assert torch.allclose(norm, expected, rtol=1e-6)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, before))  # no rescaling pass
+    clipped = grad_norm_(params, max_norm=0.5 * expected.item())  # with a bound: clip_grad_norm_
+    assert torch.allclose(clipped, expected, rtol=1e-6)
+    after = torch.cat([p.grad.flatten() for p in params]).norm()
+    assert torch.allclose(after, 0.5 * expected, rtol=1e-4)
+    assert float(grad_norm_([torch.nn.Parameter(torch.ones(2))])) == 0.0  # no gradients yet

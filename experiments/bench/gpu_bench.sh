@@ -15,6 +15,8 @@
 #   bash experiments/bench/gpu_bench.sh f32       # FlexAttention's bias (and its gradient atomics) in float32 vs bf16
 #   bash experiments/bench/gpu_bench.sh table     # the final table in one call: every target model, then 250-step sampling
 #   bash experiments/bench/gpu_bench.sh where     # where each step's device time goes, by kernel kind (DiT vs MDT, flex vs triton)
+#   bash experiments/bench/gpu_bench.sh tri       # Triton kernel (split head dim, in-kernel delta and dQ) vs FlexAttention: kernels, S/2 and XL/2 steps
+#   bash experiments/bench/gpu_bench.sh graphs    # CUDA graphs (reduce-overhead) for the S/2 steps, B/2 paths
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -161,6 +163,27 @@ where)
     run "step_$1_b$2_$3" 170 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --attn "$3" \
       --profile --json "$OUT/step_$1_b$2_$3.json"
     sed -n '/device time per step/,$p' "$OUT/step_$1_b$2_$3.log" >&2
+  done
+  ;;
+tri)
+  run attention_s2 150 bench attention --impl flex,triton,triton:dq128 --json "$OUT/attention_s2.json"
+  run attention_xl2 150 bench attention --impl flex,triton,triton:pad --batch 64 --heads 16 --dim 72 \
+    --json "$OUT/attention_xl2.json"
+  for spec in "mdt_s2 256" "mdt_xl2 64"; do
+    set -- $spec
+    for impl in flex triton; do
+      run "step_$1_b$2_$impl" 120 bench train-step --model "$1" --batch "$2" --compile --precision bf16 \
+        --attn "$impl" --json "$OUT/step_$1_b$2_$impl.json"
+    done
+  done
+  ;;
+graphs)
+  for spec in "dit_s2 256 flex default" "dit_s2 256 flex reduce-overhead" "mdt_s2 256 flex reduce-overhead" \
+              "mdt_s2 256 triton default" "mdt_s2 256 triton reduce-overhead" "mdt_b2 256 flex default" \
+              "mdt_b2 256 triton default"; do
+    set -- $spec
+    run "step_$1_b$2_$3_$4" 120 bench train-step --model "$1" --batch "$2" --compile-mode "$4" --precision bf16 \
+      --attn "$3" --json "$OUT/step_$1_b$2_$3_$4.json"
   done
   ;;
 autotune)

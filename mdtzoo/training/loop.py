@@ -77,6 +77,19 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float, betas, fus
     raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
 
 
+def grad_norm_(parameters, max_norm: float | None = None) -> torch.Tensor:
+    """The gradients' total 2-norm (what the trainer logs); with ``max_norm`` they are also clipped
+    to it (``clip_grad_norm_``). Without a clip no rescaling pass runs: clip_grad_norm_ with an
+    infinite bound still multiplies every gradient by 1.0 (a read and write of all of them, ~2 ms of
+    a DiT-XL/2 step on an H100)."""
+    params = [p for p in parameters if p.grad is not None]
+    if max_norm is not None or not hasattr(torch.nn.utils, "get_total_norm"):  # (torch < 2.6)
+        return torch.nn.utils.clip_grad_norm_(params, float("inf") if max_norm is None else max_norm)
+    if not params:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+
+
 def configured_diffusion(**overrides):
     """``diffusion.build_diffusion`` with the gin bindings of the run applied."""
     return gin.get_configurable("diffusion.build_diffusion")(**overrides)
@@ -313,7 +326,7 @@ def train(
                 if info.is_main:
                     run.mark_failed(message)
                 raise NonFiniteLossError(message)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+            grad_norm = grad_norm_(model.parameters(), grad_clip or None)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
