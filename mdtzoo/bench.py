@@ -113,10 +113,11 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                      peak_tflops: float = DEFAULT_PEAK_TFLOPS, device: str | None = None,
                      seed: int = 0, attn_impl: str = "auto", separate_passes: bool = True,
                      activation_checkpointing: bool = False, profile: bool = False, flex_options: str | None = None,
-                     log=None) -> dict:
+                     triton_options: str | None = None, log=None) -> dict:
     """Time the trainer's step for a preset at ImageNet latent shape; returns a result dict.
 
-    ``flex_options``: a ``FLEX_VARIANTS`` name, FlexAttention's kernel options for this run.
+    ``flex_options``: a ``FLEX_VARIANTS`` name, FlexAttention's kernel options for this run;
+    ``triton_options``: a ``TRITON_VARIANTS`` name, our Triton kernel's settings.
 
     ``batch`` is per process: under torchrun (WORLD_SIZE > 1) the objective is wrapped in DDP
     as in the trainer and img/s counts all processes' images. An out-of-memory error does not
@@ -132,6 +133,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     if batch < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"need batch >= 1, steps >= 1, warmup >= 0; got {batch}, {steps}, {warmup}")
     check_flex_variant(flex_options)
+    check_triton_variant(triton_options)
     info = dist_util.env_info()
     if info.world > 1:
         info, dev = dist_util.setup(device or "auto")
@@ -147,7 +149,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         model=model_name, batch=batch, precision=precision, compile=compile if isinstance(compile, str) else bool(compile),
         passes=passes,
         steps=steps, warmup=warmup, peak_tflops=peak_tflops, device=dev.type, world=info.world,
-        attn_impl=attn_impl, flex_options=flex_options, separate_passes=bool(separate_passes),
+        attn_impl=attn_impl, flex_options=flex_options, triton_options=triton_options,
+        separate_passes=bool(separate_passes),
         activation_checkpointing=bool(activation_checkpointing),
         card=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,
         date=datetime.date.today().isoformat(), status="ok",
@@ -166,6 +169,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     times: list[float] = []
     variant = contextlib.ExitStack()
     variant.enter_context(flex_variant(flex_options))
+    variant.enter_context(triton_variant(triton_options))
     try:
         model = model.to(dev).train()
         diffusion = build_diffusion()
@@ -424,7 +428,8 @@ TRITON_VARIANTS = {  # block shapes tried by ``bench attention --impl triton:NAM
     "b32": {"bwd_bm": 32, "bwd_bn": 64},
     "b128": {"bwd_bm": 64, "bwd_bn": 128, "bwd_warps": 8},
     "pad": {"split_head": False},  # the head dim padded to one power-of-two tile (72 -> 128)
-    "dq128": {"dq_bm": 128, "dq_warps": 8},
+    "dq64": {"dq_bm": 64, "dq_warps": 4},  # dQ in 64-row blocks (slower than 128 in call s5-2)
+    "gather": {"kept_bias": "gather"},  # masked pass: the bias gathered in-kernel, not materialised
 }
 
 
@@ -459,11 +464,19 @@ def flex_variant(name: str | None):
         attn_mod._flex.cache_clear()
 
 
-@contextlib.contextmanager
-def triton_variant(name: str):
-    """Our Triton kernel's CONFIG updated with ``TRITON_VARIANTS[name]`` while inside."""
-    if name not in TRITON_VARIANTS:
+def check_triton_variant(name: str | None) -> str | None:
+    if name is not None and name not in TRITON_VARIANTS:
         raise ValueError(f"unknown Triton variant {name!r}; valid: {', '.join(TRITON_VARIANTS)}")
+    return name
+
+
+@contextlib.contextmanager
+def triton_variant(name: str | None):
+    """Our Triton kernel's CONFIG updated with ``TRITON_VARIANTS[name]`` while inside (None: unchanged).
+    An unknown name is refused, naming the valid ones, before anything is changed."""
+    if check_triton_variant(name) is None:
+        yield
+        return
     from mdtzoo.models import triton_attention
 
     saved = dict(triton_attention.CONFIG)
@@ -550,7 +563,7 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
                  guidance: str = "power_cosine", precision: str = "bf16", compile: bool | str = True,
                  attn_impl: str = "auto", repeats: int = 2, check: int = 8, peak_tflops: float = DEFAULT_PEAK_TFLOPS,
                  device: str | None = None, seed: int = 0, profile: bool = False, flex_options: str | None = None,
-                 log=None) -> dict:
+                 triton_options: str | None = None, log=None) -> dict:
     """Time ``batch`` images of ``steps``-step DDPM sampling (VAE excluded) at ImageNet latent shape.
 
     With ``check`` > 0, first samples ``check`` images with the fast settings and with the
@@ -558,7 +571,8 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
     scaled so the network's output matters) and reports their differences. ``compile``: True,
     False or a torch.compile mode for the blocks ('reduce-overhead' replays CUDA graphs).
     ``profile``: the top kernels of 3 more sampling steps at the timed batch, in ``result['profile']``.
-    ``flex_options``: a ``FLEX_VARIANTS`` name, FlexAttention's kernel options for this run.
+    ``flex_options``: a ``FLEX_VARIANTS`` name, FlexAttention's kernel options for this run;
+    ``triton_options``: a ``TRITON_VARIANTS`` name, our Triton kernel's settings.
     """
     from mdtzoo.training.objective import compile_mode
     from mdtzoo.diffusion import build_diffusion
@@ -566,8 +580,8 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
     from mdtzoo.sample import generate
 
     log = log or (lambda *_: None)
-    mode = compile_mode(compile)  # validated before any work, as the variant name is on entering
-    with flex_variant(flex_options):
+    mode = compile_mode(compile)  # validated before any work, as the variant names are on entering
+    with flex_variant(flex_options), triton_variant(triton_options):
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cuda = dev.type == "cuda"
         torch.manual_seed(seed)
@@ -581,7 +595,8 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
         guided = guidance != "none"
         flops = sample_flops(model, steps, guided)
         result = dict(model=model_name, batch=batch, steps=steps, guidance=guidance, precision=precision,
-                      compile=mode or False, attn_impl=attn_impl, flex_options=flex_options, device=dev.type,
+                      compile=mode or False, attn_impl=attn_impl, flex_options=flex_options,
+                      triton_options=triton_options, device=dev.type,
                       card=torch.cuda.get_device_name(dev) if cuda else "cpu",
                       torch=torch.__version__, date=datetime.date.today().isoformat(), flops_per_image=flops,
                       peak_tflops=peak_tflops, status="ok")

@@ -139,6 +139,28 @@ def test_flex_variants_apply_inside_and_restore_and_unknown_ones_are_named(tmp_p
     assert attn_mod.FLEX_KERNEL_OPTIONS == before
 
 
+def test_triton_variants_apply_inside_and_restore_and_unknown_ones_are_named(tmp_path):
+    pytest.importorskip("triton")
+    from mdtzoo.bench import TRITON_VARIANTS, bench_sample, bench_train_step, triton_variant
+    from mdtzoo.models import triton_attention
+
+    before = dict(triton_attention.CONFIG)
+    with triton_variant("gather"):
+        assert triton_attention.CONFIG == before | TRITON_VARIANTS["gather"] != before
+    with triton_variant(None):
+        assert triton_attention.CONFIG == before
+    assert triton_attention.CONFIG == before
+    with pytest.raises(ValueError, match="unknown Triton variant 'x1'; valid: 64x64, f128"):
+        bench_train_step("mdt_xs2", 2, device="cpu", triton_options="x1")
+    with pytest.raises(ValueError, match="unknown Triton variant 'x1'"):
+        bench_sample("mdt_xs2", 2, device="cpu", triton_options="x1")
+    out = tmp_path / "r.json"
+    assert main(["bench", "train-step", "--model", "mdt_xs2", "--batch", "2", "--steps", "1", "--warmup", "0",
+                 "--device", "cpu", "--passes", "full", "--triton-options", "pad", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["triton_options"] == "pad"
+    assert triton_attention.CONFIG == before
+
+
 def test_published_performance_table_matches_its_json_results():
     """docs/performance.md's one-call column (m) is the committed bench JSON, rounded as printed."""
     from pathlib import Path

@@ -17,6 +17,7 @@
 #   bash experiments/bench/gpu_bench.sh where     # where each step's device time goes, by kernel kind (DiT vs MDT, flex vs triton)
 #   bash experiments/bench/gpu_bench.sh tri       # Triton kernel (split head dim, in-kernel delta and dQ) vs FlexAttention: kernels, S/2 and XL/2 steps
 #   bash experiments/bench/gpu_bench.sh graphs    # CUDA graphs (reduce-overhead) for the S/2 steps, B/2 paths
+#   bash experiments/bench/gpu_bench.sh masked    # Triton masked pass: bias materialised per sample vs gathered in-kernel; B/2 and sampling paths; CUDA graphs
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -185,6 +186,20 @@ graphs)
     run "step_$1_b$2_$3_$4" 120 bench train-step --model "$1" --batch "$2" --compile-mode "$4" --precision bf16 \
       --attn "$3" --json "$OUT/step_$1_b$2_$3_$4.json"
   done
+  ;;
+masked)
+  run attention_s2 120 bench attention --impl flex,triton,triton:gather --json "$OUT/attention_s2.json"
+  for spec in "mdt_s2 256 triton -" "mdt_s2 256 triton gather" "mdt_b2 256 triton -" "mdt_b2 256 flex -"; do
+    set -- $spec
+    run "step_$1_b$2_$3_$4" 100 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --attn "$3" \
+      $([ "$4" = - ] || echo --triton-options "$4") --json "$OUT/step_$1_b$2_$3_$4.json"
+  done
+  for impl in triton flex; do
+    run "sample_mdt_xl2_$impl" 100 bench sample --model mdt_xl2 --batch 256 --steps 50 --compile --attn "$impl" \
+      --check $([ "$impl" = triton ] && echo 8 || echo 0) --repeats 1 --json "$OUT/sample_mdt_xl2_$impl.json"
+  done
+  run step_mdt_s2_b256_triton_graphs 100 bench train-step --model mdt_s2 --batch 256 --compile-mode reduce-overhead \
+    --precision bf16 --attn triton --json "$OUT/step_mdt_s2_b256_triton_graphs.json"
   ;;
 autotune)
   for spec in ${AUTOTUNE_SPECS:-"dit_xl2 64 default" "dit_xl2 64 max-autotune-no-cudagraphs" "dit_s2 256 max-autotune-no-cudagraphs"}; do

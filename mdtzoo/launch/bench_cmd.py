@@ -30,7 +30,7 @@ def run_train_step(args) -> int:
         steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops, device=args.device,
         seed=args.seed, attn_impl=args.attn, separate_passes=not args.joint_backward,
         activation_checkpointing=args.activation_checkpointing, profile=args.profile, flex_options=args.flex_options,
-        log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
+        triton_options=args.triton_options, log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
     )
     from mdtzoo.training.distributed import env_info
 
@@ -49,7 +49,8 @@ def run_sample(args) -> int:
     r = bench_sample(args.model, args.batch, steps=args.steps, guidance=args.guidance, precision=args.precision,
                      compile=args.compile_mode or args.compile, attn_impl=args.attn, repeats=args.repeats,
                      check=args.check, peak_tflops=args.peak_tflops, device=args.device, seed=args.seed,
-                     profile=args.profile, flex_options=args.flex_options, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                     profile=args.profile, flex_options=args.flex_options, triton_options=args.triton_options,
+                     log=lambda msg: print(msg, file=sys.stderr, flush=True))
     if "profile" in r:
         print(r.pop("profile"), flush=True)
     check = (f"; vs the unoptimised fp32 path on {r['check_images']} images: relative difference "
@@ -145,6 +146,8 @@ def add_parser(sub) -> None:
     t.add_argument("--profile", action="store_true", help="print the top kernels of two extra steps")
     t.add_argument("--flex-options", metavar="VARIANT", default=None,
                    help="FlexAttention kernel options by name (bench.FLEX_VARIANTS, as in bench attention --impl flex:NAME)")
+    t.add_argument("--triton-options", metavar="VARIANT", default=None,
+                   help="our Triton kernel's settings by name (bench.TRITON_VARIANTS, as in --impl triton:NAME)")
     t.add_argument("--json", metavar="PATH", help="write the result as JSON")
     t.add_argument("--verbose", action="store_true", help="log warm-up progress to stderr")
     t.set_defaults(fn=run_train_step)
@@ -161,6 +164,8 @@ def add_parser(sub) -> None:
     sm.add_argument("--profile", action="store_true", help="print the top kernels of 3 extra sampling steps")
     sm.add_argument("--flex-options", metavar="VARIANT", default=None,
                     help="FlexAttention kernel options by name (bench.FLEX_VARIANTS)")
+    sm.add_argument("--triton-options", metavar="VARIANT", default=None,
+                    help="our Triton kernel's settings by name (bench.TRITON_VARIANTS)")
     sm.add_argument("--attn", default="auto", choices=ATTN_IMPLS)
     sm.add_argument("--repeats", type=int, default=2, help="timed repeats (median)")
     sm.add_argument("--check", type=int, default=8,
