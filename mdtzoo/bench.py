@@ -429,7 +429,6 @@ TRITON_VARIANTS = {  # block shapes tried by ``bench attention --impl triton:NAM
     "b128": {"bwd_bm": 64, "bwd_bn": 128, "bwd_warps": 8},
     "pad": {"split_head": False},  # the head dim padded to one power-of-two tile (72 -> 128)
     "dq64": {"dq_bm": 64, "dq_warps": 4},  # dQ in 64-row blocks (slower than 128 in call s5-2)
-    "gather": {"kept_bias": "gather"},  # masked pass: the bias gathered in-kernel, not materialised
 }
 
 

@@ -157,12 +157,8 @@ from mdtzoo.models.attention import attention
 from mdtzoo.posenc.relbias import RelativePositionBias
 torch.manual_seed(0)
 worst = 0.0
-from mdtzoo.models import triton_attention
-# head dim 24: one tile padded to 32; head dim 40: two tiles, 32 + 16 (as MDT-XL's 72 = 64 + 16);
-# the masked pass with its bias materialised per sample, and gathered in-kernel
-for masked, dim, kept_bias in ((False, 24, "-"), (True, 24, "materialize"), (True, 24, "gather"),
-                               (False, 40, "-"), (True, 40, "materialize"), (True, 40, "gather")):
-    triton_attention.CONFIG["kept_bias"] = kept_bias if masked else "materialize"
+# head dim 24: one tile padded to 32; head dim 40: two tiles, 32 + 16 (as MDT-XL's 72 = 64 + 16)
+for masked, dim in ((False, 24), (True, 24), (False, 40), (True, 40)):
     bias = RelativePositionBias((4, 5), 2)
     with torch.no_grad():
         bias.relative_position_bias_table.normal_()
@@ -184,9 +180,6 @@ for masked, dim, kept_bias in ((False, 24, "-"), (True, 24, "materialize"), (Tru
 qkv = torch.randn(2, 20, 3, 2, 24).permute(2, 0, 3, 1, 4)
 full = torch.randn(2, 20, 20)
 torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_fwd.default, (qkv[0], qkv[1], qkv[2], full, None),
-                      test_utils=("test_schema", "test_faketensor"))
-per_sample = torch.randn(2, 2, 20, 20)  # a (B, H, N, N) bias, as the materialised masked pass passes
-torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_fwd.default, (qkv[0], qkv[1], qkv[2], per_sample, None),
                       test_utils=("test_schema", "test_faketensor"))
 # The bias-gradient kernel (CUDA's reduce_kept_grad): each grid pair summed over the samples that
 # kept it, equal to scattering sample by sample; and its fake kernel.

@@ -13,10 +13,10 @@ with heavy contention). The fast paths avoid that:
   sample every (i, j) pair hits a different entry, so the backward writes each sample's
   gradient without collisions (a plain scatter) and sums over the batch -- no atomics,
   deterministic. The (H, N, N) -> table step is then a small gather of N*N entries.
-* ``impl`` picks the kernel: ``"auto"`` = flash SDPA without a bias; with a bias, our Triton kernel
-  on CUDA (the fastest measured in the whole training step, docs/performance.md; FlexAttention
-  where triton is missing) and the explicit maths with the collision-free gather on the CPU;
-  ``"flex"`` is FlexAttention
+* ``impl`` picks the kernel: ``"auto"`` = flash SDPA without a bias; with a bias on CUDA, our Triton
+  kernel where a gradient is needed and FlexAttention where none is (each the fastest measured
+  there: training step, sampling; docs/performance.md), and the explicit maths with the
+  collision-free gather on the CPU; ``"flex"`` is FlexAttention
   reading the shared (H, N, N) bias -- materialised first, see :func:`materialized` -- at the kept
   positions inside the kernel (CUDA; on the CPU its forward, and the explicit maths where a gradient
   is needed); ``"triton"`` is our own kernel (models/triton_attention.py); ``"sdpa"`` passes the
@@ -200,8 +200,11 @@ def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto"):
         return explicit_attention(q, k, v, bias)
     full = rel_pos_bias.full()
     if impl == "auto" and q.is_cuda and q.dtype != torch.float64:
-        # our Triton kernel: the fastest in the whole training step at S/2 and XL/2 (docs/performance.md)
-        impl = "triton" if _triton_available() else "flex"
+        # Measured fastest (docs/performance.md): our Triton kernel in the training step (S/2, B/2,
+        # XL/2), FlexAttention where no gradient is needed (sampling).
+        training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                                 or full.requires_grad)
+        impl = "triton" if training and _triton_available() else "flex"
     if impl == "flex" and not (q.device.type == "cpu" and torch.is_grad_enabled()
                                and (q.requires_grad or k.requires_grad or v.requires_grad or full.requires_grad)):
         return flex_attention(q, k, v, full, ids_keep)  # (FlexAttention has no backward on the CPU)

@@ -81,19 +81,9 @@ def _positions(POS, b, NQ, offs, ok, HAS_POS: tl.constexpr):
 
 
 @triton.jit
-def _bias_base(b, h, H: tl.constexpr, G, PER_SAMPLE: tl.constexpr):
-    """Offset of this program's (G, G) bias slab: head h of the shared (H, G, G) bias, or sample b's
-    head h of a per-sample (B, H, G, G) bias."""
-    if PER_SAMPLE:
-        return (b * H + h).to(tl.int64) * G * G
-    else:
-        return (h * G * G).to(tl.int64)
-
-
-@triton.jit
-def _bias(FULL, base, G, pos_m, pos_n, m_ok, n_ok):
-    """The bias slab at FULL + base, at rows pos_m and columns pos_n, in float32."""
-    return tl.load(FULL + base + pos_m[:, None] * G + pos_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+def _bias(FULL, h, G, pos_m, pos_n, m_ok, n_ok):
+    """full[h, pos_m, pos_n] in float32."""
+    return tl.load(FULL + h * G * G + pos_m[:, None] * G + pos_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
                    other=0.0).to(tl.float32)
 
 
@@ -102,9 +92,8 @@ def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
                 H: tl.constexpr, NQ, G, D: tl.constexpr,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 BM: tl.constexpr, BN: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_POS: tl.constexpr,
-                PER_SAMPLE: tl.constexpr, PREC: tl.constexpr):
+                PREC: tl.constexpr):
     b, h, bh, offs_m, m_ok = _program(H, NQ, BM)
-    bias_base = _bias_base(b, h, H, G, PER_SAMPLE)
     q0, q1 = _load(Q, b * sqb + h * sqh, sqn, offs_m, m_ok, D, BD0, BD1)
     pos_m = _positions(POS, b, NQ, offs_m, m_ok, HAS_POS)
     m_i = tl.full([BM], float("-inf"), tl.float32)
@@ -119,7 +108,7 @@ def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
         n_ok = offs_n < NQ
         k0, k1 = _load(K, b * skb + h * skh, skn, offs_n, n_ok, D, BD0, BD1)
         pos_n = _positions(POS, b, NQ, offs_n, n_ok, HAS_POS)
-        s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, bias_base, G, pos_m, pos_n, m_ok, n_ok)
+        s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, h, G, pos_m, pos_n, m_ok, n_ok)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
@@ -153,9 +142,8 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DK, DV, DS, scale,
                 H: tl.constexpr, NQ, G, D: tl.constexpr,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
                 BM: tl.constexpr, BN: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_POS: tl.constexpr,
-                PER_SAMPLE: tl.constexpr, PREC: tl.constexpr):
+                PREC: tl.constexpr):
     b, h, bh, offs_n, n_ok = _program(H, NQ, BN)
-    bias_base = _bias_base(b, h, H, G, PER_SAMPLE)
     k0, k1 = _load(K, b * skb + h * skh, skn, offs_n, n_ok, D, BD0, BD1)
     v0, v1 = _load(V, b * svb + h * svh, svn, offs_n, n_ok, D, BD0, BD1)
     pos_n = _positions(POS, b, NQ, offs_n, n_ok, HAS_POS)
@@ -176,7 +164,7 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DK, DV, DS, scale,
         pos_m = _positions(POS, b, NQ, offs_m, m_ok, HAS_POS)
         lse = tl.load(LSE + bh * NQ + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_ok, other=0.0)
-        s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, bias_base, G, pos_m, pos_n, m_ok, n_ok)
+        s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, h, G, pos_m, pos_n, m_ok, n_ok)
         p = tl.exp(s - lse[:, None])
         p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
         pt = tl.trans(p.to(do0.dtype))
@@ -263,11 +251,10 @@ def _(ds, ids_keep, grid):
 
 # Block shapes and launch settings (H100-tuned by ``mdtzoo bench attention --impl triton:NAME``);
 # ``split_head``: a head dim that is not a power of two runs as two tiles (72 = 64 + 16) instead of
-# one padded to the next power of two (128). ``kept_bias``: how the masked pass reads its bias
-# ('materialize' or 'gather', see ``triton_attention``).
+# one padded to the next power of two (128).
 CONFIG = {"fwd_bm": 64, "fwd_bn": 64, "fwd_warps": 4, "fwd_stages": 2,
           "bwd_bm": 64, "bwd_bn": 64, "bwd_warps": 4, "bwd_stages": 2, "grad_bp": 32, "grad_bq": 64, "grad_warps": 4,
-          "dq_bm": 128, "dq_bn": 64, "dq_warps": 8, "split_head": True, "kept_bias": "materialize"}
+          "dq_bm": 128, "dq_bn": 64, "dq_warps": 8, "split_head": True}
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -306,7 +293,7 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Te
     _fwd_kernel[(triton.cdiv(n, bm), b * h)](
         q, k, v, full, pos if pos is not None else lse, o, lse, d ** -0.5, h, n, full.shape[-1], d,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, PER_SAMPLE=full.dim() == 4, PREC=_precision(q), num_warps=CONFIG["fwd_warps"],
+        BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, PREC=_precision(q), num_warps=CONFIG["fwd_warps"],
         num_stages=CONFIG["fwd_stages"])
     return o, lse
 
@@ -338,7 +325,7 @@ def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Te
     _bwd_kernel[(triton.cdiv(n, bn), b * h)](
         q, k, v, full, pos if pos is not None else lse, do, lse, delta, dk, dv, ds, scale, h, n, full.shape[-1], d,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
-        BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, PER_SAMPLE=full.dim() == 4, PREC=prec, num_warps=CONFIG["bwd_warps"],
+        BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, PREC=prec, num_warps=CONFIG["bwd_warps"],
         num_stages=CONFIG["bwd_stages"])
     dq = q.new_empty(q.shape)
     _dq_kernel[(triton.cdiv(n, CONFIG["dq_bm"]), b * h)](
@@ -363,9 +350,7 @@ def _backward(ctx, do, _dlse):
     q, k, v, full, pos, o, lse = ctx.saved_tensors
     g = full.shape[-1]
     dq, dk, dv, ds = _flash_bwd(q, k, v, full, pos, o, lse, do)
-    if full.dim() == 4:  # a per-sample bias: dS is its gradient
-        dfull = ds
-    elif pos is not None:
+    if pos is not None:
         dfull = kept_grad(ds, pos, g) if ds.is_cuda else _reference_kept_grad(ds, pos, g)  # the same sums
     else:
         dfull = ds.sum(0, dtype=torch.float32 if ds.dtype in (torch.float16, torch.bfloat16) else ds.dtype)
@@ -381,35 +366,7 @@ def _reference_kept_grad(ds, pos, g):
 _flash_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-class _SampleBias(torch.autograd.Function):
-    """(H, G, G) shared bias, (B, K) kept positions -> the (B, H, K, K) bias of each sample, contiguous,
-    in ``dtype``; the backward sums the per-sample gradient over the batch in float32 (``kept_grad``)
-    and returns it in the shared bias's dtype."""
-
-    @staticmethod
-    def forward(ctx, full: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        ctx.save_for_backward(pos)
-        ctx.grid, ctx.full_dtype = full.shape[-1], full.dtype
-        rows, cols = pos.long()[:, :, None], pos.long()[:, None, :]
-        return full.to(dtype).permute(1, 2, 0)[rows, cols].permute(0, 3, 1, 2).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (pos,) = ctx.saved_tensors
-        g = ctx.grid
-        summed = kept_grad(grad, pos, g) if grad.is_cuda else _reference_kept_grad(grad, pos, g)
-        return summed.to(ctx.full_dtype), None, None
-
-
 def triton_attention(q, k, v, full, ids_keep=None):
-    """(B, H, N, d) attention with ``full[h, pos_i, pos_j]`` added; pos = ids_keep rows or 0..N-1.
-
-    Masked pass (``ids_keep``): with ``CONFIG['kept_bias'] == 'materialize'`` each sample's bias
-    at its kept positions is gathered first into a (B, H, K, K) tensor in q's dtype, which the
-    kernels then read in contiguous tiles; with ``'gather'`` the kernels gather it from ``full``
-    tile by tile (no extra memory, but scattered loads).
-    """
+    """(B, H, N, d) attention with ``full[h, pos_i, pos_j]`` added; pos = ids_keep rows or 0..N-1."""
     pos = None if ids_keep is None else ids_keep.to(torch.int32).contiguous()
-    if pos is not None and CONFIG["kept_bias"] == "materialize":
-        return _flash_fwd(q, k, v, _SampleBias.apply(full, pos, q.dtype), None)[0]
     return _flash_fwd(q, k, v, full, pos)[0]
