@@ -18,6 +18,7 @@
 #   bash experiments/bench/gpu_bench.sh tri       # Triton kernel (split head dim, in-kernel delta and dQ) vs FlexAttention: kernels, S/2 and XL/2 steps
 #   bash experiments/bench/gpu_bench.sh graphs    # CUDA graphs (reduce-overhead) for the S/2 steps, B/2 paths
 #   bash experiments/bench/gpu_bench.sh masked    # Triton masked pass: bias materialised per sample vs gathered in-kernel; B/2 and sampling paths; CUDA graphs
+#   bash experiments/bench/gpu_bench.sh after     # after the Triton changes: S/2 steps with CUDA graphs, MDT-XL/2 and S/2 profiles
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -201,6 +202,18 @@ masked)
   run step_mdt_s2_b256_triton_graphs 100 bench train-step --model mdt_s2 --batch 256 --compile-mode reduce-overhead \
     --precision bf16 --attn triton --json "$OUT/step_mdt_s2_b256_triton_graphs.json"
   ;;
+after)
+  for m in mdt_s2 dit_s2; do  # the launch-bound S/2 steps with CUDA graphs (reduce-overhead)
+    run "graphs_$m" 100 bench train-step --model "$m" --batch 256 --compile-mode reduce-overhead --precision bf16 \
+      --json "$OUT/graphs_$m.json"
+  done
+  for spec in "mdt_xl2 64" "mdt_s2 256"; do
+    set -- $spec
+    run "profile_$1" 120 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --profile \
+      --json "$OUT/profile_$1.json"
+    sed -n '/device time per step/,$p' "$OUT/profile_$1.log" >&2
+  done
+  ;;
 autotune)
   for spec in ${AUTOTUNE_SPECS:-"dit_xl2 64 default" "dit_xl2 64 max-autotune-no-cudagraphs" "dit_s2 256 max-autotune-no-cudagraphs"}; do
     set -- $spec
@@ -222,7 +235,7 @@ ddp)
   done
   ;;
 esac
-ls "$OUT"/*.json >/dev/null 2>&1 && "$py" -m mdtzoo bench table $(ls "$OUT"/step_*.json "$OUT"/ddp*.json 2>/dev/null)
+ls "$OUT"/*.json >/dev/null 2>&1 && "$py" -m mdtzoo bench table $(ls "$OUT"/step_*.json "$OUT"/ddp*.json "$OUT"/graphs_*.json "$OUT"/profile_*.json 2>/dev/null)
 for f in "$OUT"/attention*.log; do [ -f "$f" ] && grep "^|" "$f"; done
 for f in "$OUT"/sample*.log; do [ -f "$f" ] && tail -n 1 "$f"; done
 exit 0
