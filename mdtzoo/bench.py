@@ -238,7 +238,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
 
 # Device kernels by kind, first match wins (names as torch.profiler reports them on CUDA).
 KERNEL_CLASSES = (
-    ("attention", ("flex_attention", "flash", "fmha", "sdpa", "_fwd_kernel", "_bwd_kernel", "kept_grad")),
+    ("attention", ("flex_attention", "flash", "fmha", "sdpa", "_fwd_kernel", "_bwd_kernel", "_dq_kernel",
+                   "_delta_kernel", "kept_grad")),
     ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
     ("optimizer, EMA, grad norm", ("multi_tensor_apply", "adam", "lerp", "lpnorm", "foreach")),
     ("compiled elementwise", ("triton_poi", "triton_red", "triton_per")),

@@ -184,6 +184,8 @@ def test_kernel_breakdown_sorts_kernels_by_kind_per_step():
 
     assert kernel_class("triton_tem_fused_flex_attention_backward_transpose_view_10") == "attention"
     assert kernel_class("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<...>>") == "attention"
+    assert all(kernel_class(k) == "attention" for k in ("_fwd_kernel", "_bwd_kernel", "_dq_kernel", "_delta_kernel",
+                                                         "_kept_grad_kernel"))  # ours
     assert kernel_class("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "matmul"
     assert kernel_class("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") \
         == "optimizer, EMA, grad norm"
