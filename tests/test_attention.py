@@ -212,6 +212,16 @@ def test_triton_kernel_matches_reference_in_the_interpreter(tmp_path):
     assert worst < 1e-5
 
 
+def test_auto_takes_triton_to_train_and_flex_to_sample_on_cuda_only():
+    from mdtzoo.models.attention import auto_impl
+
+    assert auto_impl(True, torch.bfloat16, training=True, triton=True) == "triton"
+    assert auto_impl(True, torch.bfloat16, training=False, triton=True) == "flex"  # sampling
+    assert auto_impl(True, torch.float32, training=True, triton=False) == "flex"  # no triton installed
+    assert auto_impl(True, torch.float64, training=True, triton=True) == "auto"  # explicit maths
+    assert auto_impl(False, torch.float32, training=True, triton=True) == "auto"  # CPU: explicit maths
+
+
 def test_triton_head_tiles_pad_less_than_one_power_of_two_tile():
     pytest.importorskip("triton")
     from mdtzoo.models.triton_attention import head_blocks

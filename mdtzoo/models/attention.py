@@ -177,6 +177,15 @@ def flex_attention(q, k, v, full, ids_keep=None, kernel_options=None):
     return _flex(q.is_cuda)(q, k, v, score_mod=score_mod, kernel_options=options)
 
 
+def auto_impl(cuda: bool, dtype: torch.dtype, training: bool, triton: bool) -> str:
+    """The path ``impl='auto'`` takes with a bias. Measured fastest (docs/performance.md): on CUDA our
+    Triton kernel where a gradient is needed (training step at S/2, B/2, XL/2) and FlexAttention where
+    none is (sampling); elsewhere, and for float64, the explicit maths ('auto' itself)."""
+    if not cuda or dtype == torch.float64:
+        return "auto"
+    return "triton" if training and triton else "flex"
+
+
 def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto"):
     """Multi-head attention with an optional relative-position bias module.
 
@@ -199,14 +208,10 @@ def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto"):
                                                  else kept_bias(rel_pos_bias.full(), ids_keep))
         return explicit_attention(q, k, v, bias)
     full = rel_pos_bias.full()
-    if impl == "auto" and q.is_cuda and q.dtype != torch.float64:
-        # Measured fastest (docs/performance.md): our Triton kernel in the training step (S/2, B/2,
-        # XL/2), FlexAttention where no gradient is needed (sampling).
-        training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                                 or full.requires_grad)
-        impl = "triton" if training and _triton_available() else "flex"
-    if impl == "flex" and not (q.device.type == "cpu" and torch.is_grad_enabled()
-                               and (q.requires_grad or k.requires_grad or v.requires_grad or full.requires_grad)):
+    training = torch.is_grad_enabled() and any([t.requires_grad for t in (q, k, v, full)])
+    if impl == "auto":
+        impl = auto_impl(q.is_cuda, q.dtype, training, _triton_available())
+    if impl == "flex" and not (q.device.type == "cpu" and training):
         return flex_attention(q, k, v, full, ids_keep)  # (FlexAttention has no backward on the CPU)
     if impl == "triton":
         return _triton(q, k, v, full, ids_keep)
