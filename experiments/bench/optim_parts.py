@@ -1,0 +1,86 @@
+"""Time the optimizer-side parts of a training step one by one, on one GPU (issue 7 diagnostics).
+
+    python experiments/bench/optim_parts.py --model mdt_xl2
+
+For the model's parameters (float32, random gradients): the fused AdamW step, the EMA update
+(``training.ema.EMA``), the gradient norm (``training.loop.grad_norm_``) and clip_grad_norm_ with an
+infinite bound (its old form), each the median of CUDA-event times; with the bytes each must move at
+least and the bandwidth that implies. Then the relative-position bias table's gradient: the autograd
+scatter-add of ``RelativePositionBias.full()`` against index_add_.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+
+def timed(fn, repeats: int = 10, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    from mdtzoo.models import build_model
+    from mdtzoo.training.ema import EMA
+    from mdtzoo.training.loop import grad_norm_, make_optimizer
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="mdt_xl2")
+    args = parser.parse_args()
+    dev = torch.device("cuda")
+    model = build_model(args.model, input_size=32, in_channels=4, num_classes=1000).to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    n = sum(p.numel() for p in params)
+    opt = make_optimizer(params, "adamw", 1e-4, 0.0, (0.9, 0.999), fused=True)
+    ema = EMA(model, 0.9999, warmup=True)
+    gb = n * 4 / 1e9  # one float32 pass over all parameters, GB
+    rows = [("fused AdamW step", timed(opt.step), 7 * gb),  # read p, g, m, v; write p, m, v
+            ("EMA update (foreach lerp)", timed(lambda: ema.update(100)), 3 * gb),  # read e, p; write e
+            ("grad norm (grad_norm_)", timed(lambda: grad_norm_(params)), gb),
+            ("clip_grad_norm_(inf) (before)", timed(lambda: torch.nn.utils.clip_grad_norm_(params, float("inf"))),
+             3 * gb)]
+    print(f"{args.model}: {len(params)} tensors, {n / 1e6:.1f}M parameters, {torch.cuda.get_device_name(dev)}, "
+          f"torch {torch.__version__}")
+    print("| part | ms | least GB moved | GB/s |\n|---|---|---|---|")
+    for name, ms, moved in rows:
+        print(f"| {name} | {ms:.2f} | {moved:.1f} | {moved / ms * 1e3:,.0f} |")
+
+    bias = next(b.attn.rel_pos_bias for b in model.blocks)
+    index = bias.relative_position_index
+    table = bias.relative_position_bias_table
+    upstream = torch.randn(table.shape[1], *index.shape, device=dev)
+
+    def autograd_path():
+        table.grad = None
+        bias.full().backward(upstream)
+
+    flat = index.reshape(-1)
+
+    def index_add_path():
+        out = torch.zeros_like(table)
+        out.index_add_(0, flat, upstream.permute(1, 2, 0).reshape(-1, table.shape[1]))
+        return out
+
+    autograd_path()
+    assert torch.allclose(index_add_path(), table.grad, rtol=1e-4, atol=1e-4)
+    print(f"| bias table gradient, autograd (index_put) | {timed(autograd_path):.3f} | | |")
+    print(f"| bias table gradient, index_add_ | {timed(index_add_path):.3f} | | |")
+
+
+if __name__ == "__main__":
+    main()
