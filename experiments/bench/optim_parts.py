@@ -6,7 +6,8 @@ For the model's parameters (float32, random gradients): the fused AdamW step, th
 (``training.ema.EMA``), the gradient norm (``training.loop.grad_norm_``) and clip_grad_norm_ with an
 infinite bound (its old form), each the median of CUDA-event times; with the bytes each must move at
 least and the bandwidth that implies. Then the relative-position bias table's gradient: the autograd
-scatter-add of ``RelativePositionBias.full()`` against index_add_.
+scatter-add (the table gather's backward) against ``offset_sums``
+(``RelativePositionBias.full()``'s backward) and index_add_, eager and compiled.
 """
 
 from __future__ import annotations
@@ -65,9 +66,14 @@ def main() -> None:
     table = bias.relative_position_bias_table
     upstream = torch.randn(table.shape[1], *index.shape, device=dev)
 
-    def autograd_path():
-        table.grad = None
-        bias.full().backward(upstream)
+    def scatter_full():  # the gather before offset_sums: its backward is autograd's index_put
+        return table[index].permute(2, 0, 1)
+
+    def backward_of(full_fn):
+        def run():
+            table.grad = None
+            full_fn().backward(upstream)
+        return run
 
     flat = index.reshape(-1)
 
@@ -76,10 +82,19 @@ def main() -> None:
         out.index_add_(0, flat, upstream.permute(1, 2, 0).reshape(-1, table.shape[1]))
         return out
 
-    autograd_path()
-    assert torch.allclose(index_add_path(), table.grad, rtol=1e-4, atol=1e-4)
-    print(f"| bias table gradient, autograd (index_put) | {timed(autograd_path):.3f} | | |")
-    print(f"| bias table gradient, index_add_ | {timed(index_add_path):.3f} | | |")
+    backward_of(scatter_full)()
+    reference = table.grad.clone()
+    backward_of(bias.full)()
+    assert torch.allclose(table.grad, reference, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(index_add_path(), reference, rtol=1e-4, atol=1e-4)
+    rows = [("autograd scatter (index_put), eager", backward_of(scatter_full)),
+            ("autograd scatter (index_put), compiled", backward_of(torch.compile(scatter_full))),
+            ("offset_sums (full()'s backward), eager", backward_of(bias.full)),
+            ("offset_sums (full()'s backward), compiled", backward_of(torch.compile(bias.full))),
+            ("index_add_ (atomics), eager", index_add_path)]
+    print("| bias table gradient, forward + backward | ms |\n|---|---|")
+    for name, fn in rows:
+        print(f"| {name} | {timed(fn, repeats=20):.3f} |")
 
 
 if __name__ == "__main__":

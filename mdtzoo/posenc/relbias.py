@@ -27,6 +27,48 @@ def relative_position_index(rows: int, cols: int) -> torch.Tensor:
     return d_row * (2 * cols - 1) + d_col
 
 
+def _skew_sum(x: torch.Tensor) -> torch.Tensor:
+    """x (H, n, n, *rest) -> (H, 2n - 1, *rest) with out[:, s] = sum of x[:, i, k] over i + k = s.
+
+    Each row i is shifted right by i (pad the rows to length 2n, read the buffer back in rows of
+    2n - 1), then the rows are summed: plain pads, views and one reduction, no scatter.
+    """
+    h, n, rest = x.shape[0], x.shape[1], x.shape[3:]
+    padded = torch.cat([x, x.new_zeros(h, n, n, *rest)], dim=2).reshape(h, 2 * n * n, *rest)
+    return padded[:, : n * (2 * n - 1)].reshape(h, n, 2 * n - 1, *rest).sum(1)
+
+
+def offset_sums(grad: torch.Tensor, grid: tuple[int, int], num_rows: int) -> torch.Tensor:
+    """The table gradient of ``RelativePositionBias.full()``: (H, N, N) -> (num_rows, H), each table
+    row the sum of the gradient over all (query, key) pairs at its grid offset.
+
+    The same sums as autograd's scatter-add into the table (index_put with accumulate), computed
+    as two skewed sums over the grid's row and column pairs instead -- deterministic, no atomics
+    and no sort; the unused trailing rows get zeros.
+    """
+    rows, cols = grid
+    h = grad.shape[0]
+    # (h, r1, c1, r2, c2) -> (h, r1, R-1-r2, c1, C-1-c2): row offset r1 - r2 + R - 1 = r1 + (R-1-r2)
+    g = grad.reshape(h, rows, cols, rows, cols).permute(0, 1, 3, 2, 4).flip(2, 4)
+    g = _skew_sum(g)  # (h, 2R-1, c1, C-1-c2)
+    g = _skew_sum(g.permute(0, 2, 3, 1))  # (h, 2C-1, 2R-1)
+    sums = g.transpose(1, 2).reshape(h, -1).t()  # row (drow)(2C-1) + dcol, as relative_position_index
+    return torch.cat([sums, sums.new_zeros(num_rows - sums.shape[0], h)])
+
+
+class _FullBias(torch.autograd.Function):
+    """table[index].permute(2, 0, 1) with ``offset_sums`` as its backward."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        ctx.grid, ctx.num_rows = grid, table.shape[0]
+        return table[index].permute(2, 0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return offset_sums(grad, ctx.grid, ctx.num_rows), None, None
+
+
 class RelativePositionBias(nn.Module):
     """Per-head additive attention bias from a learned table.
 
@@ -47,7 +89,7 @@ class RelativePositionBias(nn.Module):
 
     def full(self) -> torch.Tensor:
         """(H, N, N): the bias of every (query, key) pair of the whole grid, shared by the batch."""
-        return self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
+        return _FullBias.apply(self.relative_position_bias_table, self.relative_position_index, self.grid)
 
     def table_gather(self, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """The reference gather: (H, N, N), or (B, H, K, K) read from the table per sample.
