@@ -210,7 +210,7 @@ def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto"):
     full = rel_pos_bias.full()
     training = torch.is_grad_enabled() and any([t.requires_grad for t in (q, k, v, full)])
     if impl == "auto":
-        impl = auto_impl(q.is_cuda, q.dtype, training, _triton_available())
+        impl = auto_impl(q.is_cuda, q.dtype, training, q.is_cuda and _triton_available())
     if impl == "flex" and not (q.device.type == "cpu" and training):
         return flex_attention(q, k, v, full, ids_keep)  # (FlexAttention has no backward on the CPU)
     if impl == "triton":
