@@ -429,14 +429,19 @@ TRITON_VARIANTS = {  # block shapes tried by ``bench attention --impl triton:NAM
     "b32": {"bwd_bm": 32, "bwd_bn": 64},
     "b128": {"bwd_bm": 64, "bwd_bn": 128, "bwd_warps": 8},
     "pad": {"split_head": False},  # the head dim padded to one power-of-two tile (72 -> 128)
-    "dq64": {"dq_bm": 64, "dq_warps": 4},  # dQ in 64-row blocks (slower than 128 in call s5-2)
+    "dq64": {"dq_bm": 64, "dq_warps": 4},  # dQ in 64-row blocks (slower than 128: docs/performance.md, call (n2))
 }
 
 
-def check_flex_variant(name: str | None) -> str | None:
-    if name is not None and name not in FLEX_VARIANTS:
-        raise ValueError(f"unknown FlexAttention variant {name!r}; valid: {', '.join(FLEX_VARIANTS)}")
+def _check_variant(name: str | None, variants: dict, kind: str) -> str | None:
+    """``name`` if it is None or one of ``variants``; else a ValueError naming the valid ones."""
+    if name is not None and name not in variants:
+        raise ValueError(f"unknown {kind} variant {name!r}; valid: {', '.join(variants)}")
     return name
+
+
+def check_flex_variant(name: str | None) -> str | None:
+    return _check_variant(name, FLEX_VARIANTS, "FlexAttention")
 
 
 @contextlib.contextmanager
@@ -465,9 +470,7 @@ def flex_variant(name: str | None):
 
 
 def check_triton_variant(name: str | None) -> str | None:
-    if name is not None and name not in TRITON_VARIANTS:
-        raise ValueError(f"unknown Triton variant {name!r}; valid: {', '.join(TRITON_VARIANTS)}")
-    return name
+    return _check_variant(name, TRITON_VARIANTS, "Triton")
 
 
 @contextlib.contextmanager
