@@ -19,6 +19,7 @@
 #   bash experiments/bench/gpu_bench.sh graphs    # CUDA graphs (reduce-overhead) for the S/2 steps, B/2 paths
 #   bash experiments/bench/gpu_bench.sh masked    # Triton masked pass: bias materialised per sample vs gathered in-kernel; B/2 and sampling paths; CUDA graphs
 #   bash experiments/bench/gpu_bench.sh after     # after the Triton changes: S/2 steps with CUDA graphs, MDT-XL/2 and S/2 profiles
+#   bash experiments/bench/gpu_bench.sh next      # optimizer parts + the bias table's gradient (scatter vs offset_sums), then the profiles
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -207,6 +208,18 @@ after)
     run "graphs_$m" 100 bench train-step --model "$m" --batch 256 --compile-mode reduce-overhead --precision bf16 \
       --json "$OUT/graphs_$m.json"
   done
+  for spec in "mdt_xl2 64" "mdt_s2 256"; do
+    set -- $spec
+    run "profile_$1" 120 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --profile \
+      --json "$OUT/profile_$1.json"
+    sed -n '/device time per step/,$p' "$OUT/profile_$1.log" >&2
+  done
+  ;;
+next)
+  echo "== optim_parts" >&2
+  timeout 120 "$py" experiments/bench/optim_parts.py --model mdt_xl2 > "$OUT/optim_parts.log" 2>&1 \
+    || echo "!! optim_parts failed (rc $?)" >&2
+  grep "^|" "$OUT/optim_parts.log" >&2
   for spec in "mdt_xl2 64" "mdt_s2 256"; do
     set -- $spec
     run "profile_$1" 120 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --profile \
