@@ -34,6 +34,14 @@ run() {  # run NAME TIMEOUT ARGS...
   timeout "$limit" "$py" -m mdtzoo "$@" > "$OUT/$name.log" 2>&1 || echo "!! $name failed or timed out (rc $?)" >&2
   tail -n 2 "$OUT/$name.log" >&2
 }
+mdt_profiles() {  # MDT-XL/2 and MDT-S/2 steps with --profile: GPU time per step by kernel kind
+  for spec in "mdt_xl2 64" "mdt_s2 256"; do
+    set -- $spec
+    run "profile_$1" 120 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --profile \
+      --json "$OUT/profile_$1.json"
+    sed -n '/device time per step/,$p' "$OUT/profile_$1.log" >&2
+  done
+}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >&2
 "$py" -c "import torch; print('torch', torch.__version__)" >&2
 case $group in
@@ -208,24 +216,14 @@ after)
     run "graphs_$m" 100 bench train-step --model "$m" --batch 256 --compile-mode reduce-overhead --precision bf16 \
       --json "$OUT/graphs_$m.json"
   done
-  for spec in "mdt_xl2 64" "mdt_s2 256"; do
-    set -- $spec
-    run "profile_$1" 120 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --profile \
-      --json "$OUT/profile_$1.json"
-    sed -n '/device time per step/,$p' "$OUT/profile_$1.log" >&2
-  done
+  mdt_profiles
   ;;
 next)
   echo "== optim_parts" >&2
   timeout 120 "$py" experiments/bench/optim_parts.py --model mdt_xl2 > "$OUT/optim_parts.log" 2>&1 \
     || echo "!! optim_parts failed (rc $?)" >&2
   grep "^|" "$OUT/optim_parts.log" >&2
-  for spec in "mdt_xl2 64" "mdt_s2 256"; do
-    set -- $spec
-    run "profile_$1" 120 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --profile \
-      --json "$OUT/profile_$1.json"
-    sed -n '/device time per step/,$p' "$OUT/profile_$1.log" >&2
-  done
+  mdt_profiles
   ;;
 autotune)
   for spec in ${AUTOTUNE_SPECS:-"dit_xl2 64 default" "dit_xl2 64 max-autotune-no-cudagraphs" "dit_s2 256 max-autotune-no-cudagraphs"}; do
