@@ -41,6 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="mdt_xl2")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("optim_parts.py times CUDA kernels; no CUDA GPU is visible here")
     dev = torch.device("cuda")
     model = build_model(args.model, input_size=32, in_channels=4, num_classes=1000).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -66,9 +68,7 @@ def main() -> None:
     table = bias.relative_position_bias_table
     upstream = torch.randn(table.shape[1], *index.shape, device=dev)
 
-    def scatter_full():  # the gather before offset_sums: its backward is autograd's index_put
-        return table[index].permute(2, 0, 1)
-
+    scatter_full = bias.table_gather  # the plain gather: its backward is autograd's index_put
     def backward_of(full_fn):
         def run():
             table.grad = None

@@ -254,7 +254,7 @@ def _(ds, ids_keep, grid):
 # one padded to the next power of two (128).
 CONFIG = {"fwd_bm": 64, "fwd_bn": 64, "fwd_warps": 4, "fwd_stages": 2,
           "bwd_bm": 64, "bwd_bn": 64, "bwd_warps": 4, "bwd_stages": 2, "grad_bp": 32, "grad_bq": 64, "grad_warps": 4,
-          "dq_bm": 128, "dq_bn": 64, "dq_warps": 8, "split_head": True}
+          "dq_bm": 128, "dq_bn": 64, "dq_warps": 8, "delta_bm": 64, "split_head": True}
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -316,8 +316,8 @@ def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Te
     bd0, bd1 = head_blocks(d, CONFIG["split_head"])
     prec = _precision(q)
     delta = torch.empty((b * h, n), device=q.device, dtype=torch.float32)
-    _delta_kernel[(triton.cdiv(n, 64), b * h)](o, do, delta, h, n, d, *o.stride()[:3], *do.stride()[:3],
-                                               BM=64, BD0=bd0, BD1=bd1)
+    _delta_kernel[(triton.cdiv(n, CONFIG["delta_bm"]), b * h)](o, do, delta, h, n, d, *o.stride()[:3],
+                                                              *do.stride()[:3], BM=CONFIG["delta_bm"], BD0=bd0, BD1=bd1)
     dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous (the fake kernel's strides)
     ds = torch.empty((b, h, n, n), device=q.device, dtype=q.dtype)
     bm, bn = CONFIG["bwd_bm"], CONFIG["bwd_bn"]

@@ -94,11 +94,12 @@ class RelativePositionBias(nn.Module):
     def table_gather(self, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """The reference gather: (H, N, N), or (B, H, K, K) read from the table per sample.
 
-        Simple but slow to differentiate (B*H*K*K values scatter-added into the table's rows);
-        the attention fast paths use ``full()`` and ``models.attention.kept_bias`` instead.
+        Simple but slow to differentiate (the values scatter-added into the table's rows by
+        autograd); the attention fast paths use ``full()`` (its backward: ``offset_sums``) and
+        ``models.attention.kept_bias`` instead, so this stays an independent reference for both.
         """
         if ids_keep is None:
-            return self.full()
+            return self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
         index = self.relative_position_index[ids_keep[:, :, None], ids_keep[:, None, :]]
         return self.relative_position_bias_table[index].permute(0, 3, 1, 2)  # (B, H, K, K)
 
