@@ -113,11 +113,13 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                      peak_tflops: float = DEFAULT_PEAK_TFLOPS, device: str | None = None,
                      seed: int = 0, attn_impl: str = "auto", separate_passes: bool = True,
                      activation_checkpointing: bool = False, profile: bool = False, flex_options: str | None = None,
-                     triton_options: str | None = None, log=None) -> dict:
+                     triton_options: str | None = None, inductor_options: str | None = None,
+                     log=None) -> dict:
     """Time the trainer's step for a preset at ImageNet latent shape; returns a result dict.
 
     ``flex_options``: a ``FLEX_VARIANTS`` name, FlexAttention's kernel options for this run;
-    ``triton_options``: a ``TRITON_VARIANTS`` name, our Triton kernel's settings.
+    ``triton_options``: a ``TRITON_VARIANTS`` name, our Triton kernel's settings;
+    ``inductor_options``: an ``INDUCTOR_VARIANTS`` name, torch.compile's code-generation settings.
 
     ``batch`` is per process: under torchrun (WORLD_SIZE > 1) the objective is wrapped in DDP
     as in the trainer and img/s counts all processes' images. An out-of-memory error does not
@@ -134,6 +136,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         raise ValueError(f"need batch >= 1, steps >= 1, warmup >= 0; got {batch}, {steps}, {warmup}")
     check_flex_variant(flex_options)
     check_triton_variant(triton_options)
+    check_inductor_variant(inductor_options)
     info = dist_util.env_info()
     if info.world > 1:
         info, dev = dist_util.setup(device or "auto")
@@ -150,7 +153,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         passes=passes,
         steps=steps, warmup=warmup, peak_tflops=peak_tflops, device=dev.type, world=info.world,
         attn_impl=attn_impl, flex_options=flex_options, triton_options=triton_options,
-        separate_passes=bool(separate_passes),
+        inductor_options=inductor_options, separate_passes=bool(separate_passes),
         activation_checkpointing=bool(activation_checkpointing),
         card=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,
         date=datetime.date.today().isoformat(), status="ok",
@@ -170,6 +173,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     variant = contextlib.ExitStack()
     variant.enter_context(flex_variant(flex_options))
     variant.enter_context(triton_variant(triton_options))
+    variant.enter_context(inductor_variant(inductor_options))
     try:
         model = model.to(dev).train()
         diffusion = build_diffusion()
@@ -257,27 +261,40 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
-def kernel_breakdown(kernels, per: int = 1, top: int = 12) -> str:
+def _short_kernel_name(name: str, width: int = 110) -> str:
+    """A kernel name cut to ``width`` characters, keeping both ends (C++ template names put the
+    functor that tells kernels apart at the end)."""
+    return name if len(name) <= width else name[: width // 2 - 2] + " .. " + name[-(width - width // 2 - 2):]
+
+
+# kernel kinds whose individual kernels ``kernel_breakdown`` lists after the compiled ones
+_LISTED_KINDS = ("optimizer, EMA, grad norm", "other", "eager elementwise", "copies, casts")
+
+
+def kernel_breakdown(kernels, per: int = 1, top: int = 12, top_other: int = 5) -> str:
     """Where the device time goes: (name, microseconds) of every kernel run -> a text table of
     milliseconds per ``per`` (steps) by kernel kind, then the ``top`` compiled elementwise kernels
-    (inductor's names list the ops each one fused)."""
+    (inductor's names list the ops each one fused) and the ``top_other`` largest kernels of each
+    kind in ``_LISTED_KINDS`` (what the optimizer category and the unclassified time are made of)."""
     by_kind: dict[str, list[float]] = {}
-    fused: dict[str, list[float]] = {}
+    by_name: dict[str, dict[str, list[float]]] = {}
     for name, us in kernels:
         kind = kernel_class(name)
         by_kind.setdefault(kind, []).append(us)
-        if kind == "compiled elementwise":
-            fused.setdefault(name, []).append(us)
+        by_name.setdefault(kind, {}).setdefault(name, []).append(us)
     total = sum(sum(v) for v in by_kind.values()) or 1.0
     lines = [f"device time per step ({per} profiled), by kernel kind:"]
     for kind, times in sorted(by_kind.items(), key=lambda kv: -sum(kv[1])):
         lines.append(f"  {kind:<28}{sum(times) / per / 1e3:9.2f} ms {100 * sum(times) / total:6.1f}%"
                      f"  {len(times) / per:6g} kernels")
     lines.append(f"  {'total':<28}{total / per / 1e3:9.2f} ms")
-    if fused:
-        lines.append(f"top {top} compiled elementwise kernels (ms per step, calls per step):")
-        for name, times in sorted(fused.items(), key=lambda kv: -sum(kv[1]))[:top]:
-            lines.append(f"  {sum(times) / per / 1e3:7.2f} {len(times) / per:4g}  {name[:110]}")
+    for kind, count in (("compiled elementwise", top),) + tuple((k, top_other) for k in _LISTED_KINDS):
+        names = by_name.get(kind)
+        if not names or count < 1:
+            continue
+        lines.append(f"top {count} {kind} kernels (ms per step, calls per step):")
+        for name, times in sorted(names.items(), key=lambda kv: -sum(kv[1]))[:count]:
+            lines.append(f"  {sum(times) / per / 1e3:7.2f} {len(times) / per:4g}  {_short_kernel_name(name)}")
     return "\n".join(lines)
 
 
@@ -433,6 +450,15 @@ TRITON_VARIANTS = {  # block shapes tried by ``bench attention --impl triton:NAM
 }
 
 
+INDUCTOR_VARIANTS = {  # torch._inductor.config settings tried by ``bench train-step --inductor-options NAME``
+    # each generated kernel's block sizes tuned by coordinate descent at compile time
+    "cdt": {"coordinate_descent_tuning": True},
+    # fuse nodes even where inductor sees no shared memory traffic to save
+    "agg": {"aggressive_fusion": True},
+    "cdt_agg": {"coordinate_descent_tuning": True, "aggressive_fusion": True},
+}
+
+
 def _check_variant(name: str | None, variants: dict, kind: str) -> str | None:
     """``name`` if it is None or one of ``variants``; else a ValueError naming the valid ones."""
     if name is not None and name not in variants:
@@ -467,6 +493,24 @@ def flex_variant(name: str | None):
         attn_mod.FLEX_KERNEL_OPTIONS.clear()
         attn_mod.FLEX_KERNEL_OPTIONS.update(saved)
         attn_mod._flex.cache_clear()
+
+
+def check_inductor_variant(name: str | None) -> str | None:
+    return _check_variant(name, INDUCTOR_VARIANTS, "inductor")
+
+
+@contextlib.contextmanager
+def inductor_variant(name: str | None):
+    """torch._inductor.config patched with ``INDUCTOR_VARIANTS[name]`` while inside (None: unchanged).
+    Dynamo's caches are reset first, so blocks compile afresh under the new settings."""
+    if check_inductor_variant(name) is None:
+        yield
+        return
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    with inductor_config.patch(**INDUCTOR_VARIANTS[name]):
+        yield
 
 
 def check_triton_variant(name: str | None) -> str | None:

@@ -162,6 +162,25 @@ def test_triton_variants_apply_inside_and_restore_and_unknown_ones_are_named(tmp
     assert triton_attention.CONFIG == before
 
 
+def test_inductor_variants_patch_the_config_inside_only_and_unknown_ones_are_named(tmp_path):
+    import torch._inductor.config as inductor_config
+
+    from mdtzoo.bench import INDUCTOR_VARIANTS, bench_train_step, inductor_variant
+
+    before = (inductor_config.coordinate_descent_tuning, inductor_config.aggressive_fusion)
+    with inductor_variant("cdt_agg"):
+        assert inductor_config.coordinate_descent_tuning is True and inductor_config.aggressive_fusion is True
+    assert (inductor_config.coordinate_descent_tuning, inductor_config.aggressive_fusion) == before
+    assert set(INDUCTOR_VARIANTS["cdt_agg"]) == set(INDUCTOR_VARIANTS["cdt"]) | set(INDUCTOR_VARIANTS["agg"])
+    with pytest.raises(ValueError, match="unknown inductor variant 'fast'; valid: cdt, agg, cdt_agg"):
+        bench_train_step("dit_s2", 2, device="cpu", inductor_options="fast")
+    out = tmp_path / "r.json"
+    assert main(["bench", "train-step", "--model", "mdt_xs2", "--batch", "2", "--steps", "1", "--warmup", "0",
+                 "--device", "cpu", "--passes", "full", "--inductor-options", "cdt", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["inductor_options"] == "cdt"
+    assert inductor_config.coordinate_descent_tuning == before[0]
+
+
 def test_published_performance_table_matches_its_json_results():
     """docs/performance.md's one-call column (m) is the committed bench JSON, rounded as printed."""
     from pathlib import Path
@@ -205,3 +224,13 @@ def test_kernel_breakdown_sorts_kernels_by_kind_per_step():
     top = [line.split() for line in text.splitlines()[-2:]]  # the fused kernels: 0.5 ms per step each
     assert sorted((t[0], t[1], t[2]) for t in top) == [("0.50", "0.5", "triton_red_fused_layer_norm_2"),
                                                        ("0.50", "1", "triton_poi_fused_gelu_1")]
+    # the optimizer kind's own kernels are listed too, long template names cut in the middle
+    adam = "void multi_tensor_apply_kernel<" + "x" * 200 + "FusedAdamMathFunctor<float>>"
+    text = kernel_breakdown(kernels + [(adam, 800.0), ("some_custom_kernel", 100.0)], per=2)
+    lines = text.splitlines()
+    head = lines.index("top 5 optimizer, EMA, grad norm kernels (ms per step, calls per step):")
+    listed = lines[head + 1].split(None, 2)
+    assert listed[:2] == ["0.40", "0.5"] and listed[2].startswith("void multi_tensor_apply_kernel<")
+    assert listed[2].endswith("FusedAdamMathFunctor<float>>") and len(listed[2]) == 110 and " .. " in listed[2]
+    assert lines[lines.index("top 5 other kernels (ms per step, calls per step):") + 1].split() == [
+        "0.05", "0.5", "some_custom_kernel"]

@@ -20,6 +20,7 @@
 #   bash experiments/bench/gpu_bench.sh masked    # Triton masked pass: bias materialised per sample vs gathered in-kernel; B/2 and sampling paths; CUDA graphs
 #   bash experiments/bench/gpu_bench.sh after     # after the Triton changes: S/2 steps with CUDA graphs, MDT-XL/2 and S/2 profiles
 #   bash experiments/bench/gpu_bench.sh next      # optimizer parts + the bias table's gradient (scatter vs offset_sums), then the profiles
+#   bash experiments/bench/gpu_bench.sh codegen   # next's optimizer parts and MDT-XL/2 profile, then inductor settings (INDUCTOR_VARIANTS) on DiT-XL/2 and MDT-XL/2
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -224,6 +225,22 @@ next)
     || echo "!! optim_parts failed (rc $?)" >&2
   grep "^|" "$OUT/optim_parts.log" >&2
   mdt_profiles
+  ;;
+codegen)
+  echo "== optim_parts" >&2
+  timeout 100 "$py" experiments/bench/optim_parts.py --model mdt_xl2 > "$OUT/optim_parts.log" 2>&1 \
+    || echo "!! optim_parts failed (rc $?)" >&2
+  grep "^|" "$OUT/optim_parts.log" >&2
+  run profile_mdt_xl2 110 bench train-step --model mdt_xl2 --batch 64 --compile --precision bf16 --profile \
+    --json "$OUT/profile_mdt_xl2.json"
+  sed -n '/device time per step/,$p' "$OUT/profile_mdt_xl2.log" >&2
+  for spec in ${CODEGEN_SPECS:-"dit_xl2 64 -" "dit_xl2 64 cdt" "mdt_xl2 64 cdt" "dit_xl2 64 agg"}; do
+    set -- $spec
+    opts=(); [ "$3" != - ] && opts=(--inductor-options "$3")
+    run "step_$1_$3" 110 bench train-step --model "$1" --batch "$2" --compile --precision bf16 "${opts[@]}" \
+      --json "$OUT/step_$1_$3.json"
+  done
+  "$py" -m mdtzoo bench table "$OUT"/step_*.json "$OUT"/profile_*.json >&2
   ;;
 autotune)
   for spec in ${AUTOTUNE_SPECS:-"dit_xl2 64 default" "dit_xl2 64 max-autotune-no-cudagraphs" "dit_s2 256 max-autotune-no-cudagraphs"}; do
