@@ -114,12 +114,13 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                      seed: int = 0, attn_impl: str = "auto", separate_passes: bool = True,
                      activation_checkpointing: bool = False, profile: bool = False, flex_options: str | None = None,
                      triton_options: str | None = None, inductor_options: str | None = None,
-                     log=None) -> dict:
+                     update: str = "auto", log=None) -> dict:
     """Time the trainer's step for a preset at ImageNet latent shape; returns a result dict.
 
     ``flex_options``: a ``FLEX_VARIANTS`` name, FlexAttention's kernel options for this run;
     ``triton_options``: a ``TRITON_VARIANTS`` name, our Triton kernel's settings;
-    ``inductor_options``: an ``INDUCTOR_VARIANTS`` name, torch.compile's code-generation settings.
+    ``inductor_options``: an ``INDUCTOR_VARIANTS`` name, torch.compile's code-generation settings;
+    ``update``: the optimiser side as the trainer's ``train.update`` ('auto', 'fused', 'op_by_op').
 
     ``batch`` is per process: under torchrun (WORLD_SIZE > 1) the objective is wrapped in DDP
     as in the trainer and img/s counts all processes' images. An out-of-memory error does not
@@ -129,7 +130,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     from mdtzoo.diffusion import build_diffusion
     from mdtzoo.models import build_model
     from mdtzoo.training.ema import EMA
-    from mdtzoo.training.loop import grad_norm_, make_optimizer
+    from mdtzoo.training.fused_update import FusedAdamWEMA, check_update_mode, make_update
+    from mdtzoo.training.loop import make_optimizer
     from mdtzoo.training.objective import DiffusionObjective, backward_parts, prepare_step, uses_cudagraphs
 
     if batch < 1 or steps < 1 or warmup < 0:
@@ -137,12 +139,14 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     check_flex_variant(flex_options)
     check_triton_variant(triton_options)
     check_inductor_variant(inductor_options)
+    check_update_mode(update)
     info = dist_util.env_info()
     if info.world > 1:
         info, dev = dist_util.setup(device or "auto")
     else:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
+    check_update_mode(update, dev)
     if precision == "auto":
         precision = "bf16" if cuda else "fp32"
     if precision not in ("bf16", "fp32"):
@@ -179,6 +183,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         diffusion = build_diffusion()
         opt = make_optimizer(model.parameters(), "adamw", 1e-4, 0.0, (0.9, 0.999), fused=cuda)
         ema = EMA(model, 0.9999, warmup=True)
+        updater = make_update(opt, ema, update)
+        result["update"] = "fused" if isinstance(updater, FusedAdamWEMA) else "op_by_op"
         objective = DiffusionObjective(model, diffusion, passes, "all", seed=seed)
         cudagraphs = uses_cudagraphs(compile)
         step_fn, parts = prepare_step(objective, dev, info.world, compile=compile,
@@ -194,10 +200,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             backward_parts(step_fn, parts, (x0, y, step), autocast, world=info.world)
-            grad_norm_(model.parameters())
-            opt.step()
+            updater.step(step + 1)  # grad norm, AdamW, EMA
             opt.zero_grad(set_to_none=True)
-            ema.update(step + 1)
 
         start = time.perf_counter()
         for step in range(warmup):

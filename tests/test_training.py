@@ -311,6 +311,18 @@ def test_unknown_compile_mode_fails_before_the_run_dir_exists(toy, tmp_path):
     assert not run.exists()
 
 
+@pytest.mark.parametrize("update, message", [("fast", "unknown update mode 'fast'; valid: auto, fused, op_by_op"),
+                                             ("fused", "runs on CUDA .*the parameters are on cpu")])
+def test_a_bad_update_mode_fails_before_the_run_dir_exists(toy, tmp_path, monkeypatch, update, message):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pytest.importorskip("triton")  # without triton 'fused' fails earlier, saying so
+    run = tmp_path / "run"
+    setup_gin(run, update=update)
+    with pytest.raises(ValueError, match=message):
+        train()
+    assert not run.exists()
+
+
 def test_grad_norm_without_a_clip_leaves_gradients_untouched_and_equals_clip_grad_norm():
     from mdtzoo.training.loop import grad_norm_
 

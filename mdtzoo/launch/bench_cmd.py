@@ -30,7 +30,7 @@ def run_train_step(args) -> int:
         steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops, device=args.device,
         seed=args.seed, attn_impl=args.attn, separate_passes=not args.joint_backward,
         activation_checkpointing=args.activation_checkpointing, profile=args.profile, flex_options=args.flex_options,
-        triton_options=args.triton_options, inductor_options=args.inductor_options,
+        triton_options=args.triton_options, inductor_options=args.inductor_options, update=args.update,
         log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
     )
     from mdtzoo.training.distributed import env_info
@@ -149,6 +149,9 @@ def add_parser(sub) -> None:
                    help="FlexAttention kernel options by name (bench.FLEX_VARIANTS, as in bench attention --impl flex:NAME)")
     t.add_argument("--triton-options", metavar="VARIANT", default=None,
                    help="our Triton kernel's settings by name (bench.TRITON_VARIANTS, as in --impl triton:NAME)")
+    t.add_argument("--update", default="auto", choices=("auto", "fused", "op_by_op"),
+                   help="the optimiser side: AdamW + EMA + grad norm in one kernel (fused), torch's ops one by "
+                        "one (op_by_op), or auto (fused on CUDA)")
     t.add_argument("--inductor-options", metavar="VARIANT", default=None,
                    help="torch.compile code-generation settings by name (bench.INDUCTOR_VARIANTS)")
     t.add_argument("--json", metavar="PATH", help="write the result as JSON")

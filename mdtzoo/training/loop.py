@@ -24,6 +24,7 @@ from mdtzoo.training import checkpoint as ckpt
 from mdtzoo.training import distributed as dist_util
 from mdtzoo.training.data import StepSampler, make_loader
 from mdtzoo.training.ema import EMA
+from mdtzoo.training.fused_update import check_update_mode, make_update
 from mdtzoo.training.heldout import heldout_loss
 from mdtzoo.training.objective import DiffusionObjective, backward_parts, prepare_step, uses_cudagraphs
 from mdtzoo.training.rundir import RunDir, write_text
@@ -137,6 +138,7 @@ def train(
     compile: bool | str = False,
     separate_passes: bool = True,
     activation_checkpointing: bool = False,
+    update: str = "auto",
     seed: int = 0,
     log_every: int = 50,
     ckpt_every: int = 1000,
@@ -173,6 +175,9 @@ def train(
     separate_passes: backpropagate MDT's full and masked pass one after the other (the same
       gradient as one backward of the sum; only one pass's activations are alive at a time).
     activation_checkpointing: recompute block activations in the backward (less memory, slower).
+    update: the optimiser side of a step -- 'fused' (AdamW, EMA and the gradient norm in one Triton
+      kernel, ``training.fused_update``; CUDA, AdamW), 'op_by_op' (the norm, ``opt.step()``, the EMA
+      update one after the other; any optimiser), or 'auto' (fused where it can run).
     heldout_every / heldout_items / heldout_timesteps: the held-out loss (EMA weights) every so many
       steps, on the first ``heldout_items`` held-out items at ``heldout_timesteps`` evenly spaced t.
     keep_every: checkpoints at multiples of this step are never pruned (0: keep only the newest
@@ -191,6 +196,7 @@ def train(
     """
     cudagraphs = uses_cudagraphs(compile)  # checks the value before any work
     info, dev = dist_util.setup(device)
+    check_update_mode(update, dev)
     run = RunDir(run_dir)
     config_text = cfg.config_str()
     if run.is_done():  # before any work: a finished run is never touched
@@ -238,6 +244,7 @@ def train(
             run.mark_done(start)
         return {"status": "done", "step": start, "run_dir": str(run.path)}
 
+    updater = make_update(opt, ema, update)
     objective = DiffusionObjective(model, diffusion, passes, masked_loss_on, seed=seed)
     step_fn, parts = prepare_step(objective, dev, info.world, compile=compile,
                                   activation_checkpointing=activation_checkpointing, separate_passes=separate_passes)
@@ -326,11 +333,9 @@ def train(
                 if info.is_main:
                     run.mark_failed(message)
                 raise NonFiniteLossError(message)
-            grad_norm = grad_norm_(model.parameters(), grad_clip or None)
-            opt.step()
+            grad_norm = updater.step(step + 1, grad_clip or None)  # AdamW + EMA (+ clip)
             opt.zero_grad(set_to_none=True)
             step += 1
-            ema.update(step)
             window.append({k: v for k, v in losses.items()} | {"grad_norm": grad_norm.detach().float()})
             if step == start + 1 and info.is_main:
                 write_text(run.operative_config, cfg.config_str(operative=True))

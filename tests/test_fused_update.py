@@ -1,0 +1,191 @@
+"""The one-pass optimiser step (AdamW + EMA + grad norm, training/fused_update.py) against torch's ops."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from mdtzoo.training.ema import EMA
+from mdtzoo.training.fused_update import OpByOpUpdate, make_update, unsupported
+
+# Run in a subprocess with TRITON_INTERPRET=1: the Triton kernel on CPU tensors.
+INTERPRETER_CHECK = r'''
+import copy
+import torch
+from torch import nn
+from mdtzoo.training.ema import EMA
+from mdtzoo.training.fused_update import FusedAdamWEMA, OpByOpUpdate, make_update
+
+def make():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(37, 300), nn.GELU(), nn.Linear(300, 5))  # 11100 weights: 87 blocks of 128 and a rest
+    m.register_buffer("count", torch.zeros(3))
+    m.frozen = nn.Parameter(torch.randn(7), requires_grad=False)  # EMA-updated, not optimised
+    return m
+
+def optimiser(m):
+    trained = [p for p in m.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": trained[:2]}, {"params": trained[2:], "weight_decay": 0.0}],
+                             lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99), foreach=False)
+
+ref, fused = make(), make()
+ref_opt, fused_opt = optimiser(ref), optimiser(fused)
+ref_ema, fused_ema = EMA(ref, 0.9, warmup=True), EMA(fused, 0.9, warmup=True)
+ref_up = OpByOpUpdate(ref_opt, ref_ema)
+fused_up = make_update(fused_opt, fused_ema, "fused")
+assert isinstance(fused_up, FusedAdamWEMA)
+fused_up.block = 128  # several blocks per tensor, partial last blocks
+
+def compare(tag):
+    pairs = list(zip(ref.parameters(), fused.parameters())) + list(zip(ref_ema.model.parameters(), fused_ema.model.parameters()))
+    pairs += list(zip(ref_ema.model.buffers(), fused_ema.model.buffers()))
+    for a, b in pairs:
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=lambda m: f"{tag}: {m}")
+    ra, fa = ref_opt.state_dict()["state"], fused_opt.state_dict()["state"]
+    assert ra.keys() == fa.keys(), tag
+    for k in ra:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fa[k][key], ra[k][key], rtol=1e-6, atol=1e-7, msg=lambda m: f"{tag} {key}: {m}")
+
+moved = 0.0
+for step in range(1, 7):
+    x = torch.randn(8, 37)
+    for m in (ref, fused):
+        m.zero_grad(set_to_none=True)
+        m(x).square().mean().backward()
+        m.count += 1
+        m.frozen.data += 0.5
+    if step == 3:  # a parameter without a gradient: AdamW skips it, the EMA still moves
+        ref[2].bias.grad = None
+        fused[2].bias.grad = None
+    for group in ref_opt.param_groups + fused_opt.param_groups:
+        group["lr"] = 1e-2 / step  # a schedule changing the learning rate
+    clip = 0.05 if step in (2, 5) else None
+    n_ref, n_fused = ref_up.step(step, clip), fused_up.step(step, clip)
+    torch.testing.assert_close(n_fused, n_ref, rtol=2e-6, atol=0)
+    moved += float((fused[0].weight - fused_ema.model[0].weight).abs().max().detach())
+    compare(f"step {step}")
+    if step == 4:  # a resumed run: the optimiser state replaced by load_state_dict
+        fused_opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # (a copy: .to() would share tensors)
+assert ref_opt.state_dict()["state"][3]["step"].item() == 5  # the bias skipped at step 3
+assert moved > 0
+print("FUSED_OK")
+'''
+
+
+def test_fused_update_equals_adamw_ema_and_clip_in_the_interpreter(tmp_path):
+    """Six steps of FusedAdamWEMA (Triton's CPU interpreter) equal torch.optim.AdamW + EMA.update +
+    clip_grad_norm_: parameters, EMA weights and buffers, optimiser state (step, exp_avg,
+    exp_avg_sq), the returned norm -- with two param groups, learning-rate changes, clipping, a
+    parameter without a gradient, a frozen parameter, and a load_state_dict mid-run."""
+    pytest.importorskip("triton")
+    script = tmp_path / "check.py"
+    script.write_text(INTERPRETER_CHECK)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FUSED_OK" in proc.stdout
+
+
+TRAINER_CHECK = r'''
+import json, sys
+import torch
+from torch.utils.data import Dataset
+from mdtzoo import config
+from mdtzoo.registry import DATASETS
+from mdtzoo.training import checkpoint as ckpt
+from mdtzoo.training import train
+
+class Squares(Dataset):
+    num_classes, image_size, channels, name = 3, 8, 3, "squares"
+    def __init__(self, split="train"):
+        self.size = 24 if split == "train" else 8
+    def set_epoch(self, epoch):
+        pass
+    def __len__(self):
+        return self.size
+    def __getitem__(self, i):
+        x = 0.1 * torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(i))
+        x[i % 3, 2:6, 2:6] += 0.8
+        return x.clamp(-1, 1), torch.tensor(i % 3)
+
+out = {}
+with DATASETS.temporary("squares", Squares):
+    for mode in ("op_by_op", "fused"):
+        run = f"{sys.argv[1]}/{mode}"
+        config.parse([], ["build.model = @models.mdt_xs2", f"train.run_dir = '{run}'", "train.dataset = 'datasets.squares'",
+                          "train.progress = False", "train.log_every = 1", "train.steps = 4", "train.global_batch = 8",
+                          "train.lr = 1e-3", "train.ema_decay = 0.9", "train.ckpt_every = 4", "train.grad_clip = 0.5",
+                          "train.weight_decay = 0.01", f"train.update = '{mode}'"])
+        assert train()["status"] == "done"
+        records = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+        state = ckpt.load(ckpt.checkpoint_path(f"{run}/checkpoints", 4))
+        out[mode] = ([(r["loss"], r["grad_norm"]) for r in records if r["kind"] == "train"], state)
+(ref, ref_state), (fused, fused_state) = out["op_by_op"], out["fused"]
+assert len(ref) == len(fused) == 4
+for a, b in zip(ref, fused):
+    assert abs(a[0] - b[0]) <= 1e-5 * abs(a[0]) and abs(a[1] - b[1]) <= 1e-5 * abs(a[1]), (a, b)
+for part in ("model", "ema"):
+    for k, v in ref_state[part].items():
+        torch.testing.assert_close(fused_state[part][k], v, rtol=1e-5, atol=1e-6)
+assert [s["step"] for s in fused_state["optimizer"]["state"].values()] == \
+    [s["step"] for s in ref_state["optimizer"]["state"].values()]
+print("TRAIN_OK")
+'''
+
+
+def test_trainer_with_the_fused_update_equals_op_by_op_in_the_interpreter(tmp_path):
+    """``train.update = 'fused'`` (the kernel in Triton's interpreter) trains as 'op_by_op' does:
+    the same losses and gradient norms per step and the same weights, EMA weights and optimiser
+    step counts in the checkpoint (with clipping and weight decay on)."""
+    pytest.importorskip("triton")
+    script = tmp_path / "train_check.py"
+    script.write_text(TRAINER_CHECK)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TRAIN_OK" in proc.stdout
+
+
+def _model_opt_ema(optimizer=torch.optim.AdamW, **kwargs):
+    model = nn.Linear(4, 3)
+    return model, optimizer(model.parameters(), lr=1e-3, **kwargs), EMA(model, 0.99)
+
+
+def test_make_update_picks_and_refuses_with_reasons(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model, opt, ema = _model_opt_ema()
+    assert isinstance(make_update(opt, ema, "auto"), OpByOpUpdate)  # CPU parameters: op by op
+    assert isinstance(make_update(opt, ema, "op_by_op"), OpByOpUpdate)
+    with pytest.raises(ValueError, match="unknown update mode 'fast'; valid: auto, fused, op_by_op"):
+        make_update(opt, ema, "fast")
+    if unsupported(opt, ema) is None:  # triton installed
+        with pytest.raises(ValueError, match="runs on CUDA .* the parameters are on cpu"):
+            make_update(opt, ema, "fused")
+    _, sgd, ema2 = _model_opt_ema(torch.optim.SGD)
+    assert "SGD, not torch.optim.AdamW" in (unsupported(sgd, ema2) or "SGD, not torch.optim.AdamW")
+    _, ams, ema3 = _model_opt_ema(amsgrad=True)
+    assert unsupported(ams, ema3) in ("AdamW option amsgrad=True", "triton is not installed")
+    _, opt4, _ = _model_opt_ema()
+    other = EMA(nn.Linear(4, 3), 0.99)  # the EMA of a different model
+    assert unsupported(opt4, other) in ("a parameter of shape (3, 4) has no EMA copy", "triton is not installed")
+
+
+def test_op_by_op_update_returns_the_norm_before_clipping_and_clips():
+    torch.manual_seed(0)
+    model, opt, ema = _model_opt_ema()
+    model(torch.randn(5, 4)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    expected = torch.cat([g.flatten() for g in grads]).norm()
+    before = [p.detach().clone() for p in model.parameters()]
+    norm = OpByOpUpdate(opt, ema).step(1, max_norm=float(expected) / 4)
+    torch.testing.assert_close(norm, expected)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g * (float(expected) / 4) / (float(expected) + 1e-6))
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    torch.testing.assert_close(ema.model.weight, 0.99 * before[0] + 0.01 * model.weight.detach())
