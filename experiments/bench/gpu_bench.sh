@@ -21,6 +21,7 @@
 #   bash experiments/bench/gpu_bench.sh after     # after the Triton changes: S/2 steps with CUDA graphs, MDT-XL/2 and S/2 profiles
 #   bash experiments/bench/gpu_bench.sh next      # optimizer parts + the bias table's gradient (scatter vs offset_sums), then the profiles
 #   bash experiments/bench/gpu_bench.sh codegen   # next's optimizer parts and MDT-XL/2 profile, then inductor settings (INDUCTOR_VARIANTS) on DiT-XL/2 and MDT-XL/2
+#   bash experiments/bench/gpu_bench.sh fused     # the one-kernel optimiser update (AdamW + EMA + norm) checked, then op by op vs fused in the DiT-XL/2, MDT-XL/2 and MDT-S/2 steps
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -241,6 +242,20 @@ codegen)
       --json "$OUT/step_$1_$3.json"
   done
   "$py" -m mdtzoo bench table "$OUT"/step_*.json "$OUT"/profile_*.json >&2
+  ;;
+fused)
+  echo "== optim_parts" >&2
+  timeout 110 "$py" experiments/bench/optim_parts.py --model mdt_xl2 > "$OUT/optim_parts.log" 2>&1 \
+    || echo "!! optim_parts failed (rc $?)" >&2
+  grep "^|\|^Fused" "$OUT/optim_parts.log" >&2
+  for spec in ${FUSED_SPECS:-"dit_xl2 64" "mdt_xl2 64" "mdt_s2 256"}; do
+    set -- $spec
+    for update in op_by_op fused; do
+      run "step_$1_$update" 100 bench train-step --model "$1" --batch "$2" --compile --precision bf16 \
+        --update "$update" --json "$OUT/step_$1_$update.json"
+    done
+  done
+  "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
   ;;
 autotune)
   for spec in ${AUTOTUNE_SPECS:-"dit_xl2 64 default" "dit_xl2 64 max-autotune-no-cudagraphs" "dit_s2 256 max-autotune-no-cudagraphs"}; do
