@@ -324,7 +324,7 @@ def _profile_table(fn, dev: torch.device, rows: int, per: int = 1) -> str:
 def format_result(r: dict) -> str:
     """One human line for a result dict."""
     head = (f"{r['model']} b{r['batch']} {r['precision']}{' compile' if r['compile'] else ''} "
-            f"passes={r['passes']}")
+            f"passes={r['passes']}{' update=' + r['update'] if 'update' in r else ''}")
     mem = f", peak memory {r['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in r else ""
     if r.get("status") != "ok":
         return f"{head}: {r.get('status', '?').upper()} ({r.get('error', '')}){mem}"
