@@ -460,6 +460,8 @@ INDUCTOR_VARIANTS = {  # torch._inductor.config settings tried by ``bench train-
     # fuse nodes even where inductor sees no shared memory traffic to save
     "agg": {"aggressive_fusion": True},
     "cdt_agg": {"coordinate_descent_tuning": True, "aggressive_fusion": True},
+    # compiled graphs launch their kernels from generated C++ instead of Python (less host time)
+    "cpp": {"cpp_wrapper": True},
 }
 
 

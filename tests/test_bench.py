@@ -172,7 +172,7 @@ def test_inductor_variants_patch_the_config_inside_only_and_unknown_ones_are_nam
         assert inductor_config.coordinate_descent_tuning is True and inductor_config.aggressive_fusion is True
     assert (inductor_config.coordinate_descent_tuning, inductor_config.aggressive_fusion) == before
     assert set(INDUCTOR_VARIANTS["cdt_agg"]) == set(INDUCTOR_VARIANTS["cdt"]) | set(INDUCTOR_VARIANTS["agg"])
-    with pytest.raises(ValueError, match="unknown inductor variant 'fast'; valid: cdt, agg, cdt_agg"):
+    with pytest.raises(ValueError, match="unknown inductor variant 'fast'; valid: cdt, agg, cdt_agg, cpp"):
         bench_train_step("dit_s2", 2, device="cpu", inductor_options="fast")
     out = tmp_path / "r.json"
     assert main(["bench", "train-step", "--model", "mdt_xs2", "--batch", "2", "--steps", "1", "--warmup", "0",

@@ -22,6 +22,7 @@
 #   bash experiments/bench/gpu_bench.sh next      # optimizer parts + the bias table's gradient (scatter vs offset_sums), then the profiles
 #   bash experiments/bench/gpu_bench.sh codegen   # next's optimizer parts and MDT-XL/2 profile, then inductor settings (INDUCTOR_VARIANTS) on DiT-XL/2 and MDT-XL/2
 #   bash experiments/bench/gpu_bench.sh fused     # the one-kernel optimiser update (AdamW + EMA + norm) checked, then op by op vs fused in the DiT-XL/2, MDT-XL/2 and MDT-S/2 steps
+#   bash experiments/bench/gpu_bench.sh host      # is the step host-bound? CUDA graphs and the C++ wrapper at XL/2 (fused update), op-by-op update, optimizer parts
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -256,6 +257,22 @@ fused)
     done
   done
   "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
+  ;;
+host)
+  for spec in ${HOST_SPECS:-"mdt_xl2 64 - auto" "mdt_xl2 64 reduce-overhead auto" "dit_xl2 64 - auto" \
+      "dit_xl2 64 reduce-overhead auto" "mdt_xl2 64 - op_by_op" "mdt_xl2 64 cpp auto"}; do
+    set -- $spec
+    opts=(--compile)
+    [ "$3" = reduce-overhead ] && opts=(--compile-mode reduce-overhead)
+    [ "$3" = cpp ] && opts=(--compile --inductor-options cpp)
+    run "step_$1_$3_$4" 110 bench train-step --model "$1" --batch "$2" "${opts[@]}" --precision bf16 \
+      --update "$4" --json "$OUT/step_$1_$3_$4.json"
+  done
+  "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
+  echo "== optim_parts" >&2
+  timeout 100 "$py" experiments/bench/optim_parts.py --model mdt_xl2 > "$OUT/optim_parts.log" 2>&1 \
+    || echo "!! optim_parts failed (rc $?)" >&2
+  grep "^|\|^Fused" "$OUT/optim_parts.log" >&2
   ;;
 autotune)
   for spec in ${AUTOTUNE_SPECS:-"dit_xl2 64 default" "dit_xl2 64 max-autotune-no-cudagraphs" "dit_s2 256 max-autotune-no-cudagraphs"}; do

@@ -35,8 +35,13 @@ class EMA:
         if self._pairs:
             ema, params = zip(*self._pairs)
             torch._foreach_lerp_(list(ema), [p.detach() for p in params], 1.0 - self.decay_at(step))
-        for e, b in self._buffers:
-            e.copy_(b)
+        self.copy_buffers()
+
+    @torch.no_grad()
+    def copy_buffers(self) -> None:
+        """The EMA model's buffers := the model's (one foreach copy, not a kernel per buffer)."""
+        if self._buffers:
+            torch._foreach_copy_([e for e, _ in self._buffers], [b for _, b in self._buffers])
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

@@ -35,35 +35,80 @@ except ImportError:  # pragma: no cover - CPU-only installs without triton
 if triton is not None:
 
     @triton.jit
-    def _adamw_ema_kernel(P, G, M, V, E, NUMEL, STEP_SIZE, BC2_SQRT, BLOCK_T, BLOCK_S, PARTIAL, COEF,
-                          wd_factor, beta1, beta2, eps, ema_weight,
-                          HAS_COEF: tl.constexpr, BLOCK: tl.constexpr):
-        """One program: BLOCK elements of tensor t = BLOCK_T[pid] from element BLOCK_S[pid] on.
-        P, G, M, V, E hold each tensor's address (int64); all tensors are float32, contiguous."""
-        pid = tl.program_id(0)
-        t = tl.load(BLOCK_T + pid)
-        offs = tl.load(BLOCK_S + pid) + tl.arange(0, BLOCK)
-        ok = offs < tl.load(NUMEL + t)
-        p_ptr = tl.load(P + t).to(tl.pointer_type(tl.float32))
-        g_ptr = tl.load(G + t).to(tl.pointer_type(tl.float32))
-        m_ptr = tl.load(M + t).to(tl.pointer_type(tl.float32))
-        v_ptr = tl.load(V + t).to(tl.pointer_type(tl.float32))
-        e_ptr = tl.load(E + t).to(tl.pointer_type(tl.float32))
-        g = tl.load(g_ptr + offs, mask=ok, other=0.0)
+    def _column(ADDRS, t, offs, BLOCK: tl.constexpr):
+        """Pointers to elements ``offs`` of tensor t, whose address is ADDRS[t]. The hints (16-byte
+        aligned, BLOCK contiguous: true of every tensor the caching allocator hands out) let Triton
+        use 128-bit loads and stores; a pointer read from memory carries no alignment otherwise."""
+        ptr = tl.load(ADDRS + t).to(tl.pointer_type(tl.float32))
+        return tl.max_contiguous(tl.multiple_of(ptr + offs, 16), BLOCK)
+
+    @triton.jit
+    def _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, e_ptrs, ok, PARTIAL, pid, COEF, step_size, bc2_sqrt,
+                wd_factor, beta1, beta2, eps, ema_weight, HAS_COEF: tl.constexpr, MASKED: tl.constexpr):
+        """AdamW (torch's fused maths) + EMA lerp of one block; the masks only for a tensor's last,
+        partial block (an unmasked block vectorises)."""
+        if MASKED:
+            g = tl.load(g_ptrs, mask=ok, other=0.0)
+            p = tl.load(p_ptrs, mask=ok, other=0.0)
+            m = tl.load(m_ptrs, mask=ok, other=0.0)
+            v = tl.load(v_ptrs, mask=ok, other=0.0)
+            e = tl.load(e_ptrs, mask=ok, other=0.0)
+        else:
+            g = tl.load(g_ptrs)
+            p = tl.load(p_ptrs)
+            m = tl.load(m_ptrs)
+            v = tl.load(v_ptrs)
+            e = tl.load(e_ptrs)
         tl.store(PARTIAL + pid, tl.sum(g * g, axis=0))  # the unclipped norm, summed per block
         if HAS_COEF:
             g = g * tl.load(COEF)
-        p = tl.load(p_ptr + offs, mask=ok, other=0.0) * wd_factor  # decoupled weight decay
-        m = beta1 * tl.load(m_ptr + offs, mask=ok, other=0.0) + (1.0 - beta1) * g
-        v = beta2 * tl.load(v_ptr + offs, mask=ok, other=0.0) + (1.0 - beta2) * g * g
-        denom = tl.sqrt(v) / tl.load(BC2_SQRT + t) + eps
-        p = p - tl.load(STEP_SIZE + t) * m / denom
-        e = tl.load(e_ptr + offs, mask=ok, other=0.0)
+        p = p * wd_factor  # decoupled weight decay
+        m = beta1 * m + (1.0 - beta1) * g
+        v = beta2 * v + (1.0 - beta2) * g * g
+        p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
         e = e + ema_weight * (p - e)  # torch.lerp's form for a weight below 0.5
-        tl.store(p_ptr + offs, p, mask=ok)
-        tl.store(m_ptr + offs, m, mask=ok)
-        tl.store(v_ptr + offs, v, mask=ok)
-        tl.store(e_ptr + offs, e, mask=ok)
+        if MASKED:
+            tl.store(p_ptrs, p, mask=ok)
+            tl.store(m_ptrs, m, mask=ok)
+            tl.store(v_ptrs, v, mask=ok)
+            tl.store(e_ptrs, e, mask=ok)
+        else:
+            tl.store(p_ptrs, p)
+            tl.store(m_ptrs, m)
+            tl.store(v_ptrs, v)
+            tl.store(e_ptrs, e)
+
+    @triton.jit
+    def _adamw_ema_kernel(P, G, M, V, E, NUMEL, STEP_SIZE, BC2_SQRT, BLOCK_T, BLOCK_S, PARTIAL, COEF,
+                          step_size_all, bc2_sqrt_all, wd_factor, beta1, beta2, eps, ema_weight,
+                          UNIFORM: tl.constexpr, HAS_COEF: tl.constexpr, BLOCK: tl.constexpr):
+        """One program: BLOCK elements of tensor t = BLOCK_T[pid] from element BLOCK_S[pid] on.
+        P, G, M, V, E hold each tensor's address (int64); all tensors are float32, contiguous;
+        STEP_SIZE and BC2_SQRT hold lr / (1 - beta1^step) and sqrt(1 - beta2^step) per tensor, or,
+        with UNIFORM (every tensor at the same step count, the usual case), step_size_all and
+        bc2_sqrt_all hold them for all."""
+        pid = tl.program_id(0)
+        t = tl.load(BLOCK_T + pid)
+        start = tl.load(BLOCK_S + pid)
+        offs = start + tl.arange(0, BLOCK)
+        n = tl.load(NUMEL + t)
+        p_ptrs = _column(P, t, offs, BLOCK)
+        g_ptrs = _column(G, t, offs, BLOCK)
+        m_ptrs = _column(M, t, offs, BLOCK)
+        v_ptrs = _column(V, t, offs, BLOCK)
+        e_ptrs = _column(E, t, offs, BLOCK)
+        if UNIFORM:
+            step_size = step_size_all
+            bc2_sqrt = bc2_sqrt_all
+        else:
+            step_size = tl.load(STEP_SIZE + t)
+            bc2_sqrt = tl.load(BC2_SQRT + t)
+        if start + BLOCK <= n:
+            _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, e_ptrs, offs < n, PARTIAL, pid, COEF, step_size, bc2_sqrt,
+                    wd_factor, beta1, beta2, eps, ema_weight, HAS_COEF, False)
+        else:
+            _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, e_ptrs, offs < n, PARTIAL, pid, COEF, step_size, bc2_sqrt,
+                    wd_factor, beta1, beta2, eps, ema_weight, HAS_COEF, True)
 
 
 def _group_hyper(group: dict) -> tuple[float, float, float, float, float]:
@@ -119,6 +164,7 @@ class FusedAdamWEMA:
         self._tables: dict = {}  # (group, present tensors) -> the fixed device tables
         self._steps: dict[int, int] = {}  # id(param) -> its AdamW step count, mirrored on the host
         self._step_tensors: dict[int, torch.Tensor] = {}
+        self._grad_addrs: dict = {}  # (group, present tensors) -> (host list, device tensor) of the last step
 
     def _state(self, p: torch.Tensor) -> dict:
         """AdamW's state of p, created as torch's fused AdamW creates it; the host step mirror
@@ -185,25 +231,32 @@ class FusedAdamWEMA:
             lr, wd, beta1, beta2, eps = _group_hyper(group)
             states = [self._state(p) for p, _ in chosen]
             table = self._table(gi, present, chosen, states)
-            step_size, bc2_sqrt = [], []
-            for p, _ in chosen:
-                n = self._steps[id(p)] + 1
+            counts = [self._steps[id(p)] + 1 for p, _ in chosen]
+            for (p, _), n in zip(chosen, counts):
                 self._steps[id(p)] = n
-                step_size.append(lr / (1.0 - beta1**n))
-                bc2_sqrt.append(math.sqrt(1.0 - beta2**n))
+            uniform = min(counts) == max(counts)
+            step_size = [lr / (1.0 - beta1**n) for n in (counts[:1] if uniform else counts)]
+            bc2_sqrt = [math.sqrt(1.0 - beta2**n) for n in (counts[:1] if uniform else counts)]
             gs = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p, _ in chosen]
             if any(g.dtype != torch.float32 for g in gs):
                 raise ValueError("FusedAdamWEMA needs float32 gradients")
-            g_addrs = self._to_device([g.data_ptr() for g in gs], torch.int64, dev)
-            scalars = self._to_device([step_size, bc2_sqrt], torch.float32, dev)
+            addrs = [g.data_ptr() for g in gs]
+            last = self._grad_addrs.get((gi, present))
+            if last is not None and last[0] == addrs:  # the allocator gave the same memory as last step
+                g_addrs = last[1]
+            else:
+                g_addrs = self._to_device(addrs, torch.int64, dev)
+                self._grad_addrs[(gi, present)] = (addrs, g_addrs)
+            scalars = (table["numel"].new_empty((2, 1), dtype=torch.float32) if uniform  # (not read)
+                       else self._to_device([step_size, bc2_sqrt], torch.float32, dev))
             n_blocks = table["block_t"].numel()
             partial = torch.empty(n_blocks, dtype=torch.float32, device=dev)
             p_addrs, m_addrs, v_addrs, e_addrs = table["addrs"]
             _adamw_ema_kernel[(n_blocks,)](
                 p_addrs, g_addrs, m_addrs, v_addrs, e_addrs, table["numel"], scalars[0], scalars[1],
                 table["block_t"], table["block_s"], partial, coef if coef is not None else partial,
-                1.0 - lr * wd, beta1, beta2, eps, ema_weight,
-                HAS_COEF=coef is not None, BLOCK=self.block, num_warps=WARPS)
+                step_size[0], bc2_sqrt[0], 1.0 - lr * wd, beta1, beta2, eps, ema_weight,
+                UNIFORM=uniform, HAS_COEF=coef is not None, BLOCK=self.block, num_warps=WARPS)
             torch._foreach_add_([s["step"] for s in states], 1.0)
             partials.append(partial)
         # EMA for what AdamW did not touch: frozen parameters and parameters without a gradient
@@ -213,8 +266,7 @@ class FusedAdamWEMA:
             rest += [(e, p) for i, (p, e) in enumerate(pairs) if i not in with_grad]
         if rest:
             torch._foreach_lerp_([e for e, _ in rest], [p.detach() for _, p in rest], ema_weight)
-        for e, b in self.ema._buffers:
-            e.copy_(b)
+        self.ema.copy_buffers()
         if not partials:
             return torch.zeros(())
         return torch.cat(partials).sum().sqrt()
