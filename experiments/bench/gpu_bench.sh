@@ -22,7 +22,7 @@
 #   bash experiments/bench/gpu_bench.sh next      # optimizer parts + the bias table's gradient (scatter vs offset_sums), then the profiles
 #   bash experiments/bench/gpu_bench.sh codegen   # next's optimizer parts and MDT-XL/2 profile, then inductor settings (INDUCTOR_VARIANTS) on DiT-XL/2 and MDT-XL/2
 #   bash experiments/bench/gpu_bench.sh fused     # the one-kernel optimiser update (AdamW + EMA + norm) checked, then op by op vs fused in the DiT-XL/2, MDT-XL/2 and MDT-S/2 steps
-#   bash experiments/bench/gpu_bench.sh host      # is the step host-bound? CUDA graphs and the C++ wrapper at XL/2 (fused update), op-by-op update, optimizer parts
+#   bash experiments/bench/gpu_bench.sh hostbound # is the step host-bound? CUDA graphs and the C++ wrapper at XL/2 (fused update), op-by-op update, optimizer parts
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -258,7 +258,7 @@ fused)
   done
   "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
   ;;
-host)
+hostbound)
   for spec in ${HOST_SPECS:-"mdt_xl2 64 - auto" "mdt_xl2 64 reduce-overhead auto" "dit_xl2 64 - auto" \
       "dit_xl2 64 reduce-overhead auto" "mdt_xl2 64 - op_by_op" "mdt_xl2 64 cpp auto"}; do
     set -- $spec
