@@ -257,6 +257,43 @@ def test_relbias_table_gradient_by_offset_sums_equals_the_scatter_add(grid):
         assert torch.autograd.gradcheck(lambda t: _FullBias.apply(t, index, grid), (leaf,))
 
 
+OFFSETS_CHECK = r'''
+import torch
+from mdtzoo.posenc.relbias import UNUSED_ROWS, relative_position_index
+from mdtzoo.posenc.triton_offsets import offset_sums_kernel
+
+worst = 0.0
+for rows, cols, heads in ((4, 4, 3), (3, 5, 2), (16, 16, 6), (1, 7, 1), (9, 2, 5)):
+    n = rows * cols
+    index = relative_position_index(rows, cols)
+    num_rows = (2 * rows - 1) * (2 * cols - 1) + UNUSED_ROWS
+    upstream = torch.randn(n, n, heads, dtype=torch.float64).permute(2, 0, 1)  # a strided (H, N, N) view
+    expected = torch.zeros(num_rows, heads, dtype=torch.float64).index_put_(
+        (index.reshape(-1),), upstream.permute(1, 2, 0).reshape(-1, heads), accumulate=True)
+    got = offset_sums_kernel(upstream.float(), rows, cols, num_rows)
+    assert got.shape == (num_rows, heads) and got.dtype == torch.float32
+    assert not got[-UNUSED_ROWS:].any()
+    worst = max(worst, float((got.double() - expected).abs().max() / expected.abs().max()))
+print("WORST", worst)
+'''
+
+
+def test_triton_table_gradient_kernel_equals_the_scatter_add_in_the_interpreter(tmp_path):
+    """The CUDA path of full()'s backward (posenc.triton_offsets, one program per table row), run by
+    Triton's CPU interpreter on strided gradients: equal to the float64 scatter-add, float32 < 1e-6."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    script = tmp_path / "offsets.py"
+    script.write_text(OFFSETS_CHECK)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.split("WORST")[-1]) < 1e-6
+
+
 def test_compiled_block_gradients_equal_eager_including_the_bias_table():
     """torch.compile of a block (full and masked pass, forward + backward) gives eager's gradients,
     the relative-position table's (offset_sums inside AOTAutograd) included."""

@@ -136,11 +136,19 @@ def main() -> None:
     backward_of(bias.full)()
     assert torch.allclose(table.grad, reference, rtol=1e-4, atol=1e-4)
     assert torch.allclose(index_add_path(), reference, rtol=1e-4, atol=1e-4)
+    from mdtzoo.posenc.relbias import offset_sums
+
+    def torch_offset_sums():
+        table.grad = None
+        return offset_sums(upstream, bias.grid, table.shape[0])
+
+    torch.testing.assert_close(torch_offset_sums(), reference, rtol=1e-4, atol=1e-4)
     rows = [("autograd scatter (index_put), eager", backward_of(scatter_full)),
             ("autograd scatter (index_put), compiled", backward_of(torch.compile(scatter_full))),
-            ("offset_sums (full()'s backward), eager", backward_of(bias.full)),
-            ("offset_sums (full()'s backward), compiled", backward_of(torch.compile(bias.full))),
-            ("index_add_ (atomics), eager", index_add_path)]
+            ("full()'s backward (the Triton offset-sum kernel on CUDA), eager", backward_of(bias.full)),
+            ("full()'s backward (the Triton offset-sum kernel on CUDA), compiled", backward_of(torch.compile(bias.full))),
+            ("offset_sums in torch ops (backward only), eager", torch_offset_sums),
+            ("index_add_ (atomics, backward only), eager", index_add_path)]
     print("| bias table gradient, forward + backward | ms |\n|---|---|")
     for name, fn in rows:
         print(f"| {name} | {timed(fn, repeats=20):.3f} |")

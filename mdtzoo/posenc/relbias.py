@@ -15,6 +15,11 @@ from torch import nn
 
 from mdtzoo.registry import POSENC
 
+try:  # the CUDA kernel for the table gradient
+    from mdtzoo.posenc.triton_offsets import offset_sums_kernel
+except ImportError:  # pragma: no cover - installs without triton
+    offset_sums_kernel = None
+
 UNUSED_ROWS = 3  # BEiT's cls-token rows, kept for checkpoint compatibility
 
 
@@ -57,7 +62,8 @@ def offset_sums(grad: torch.Tensor, grid: tuple[int, int], num_rows: int) -> tor
 
 
 class _FullBias(torch.autograd.Function):
-    """table[index].permute(2, 0, 1) with ``offset_sums`` as its backward."""
+    """table[index].permute(2, 0, 1) with ``offset_sums`` as its backward (on CUDA the same sums
+    by one Triton kernel, ``posenc.triton_offsets``)."""
 
     @staticmethod
     def forward(ctx, table: torch.Tensor, index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -66,7 +72,11 @@ class _FullBias(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return offset_sums(grad, ctx.grid, ctx.num_rows), None, None
+        if grad.is_cuda and offset_sums_kernel is not None:  # one deterministic kernel
+            table_grad = offset_sums_kernel(grad, ctx.grid[0], ctx.grid[1], ctx.num_rows).to(grad.dtype)
+        else:
+            table_grad = offset_sums(grad, ctx.grid, ctx.num_rows)
+        return table_grad, None, None
 
 
 class RelativePositionBias(nn.Module):
