@@ -23,6 +23,7 @@
 #   bash experiments/bench/gpu_bench.sh codegen   # next's optimizer parts and MDT-XL/2 profile, then inductor settings (INDUCTOR_VARIANTS) on DiT-XL/2 and MDT-XL/2
 #   bash experiments/bench/gpu_bench.sh fused     # the one-kernel optimiser update (AdamW + EMA + norm) checked, then op by op vs fused in the DiT-XL/2, MDT-XL/2 and MDT-S/2 steps
 #   bash experiments/bench/gpu_bench.sh hostbound # is the step host-bound? CUDA graphs and the C++ wrapper at XL/2 (fused update), op-by-op update, optimizer parts
+#   bash experiments/bench/gpu_bench.sh final3    # optimizer parts and table-gradient kernels (checked), the table's five steps, MDT-XL/2 with CUDA graphs, 250-step sampling
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -273,6 +274,21 @@ hostbound)
   timeout 100 "$py" experiments/bench/optim_parts.py --model mdt_xl2 > "$OUT/optim_parts.log" 2>&1 \
     || echo "!! optim_parts failed (rc $?)" >&2
   grep "^|\|^Fused" "$OUT/optim_parts.log" >&2
+  ;;
+final3)
+  echo "== optim_parts" >&2
+  timeout 90 "$py" experiments/bench/optim_parts.py --model mdt_xl2 > "$OUT/optim_parts.log" 2>&1 \
+    || echo "!! optim_parts failed (rc $?)" >&2
+  grep "^|\|^Fused" "$OUT/optim_parts.log" >&2
+  for spec in "dit_s2 256" "mdt_s2 256" "dit_xl2 64" "mdt_xl2 64" "mdt_b2 256"; do
+    set -- $spec
+    run "step_$1_b$2" 100 bench train-step --model "$1" --batch "$2" --compile --precision bf16 \
+      --json "$OUT/step_$1_b$2.json"
+  done
+  run graphs_mdt_xl2 100 bench train-step --model mdt_xl2 --batch 64 --compile-mode reduce-overhead --precision bf16 \
+    --json "$OUT/graphs_mdt_xl2.json"
+  run sample_mdt_xl2 200 bench sample --model mdt_xl2 --batch 256 --compile --check 8 --repeats 1 \
+    --json "$OUT/sample_mdt_xl2.json"
   ;;
 autotune)
   for spec in ${AUTOTUNE_SPECS:-"dit_xl2 64 default" "dit_xl2 64 max-autotune-no-cudagraphs" "dit_s2 256 max-autotune-no-cudagraphs"}; do
