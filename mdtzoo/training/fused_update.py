@@ -165,6 +165,7 @@ class FusedAdamWEMA:
         self._steps: dict[int, int] = {}  # id(param) -> its AdamW step count, mirrored on the host
         self._step_tensors: dict[int, torch.Tensor] = {}
         self._grad_addrs: dict = {}  # (group, present tensors) -> (host list, device tensor) of the last step
+        self._plans: dict = {}  # (group, present tensors) -> ``_plan``
 
     def _state(self, p: torch.Tensor) -> dict:
         """AdamW's state of p, created as torch's fused AdamW creates it; the host step mirror
@@ -211,12 +212,27 @@ class FusedAdamWEMA:
             return host.pin_memory().to(dev, non_blocking=True)
         return host.to(dev)
 
+    def _plan(self, gi: int, present: tuple[int, ...], chosen: list) -> dict:
+        """What a step of one group needs besides the gradients: AdamW's states, their step
+        tensors, the device tables -- rebuilt only when the optimiser's state was replaced
+        (load_state_dict), a tensor moved, or the set of parameters with a gradient changed."""
+        key = (gi, present)
+        plan = self._plans.get(key)
+        ident = [p.data_ptr() for p, _ in chosen] + [e.data_ptr() for _, e in chosen]
+        if plan is not None and plan["opt_state"] is self.opt.state and plan["ident"] == ident:
+            return plan
+        states = [self._state(p) for p, _ in chosen]
+        plan = dict(opt_state=self.opt.state, ident=ident, table=self._table(gi, present, chosen, states),
+                    step_tensors=[st["step"] for st in states], ids=[id(p) for p, _ in chosen])
+        self._plans[key] = plan
+        return plan
+
     @torch.no_grad()
     def step(self, ema_step: int, max_norm: float | None = None) -> torch.Tensor:
         groups = []
         for gi, (group, pairs) in enumerate(zip(self.opt.param_groups, self._groups)):
             present = tuple(i for i, (p, _) in enumerate(pairs) if p.grad is not None)
-            groups.append((gi, group, present, [pairs[i] for i in present]))
+            groups.append((gi, group, present, pairs if len(present) == len(pairs) else [pairs[i] for i in present]))
         grads = [p.grad for *_, chosen in groups for p, _ in chosen]
         dev = grads[0].device if grads else None
         coef = None
@@ -229,15 +245,16 @@ class FusedAdamWEMA:
             if not chosen:
                 continue
             lr, wd, beta1, beta2, eps = _group_hyper(group)
-            states = [self._state(p) for p, _ in chosen]
-            table = self._table(gi, present, chosen, states)
-            counts = [self._steps[id(p)] + 1 for p, _ in chosen]
-            for (p, _), n in zip(chosen, counts):
-                self._steps[id(p)] = n
+            plan = self._plan(gi, present, chosen)
+            table, steps = plan["table"], self._steps
+            counts = [steps[i] + 1 for i in plan["ids"]]
+            steps.update(zip(plan["ids"], counts))
             uniform = min(counts) == max(counts)
             step_size = [lr / (1.0 - beta1**n) for n in (counts[:1] if uniform else counts)]
             bc2_sqrt = [math.sqrt(1.0 - beta2**n) for n in (counts[:1] if uniform else counts)]
-            gs = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p, _ in chosen]
+            gs = [p.grad for p, _ in chosen]
+            if not all(g.is_contiguous() for g in gs):
+                gs = [g.contiguous() for g in gs]
             if any(g.dtype != torch.float32 for g in gs):
                 raise ValueError("FusedAdamWEMA needs float32 gradients")
             addrs = [g.data_ptr() for g in gs]
@@ -257,19 +274,20 @@ class FusedAdamWEMA:
                 table["block_t"], table["block_s"], partial, coef if coef is not None else partial,
                 step_size[0], bc2_sqrt[0], 1.0 - lr * wd, beta1, beta2, eps, ema_weight,
                 UNIFORM=uniform, HAS_COEF=coef is not None, BLOCK=self.block, num_warps=WARPS)
-            torch._foreach_add_([s["step"] for s in states], 1.0)
+            torch._foreach_add_(plan["step_tensors"], 1.0)
             partials.append(partial)
         # EMA for what AdamW did not touch: frozen parameters and parameters without a gradient
         rest = list(self._ema_only)
         for (_, _, present, _), pairs in zip(groups, self._groups):
-            with_grad = set(present)
-            rest += [(e, p) for i, (p, e) in enumerate(pairs) if i not in with_grad]
+            if len(present) < len(pairs):
+                with_grad = set(present)
+                rest += [(e, p) for i, (p, e) in enumerate(pairs) if i not in with_grad]
         if rest:
             torch._foreach_lerp_([e for e, _ in rest], [p.detach() for _, p in rest], ema_weight)
         self.ema.copy_buffers()
         if not partials:
             return torch.zeros(())
-        return torch.cat(partials).sum().sqrt()
+        return (partials[0] if len(partials) == 1 else torch.cat(partials)).sum().sqrt()
 
 
 class OpByOpUpdate:
