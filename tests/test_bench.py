@@ -174,6 +174,8 @@ def test_inductor_variants_patch_the_config_inside_only_and_unknown_ones_are_nam
     assert set(INDUCTOR_VARIANTS["cdt_agg"]) == set(INDUCTOR_VARIANTS["cdt"]) | set(INDUCTOR_VARIANTS["agg"])
     with pytest.raises(ValueError, match="unknown inductor variant 'fast'; valid: cdt, agg, cdt_agg, cpp"):
         bench_train_step("dit_s2", 2, device="cpu", inductor_options="fast")
+    with pytest.raises(ValueError, match="unknown update mode 'fast'; valid: auto, fused, op_by_op"):
+        bench_train_step("dit_s2", 2, device="cpu", update="fast")
     out = tmp_path / "r.json"
     assert main(["bench", "train-step", "--model", "mdt_xs2", "--batch", "2", "--steps", "1", "--warmup", "0",
                  "--device", "cpu", "--passes", "full", "--inductor-options", "cdt", "--json", str(out)]) == 0

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -78,18 +74,12 @@ print("FUSED_OK")
 '''
 
 
-def test_fused_update_equals_adamw_ema_and_clip_in_the_interpreter(tmp_path):
+def test_fused_update_equals_adamw_ema_and_clip_in_the_interpreter(triton_interpreter):
     """Six steps of FusedAdamWEMA (Triton's CPU interpreter) equal torch.optim.AdamW + EMA.update +
     clip_grad_norm_: parameters, EMA weights and buffers, optimiser state (step, exp_avg,
     exp_avg_sq), the returned norm -- with two param groups, learning-rate changes, clipping, a
     parameter without a gradient, a frozen parameter, and a load_state_dict mid-run."""
-    pytest.importorskip("triton")
-    script = tmp_path / "check.py"
-    script.write_text(INTERPRETER_CHECK)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "FUSED_OK" in proc.stdout
+    assert "FUSED_OK" in triton_interpreter(INTERPRETER_CHECK)
 
 
 TRAINER_CHECK = r'''
@@ -139,17 +129,11 @@ print("TRAIN_OK")
 '''
 
 
-def test_trainer_with_the_fused_update_equals_op_by_op_in_the_interpreter(tmp_path):
+def test_trainer_with_the_fused_update_equals_op_by_op_in_the_interpreter(triton_interpreter, tmp_path):
     """``train.update = 'fused'`` (the kernel in Triton's interpreter) trains as 'op_by_op' does:
     the same losses and gradient norms per step and the same weights, EMA weights and optimiser
     step counts in the checkpoint (with clipping and weight decay on)."""
-    pytest.importorskip("triton")
-    script = tmp_path / "train_check.py"
-    script.write_text(TRAINER_CHECK)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "TRAIN_OK" in proc.stdout
+    assert "TRAIN_OK" in triton_interpreter(TRAINER_CHECK, str(tmp_path))
 
 
 def _model_opt_ema(optimizer=torch.optim.AdamW, **kwargs):

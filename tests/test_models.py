@@ -278,20 +278,10 @@ print("WORST", worst)
 '''
 
 
-def test_triton_table_gradient_kernel_equals_the_scatter_add_in_the_interpreter(tmp_path):
+def test_triton_table_gradient_kernel_equals_the_scatter_add_in_the_interpreter(triton_interpreter):
     """The CUDA path of full()'s backward (posenc.triton_offsets, one program per table row), run by
     Triton's CPU interpreter on strided gradients: equal to the float64 scatter-add, float32 < 1e-6."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    script = tmp_path / "offsets.py"
-    script.write_text(OFFSETS_CHECK)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert float(proc.stdout.split("WORST")[-1]) < 1e-6
+    assert float(triton_interpreter(OFFSETS_CHECK).split("WORST")[-1]) < 1e-6
 
 
 def test_compiled_block_gradients_equal_eager_including_the_bias_table():

@@ -38,6 +38,12 @@ run() {  # run NAME TIMEOUT ARGS...
   timeout "$limit" "$py" -m mdtzoo "$@" > "$OUT/$name.log" 2>&1 || echo "!! $name failed or timed out (rc $?)" >&2
   tail -n 2 "$OUT/$name.log" >&2
 }
+optim_parts() {  # optim_parts LIMIT: the optimizer parts and the bias-table gradient paths, checked, then timed
+  echo "== optim_parts" >&2
+  timeout "$1" "$py" experiments/bench/optim_parts.py --model mdt_xl2 > "$OUT/optim_parts.log" 2>&1 \
+    || echo "!! optim_parts failed (rc $?)" >&2
+  grep "^|\|^Fused" "$OUT/optim_parts.log" >&2
+}
 mdt_profiles() {  # MDT-XL/2 and MDT-S/2 steps with --profile: GPU time per step by kernel kind
   for spec in "mdt_xl2 64" "mdt_s2 256"; do
     set -- $spec
@@ -223,17 +229,11 @@ after)
   mdt_profiles
   ;;
 next)
-  echo "== optim_parts" >&2
-  timeout 120 "$py" experiments/bench/optim_parts.py --model mdt_xl2 > "$OUT/optim_parts.log" 2>&1 \
-    || echo "!! optim_parts failed (rc $?)" >&2
-  grep "^|" "$OUT/optim_parts.log" >&2
+  optim_parts 120
   mdt_profiles
   ;;
 codegen)
-  echo "== optim_parts" >&2
-  timeout 100 "$py" experiments/bench/optim_parts.py --model mdt_xl2 > "$OUT/optim_parts.log" 2>&1 \
-    || echo "!! optim_parts failed (rc $?)" >&2
-  grep "^|" "$OUT/optim_parts.log" >&2
+  optim_parts 100
   run profile_mdt_xl2 110 bench train-step --model mdt_xl2 --batch 64 --compile --precision bf16 --profile \
     --json "$OUT/profile_mdt_xl2.json"
   sed -n '/device time per step/,$p' "$OUT/profile_mdt_xl2.log" >&2
@@ -246,10 +246,7 @@ codegen)
   "$py" -m mdtzoo bench table "$OUT"/step_*.json "$OUT"/profile_*.json >&2
   ;;
 fused)
-  echo "== optim_parts" >&2
-  timeout 110 "$py" experiments/bench/optim_parts.py --model mdt_xl2 > "$OUT/optim_parts.log" 2>&1 \
-    || echo "!! optim_parts failed (rc $?)" >&2
-  grep "^|\|^Fused" "$OUT/optim_parts.log" >&2
+  optim_parts 110
   for spec in ${FUSED_SPECS:-"dit_xl2 64" "mdt_xl2 64" "mdt_s2 256"}; do
     set -- $spec
     for update in op_by_op fused; do
@@ -270,16 +267,10 @@ hostbound)
       --update "$4" --json "$OUT/step_$1_$3_$4.json"
   done
   "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
-  echo "== optim_parts" >&2
-  timeout 100 "$py" experiments/bench/optim_parts.py --model mdt_xl2 > "$OUT/optim_parts.log" 2>&1 \
-    || echo "!! optim_parts failed (rc $?)" >&2
-  grep "^|\|^Fused" "$OUT/optim_parts.log" >&2
+  optim_parts 100
   ;;
 final3)
-  echo "== optim_parts" >&2
-  timeout 90 "$py" experiments/bench/optim_parts.py --model mdt_xl2 > "$OUT/optim_parts.log" 2>&1 \
-    || echo "!! optim_parts failed (rc $?)" >&2
-  grep "^|\|^Fused" "$OUT/optim_parts.log" >&2
+  optim_parts 90
   for spec in "dit_s2 256" "mdt_s2 256" "dit_xl2 64" "mdt_xl2 64" "mdt_b2 256"; do
     set -- $spec
     run "step_$1_b$2" 100 bench train-step --model "$1" --batch "$2" --compile --precision bf16 \

@@ -149,7 +149,7 @@ def add_parser(sub) -> None:
                    help="FlexAttention kernel options by name (bench.FLEX_VARIANTS, as in bench attention --impl flex:NAME)")
     t.add_argument("--triton-options", metavar="VARIANT", default=None,
                    help="our Triton kernel's settings by name (bench.TRITON_VARIANTS, as in --impl triton:NAME)")
-    t.add_argument("--update", default="auto", choices=("auto", "fused", "op_by_op"),
+    t.add_argument("--update", default="auto",
                    help="the optimiser side: AdamW + EMA + grad norm in one kernel (fused), torch's ops one by "
                         "one (op_by_op), or auto (fused on CUDA)")
     t.add_argument("--inductor-options", metavar="VARIANT", default=None,
