@@ -227,7 +227,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                 for step in range(warmup + steps, warmup + steps + 2):
                     one_step(step)
 
-            result["profile"] = _profile_table(two_steps, dev, rows=25, per=2)
+            result["profile"] = _profile_table(two_steps, dev, rows=25, per=2,
+                                               step_ms=statistics.median(times) * 1e3 if cuda else None)
     except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
         if not _is_oom(err):
             raise
@@ -275,11 +276,13 @@ def _short_kernel_name(name: str, width: int = 110) -> str:
 _LISTED_KINDS = ("optimizer, EMA, grad norm", "other", "eager elementwise", "copies, casts")
 
 
-def kernel_breakdown(kernels, per: int = 1, top: int = 12, top_other: int = 5) -> str:
+def kernel_breakdown(kernels, per: int = 1, top: int = 12, top_other: int = 5, step_ms: float | None = None) -> str:
     """Where the device time goes: (name, microseconds) of every kernel run -> a text table of
     milliseconds per ``per`` (steps) by kernel kind, then the ``top`` compiled elementwise kernels
     (inductor's names list the ops each one fused) and the ``top_other`` largest kernels of each
-    kind in ``_LISTED_KINDS`` (what the optimizer category and the unclassified time are made of)."""
+    kind in ``_LISTED_KINDS`` (what the optimizer category and the unclassified time are made of).
+    With ``step_ms`` (the step's time measured without the profiler) it also says how long the GPU
+    idles per step: time the host, not the GPU, bounds."""
     by_kind: dict[str, list[float]] = {}
     by_name: dict[str, dict[str, list[float]]] = {}
     for name, us in kernels:
@@ -292,6 +295,10 @@ def kernel_breakdown(kernels, per: int = 1, top: int = 12, top_other: int = 5) -
         lines.append(f"  {kind:<28}{sum(times) / per / 1e3:9.2f} ms {100 * sum(times) / total:6.1f}%"
                      f"  {len(times) / per:6g} kernels")
     lines.append(f"  {'total':<28}{total / per / 1e3:9.2f} ms")
+    if step_ms is not None:
+        busy = total / per / 1e3
+        lines.append(f"GPU busy {busy:.1f} ms of the {step_ms:.1f} ms step (timed without the profiler): "
+                     f"idle {max(step_ms - busy, 0.0):.1f} ms ({100 * max(step_ms - busy, 0.0) / step_ms:.1f}%)")
     for kind, count in (("compiled elementwise", top),) + tuple((k, top_other) for k in _LISTED_KINDS):
         names = by_name.get(kind)
         if not names or count < 1:
@@ -302,9 +309,9 @@ def kernel_breakdown(kernels, per: int = 1, top: int = 12, top_other: int = 5) -
     return "\n".join(lines)
 
 
-def _profile_table(fn, dev: torch.device, rows: int, per: int = 1) -> str:
+def _profile_table(fn, dev: torch.device, rows: int, per: int = 1, step_ms: float | None = None) -> str:
     """torch.profiler's table of what ``fn()`` ran, by total device time (CPU time off the GPU);
-    on a GPU followed by ``kernel_breakdown`` (``fn`` runs ``per`` steps)."""
+    on a GPU followed by ``kernel_breakdown`` (``fn`` runs ``per`` steps of ``step_ms`` each)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -318,7 +325,7 @@ def _profile_table(fn, dev: torch.device, rows: int, per: int = 1) -> str:
     if not cuda:
         return table
     kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
-    return table + "\n" + kernel_breakdown(kernels, per)
+    return table + "\n" + kernel_breakdown(kernels, per, step_ms=step_ms)
 
 
 def format_result(r: dict) -> str:

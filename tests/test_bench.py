@@ -236,3 +236,6 @@ def test_kernel_breakdown_sorts_kernels_by_kind_per_step():
     assert listed[2].endswith("FusedAdamMathFunctor<float>>") and len(listed[2]) == 110 and " .. " in listed[2]
     assert lines[lines.index("top 5 other kernels (ms per step, calls per step):") + 1].split() == [
         "0.05", "0.5", "some_custom_kernel"]
+    # with the step's unprofiled time: how long the GPU idles per step (3.45 ms of kernels per step)
+    text = kernel_breakdown(kernels + [(adam, 800.0), ("some_custom_kernel", 100.0)], per=2, step_ms=4.6)
+    assert "GPU busy 3.5 ms of the 4.6 ms step (timed without the profiler): idle 1.1 ms (25.0%)" in text

@@ -19,7 +19,7 @@
 #   bash experiments/bench/gpu_bench.sh graphs    # CUDA graphs (reduce-overhead) for the S/2 steps, B/2 paths
 #   bash experiments/bench/gpu_bench.sh masked    # Triton masked pass: bias materialised per sample vs gathered in-kernel; B/2 and sampling paths; CUDA graphs
 #   bash experiments/bench/gpu_bench.sh after     # after the Triton changes: S/2 steps with CUDA graphs, MDT-XL/2 and S/2 profiles
-#   bash experiments/bench/gpu_bench.sh next      # optimizer parts + the bias table's gradient (scatter vs offset_sums), then the profiles
+#   bash experiments/bench/gpu_bench.sh next      # optimizer parts + the bias table's gradient paths, then profiles (with the GPU's idle time per step) of MDT-XL/2, MDT-S/2, DiT-XL/2
 #   bash experiments/bench/gpu_bench.sh codegen   # next's optimizer parts and MDT-XL/2 profile, then inductor settings (INDUCTOR_VARIANTS) on DiT-XL/2 and MDT-XL/2
 #   bash experiments/bench/gpu_bench.sh fused     # the one-kernel optimiser update (AdamW + EMA + norm) checked, then op by op vs fused in the DiT-XL/2, MDT-XL/2 and MDT-S/2 steps
 #   bash experiments/bench/gpu_bench.sh hostbound # is the step host-bound? CUDA graphs and the C++ wrapper at XL/2 (fused update), op-by-op update, optimizer parts
@@ -229,8 +229,11 @@ after)
   mdt_profiles
   ;;
 next)
-  optim_parts 120
+  optim_parts 90
   mdt_profiles
+  run profile_dit_xl2 100 bench train-step --model dit_xl2 --batch 64 --compile --precision bf16 --profile \
+    --json "$OUT/profile_dit_xl2.json"
+  sed -n '/device time per step/,$p' "$OUT/profile_dit_xl2.log" >&2
   ;;
 codegen)
   optim_parts 100
