@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mdtzoo.training.ema import EMA
-from mdtzoo.training.fused_update import OpByOpUpdate, make_update, unsupported
+from mdtzoo.training.fused_update import OpByOpUpdate, check_update_mode, make_update, unsupported
 
 # Run in a subprocess with TRITON_INTERPRET=1: the Triton kernel on CPU tensors.
 INTERPRETER_CHECK = r'''
@@ -152,12 +152,17 @@ def test_make_update_picks_and_refuses_with_reasons(monkeypatch):
         with pytest.raises(ValueError, match="runs on CUDA .* the parameters are on cpu"):
             make_update(opt, ema, "fused")
     _, sgd, ema2 = _model_opt_ema(torch.optim.SGD)
-    assert "SGD, not torch.optim.AdamW" in (unsupported(sgd, ema2) or "SGD, not torch.optim.AdamW")
+    assert unsupported(sgd, ema2) == "the optimiser is SGD, not torch.optim.AdamW"
     _, ams, ema3 = _model_opt_ema(amsgrad=True)
-    assert unsupported(ams, ema3) in ("AdamW option amsgrad=True", "triton is not installed")
+    assert unsupported(ams, ema3) == "AdamW option amsgrad=True"
     _, opt4, _ = _model_opt_ema()
     other = EMA(nn.Linear(4, 3), 0.99)  # the EMA of a different model
-    assert unsupported(opt4, other) in ("a parameter of shape (3, 4) has no EMA copy", "triton is not installed")
+    assert unsupported(opt4, other) == "a parameter of shape (3, 4) has no EMA copy"
+    storage = torch.zeros(13)  # a parameter starting 4 bytes into its storage: no 128-bit loads
+    odd = nn.Parameter(storage[1:])
+    assert unsupported(torch.optim.AdamW([odd]), EMA(nn.ParameterList([odd]), 0.99)).endswith("not 16-byte aligned")
+    with pytest.raises(ValueError, match="update mode 'fused' runs AdamW only; train.optimizer is 'adan'"):
+        check_update_mode("fused", torch.device("cpu"), "adan")
 
 
 def test_op_by_op_update_returns_the_norm_before_clipping_and_clips():

@@ -311,13 +311,15 @@ def test_unknown_compile_mode_fails_before_the_run_dir_exists(toy, tmp_path):
     assert not run.exists()
 
 
-@pytest.mark.parametrize("update, message", [("fast", "unknown update mode 'fast'; valid: auto, fused, op_by_op"),
-                                             ("fused", "runs on CUDA .*the parameters are on cpu")])
-def test_a_bad_update_mode_fails_before_the_run_dir_exists(toy, tmp_path, monkeypatch, update, message):
+@pytest.mark.parametrize("update, optimizer, message", [
+    ("fast", "adamw", "unknown update mode 'fast'; valid: auto, fused, op_by_op"),
+    ("fused", "adamw", "runs on CUDA .*the parameters are on cpu"),
+    ("fused", "adan", "update mode 'fused' runs AdamW only; train.optimizer is 'adan'")])
+def test_a_bad_update_mode_fails_before_the_run_dir_exists(toy, tmp_path, monkeypatch, update, optimizer, message):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     pytest.importorskip("triton")  # without triton 'fused' fails earlier, saying so
     run = tmp_path / "run"
-    setup_gin(run, update=update)
+    setup_gin(run, update=update, optimizer=optimizer)
     with pytest.raises(ValueError, match=message):
         train()
     assert not run.exists()

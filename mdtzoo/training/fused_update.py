@@ -25,6 +25,7 @@ import torch
 
 BLOCK = 4096  # elements per program; 16 per thread at 8 warps
 WARPS = 8
+ALIGN = 16  # bytes: the kernel's 128-bit loads assume every tensor starts at such an address
 
 try:
     import triton
@@ -40,7 +41,7 @@ if triton is not None:
         aligned, BLOCK contiguous: true of every tensor the caching allocator hands out) let Triton
         use 128-bit loads and stores; a pointer read from memory carries no alignment otherwise."""
         ptr = tl.load(ADDRS + t).to(tl.pointer_type(tl.float32))
-        return tl.max_contiguous(tl.multiple_of(ptr + offs, 16), BLOCK)
+        return tl.max_contiguous(tl.multiple_of(ptr + offs, 16), BLOCK)  # 16 = ALIGN
 
     @triton.jit
     def _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, e_ptrs, ok, PARTIAL, pid, COEF, step_size, bc2_sqrt,
@@ -117,10 +118,8 @@ def _group_hyper(group: dict) -> tuple[float, float, float, float, float]:
     return lr, float(group["weight_decay"]), beta1, beta2, float(group["eps"])
 
 
-def unsupported(opt: torch.optim.Optimizer, ema, device: torch.device | None = None) -> str | None:
+def unsupported(opt: torch.optim.Optimizer, ema) -> str | None:
     """Why ``FusedAdamWEMA`` cannot run this optimiser + EMA, or None when it can."""
-    if triton is None:
-        return "triton is not installed"
     if type(opt) is not torch.optim.AdamW:
         return f"the optimiser is {type(opt).__name__}, not torch.optim.AdamW"
     for group in opt.param_groups:
@@ -136,8 +135,10 @@ def unsupported(opt: torch.optim.Optimizer, ema, device: torch.device | None = N
                 return f"a parameter of shape {tuple(p.shape)} is {p.dtype}, contiguous={p.is_contiguous()}"
             if id(p) not in ema_of:
                 return f"a parameter of shape {tuple(p.shape)} has no EMA copy"
-            if device is not None and p.device != device:
-                return f"a parameter is on {p.device}, not {device}"
+            if p.data_ptr() % ALIGN or ema_of[id(p)].data_ptr() % ALIGN:
+                return f"a parameter of shape {tuple(p.shape)} (or its EMA copy) is not {ALIGN}-byte aligned"
+    if triton is None:
+        return "triton is not installed"
     return None
 
 
@@ -161,7 +162,6 @@ class FusedAdamWEMA:
         self._groups = [[(p, ema_of[id(p)]) for p in group["params"]] for group in opt.param_groups]
         optimised = {id(p) for group in opt.param_groups for p in group["params"]}
         self._ema_only = [(e, p) for e, p in ema._pairs if id(p) not in optimised]
-        self._tables: dict = {}  # (group, present tensors) -> the fixed device tables
         self._steps: dict[int, int] = {}  # id(param) -> its AdamW step count, mirrored on the host
         self._step_tensors: dict[int, torch.Tensor] = {}
         self._grad_addrs: dict = {}  # (group, present tensors) -> (host list, device tensor) of the last step
@@ -180,30 +180,22 @@ class FusedAdamWEMA:
             self._steps[id(p)] = int(state["step"].item())
         return state
 
-    def _table(self, gi: int, present: tuple[int, ...], pairs, states):
-        """Addresses of p, m, v, e and the block -> (tensor, start) map for one set of tensors; built
-        once per (group, set of tensors with a gradient) and kept while the tensors are unchanged."""
-        key = (gi, present)
-        ident = tuple((p.data_ptr(), s["exp_avg"].data_ptr(), s["exp_avg_sq"].data_ptr(), e.data_ptr())
-                      for (p, e), s in zip(pairs, states))
-        hit = self._tables.get(key)
-        if hit is not None and hit["ident"] == ident:
-            return hit
+    def _table(self, pairs, states) -> dict:
+        """Addresses of p, m, v, e and the block -> (tensor, start) map for one set of tensors."""
         dev = pairs[0][0].device
         block_t, block_s = [], []
         for i, (p, _) in enumerate(pairs):
             starts = range(0, p.numel(), self.block)
             block_t.extend([i] * len(starts))
             block_s.extend(starts)
-        table = dict(
-            ident=ident,
-            addrs=[torch.tensor(col, dtype=torch.int64, device=dev) for col in zip(*ident)],
+        columns = ([p.data_ptr() for p, _ in pairs], [st["exp_avg"].data_ptr() for st in states],
+                   [st["exp_avg_sq"].data_ptr() for st in states], [e.data_ptr() for _, e in pairs])
+        return dict(
+            addrs=[torch.tensor(col, dtype=torch.int64, device=dev) for col in columns],
             numel=torch.tensor([p.numel() for p, _ in pairs], dtype=torch.int64, device=dev),
             block_t=torch.tensor(block_t, dtype=torch.int32, device=dev),
             block_s=torch.tensor(block_s, dtype=torch.int64, device=dev),
         )
-        self._tables[key] = table
-        return table
 
     @staticmethod
     def _to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
@@ -215,14 +207,15 @@ class FusedAdamWEMA:
     def _plan(self, gi: int, present: tuple[int, ...], chosen: list) -> dict:
         """What a step of one group needs besides the gradients: AdamW's states, their step
         tensors, the device tables -- rebuilt only when the optimiser's state was replaced
-        (load_state_dict), a tensor moved, or the set of parameters with a gradient changed."""
+        (load_state_dict: new exp_avg / exp_avg_sq tensors), a parameter or EMA tensor moved, or the
+        set of parameters with a gradient changed."""
         key = (gi, present)
         plan = self._plans.get(key)
         ident = [p.data_ptr() for p, _ in chosen] + [e.data_ptr() for _, e in chosen]
         if plan is not None and plan["opt_state"] is self.opt.state and plan["ident"] == ident:
             return plan
         states = [self._state(p) for p, _ in chosen]
-        plan = dict(opt_state=self.opt.state, ident=ident, table=self._table(gi, present, chosen, states),
+        plan = dict(opt_state=self.opt.state, ident=ident, table=self._table(chosen, states),
                     step_tensors=[st["step"] for st in states], ids=[id(p) for p, _ in chosen])
         self._plans[key] = plan
         return plan
@@ -253,8 +246,9 @@ class FusedAdamWEMA:
             step_size = [lr / (1.0 - beta1**n) for n in (counts[:1] if uniform else counts)]
             bc2_sqrt = [math.sqrt(1.0 - beta2**n) for n in (counts[:1] if uniform else counts)]
             gs = [p.grad for p, _ in chosen]
-            if not all(g.is_contiguous() for g in gs):
-                gs = [g.contiguous() for g in gs]
+            if not all(g.is_contiguous() and g.data_ptr() % ALIGN == 0 for g in gs):  # e.g. views into a bucket
+                gs = [g if g.is_contiguous() and g.data_ptr() % ALIGN == 0 else g.clone(memory_format=torch.contiguous_format)
+                      for g in gs]
             if any(g.dtype != torch.float32 for g in gs):
                 raise ValueError("FusedAdamWEMA needs float32 gradients")
             addrs = [g.data_ptr() for g in gs]
@@ -310,10 +304,14 @@ class OpByOpUpdate:
 UPDATE_MODES = ("auto", "fused", "op_by_op")
 
 
-def check_update_mode(mode: str, device: torch.device | None = None) -> str:
-    """``mode`` if valid (and, for 'fused', runnable on ``device``); else a ValueError saying why."""
+def check_update_mode(mode: str, device: torch.device | None = None, optimizer: str | None = None) -> str:
+    """``mode`` if valid (and, for 'fused', runnable on ``device`` with the trainer's ``optimizer``
+    name); else a ValueError saying why."""
     if mode not in UPDATE_MODES:
         raise ValueError(f"unknown update mode {mode!r}; valid: {', '.join(UPDATE_MODES)}")
+    if mode == "fused" and optimizer not in (None, "adamw"):
+        raise ValueError(f"update mode 'fused' runs AdamW only; train.optimizer is {optimizer!r}. "
+                         "Use update mode 'auto' or 'op_by_op'")
     if mode == "fused" and triton is None:
         raise ValueError("update mode 'fused' needs triton, which is not installed; use 'auto' or 'op_by_op'")
     if (mode == "fused" and device is not None and device.type != "cuda"

@@ -196,7 +196,7 @@ def train(
     """
     cudagraphs = uses_cudagraphs(compile)  # checks the value before any work
     info, dev = dist_util.setup(device)
-    check_update_mode(update, dev)
+    check_update_mode(update, dev, optimizer)
     run = RunDir(run_dir)
     config_text = cfg.config_str()
     if run.is_done():  # before any work: a finished run is never touched
