@@ -114,13 +114,14 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                      seed: int = 0, attn_impl: str = "auto", separate_passes: bool = True,
                      activation_checkpointing: bool = False, profile: bool = False, flex_options: str | None = None,
                      triton_options: str | None = None, inductor_options: str | None = None,
-                     update: str = "auto", log=None) -> dict:
+                     update: str = "auto", hold_grads: bool = True, log=None) -> dict:
     """Time the trainer's step for a preset at ImageNet latent shape; returns a result dict.
 
     ``flex_options``: a ``FLEX_VARIANTS`` name, FlexAttention's kernel options for this run;
     ``triton_options``: a ``TRITON_VARIANTS`` name, our Triton kernel's settings;
     ``inductor_options``: an ``INDUCTOR_VARIANTS`` name, torch.compile's code-generation settings;
-    ``update``: the optimiser side as the trainer's ``train.update`` ('auto', 'fused', 'op_by_op').
+    ``update``: the optimiser side as the trainer's ``train.update`` ('auto', 'fused', 'op_by_op');
+    ``hold_grads``: as ``train.hold_grads`` (the fused update adds the full pass's gradients).
 
     ``batch`` is per process: under torchrun (WORLD_SIZE > 1) the objective is wrapped in DDP
     as in the trainer and img/s counts all processes' images. An out-of-memory error does not
@@ -184,7 +185,9 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         opt = make_optimizer(model.parameters(), "adamw", 1e-4, 0.0, (0.9, 0.999), fused=cuda)
         ema = EMA(model, 0.9999, warmup=True)
         updater = make_update(opt, ema, update)
-        result["update"] = "fused" if isinstance(updater, FusedAdamWEMA) else "op_by_op"
+        fused = isinstance(updater, FusedAdamWEMA)
+        result["update"] = ("fused+held" if hold_grads and info.world == 1 else "fused") if fused else "op_by_op"
+        hold = updater.hold_grads if fused and hold_grads else None
         objective = DiffusionObjective(model, diffusion, passes, "all", seed=seed)
         cudagraphs = uses_cudagraphs(compile)
         step_fn, parts = prepare_step(objective, dev, info.world, compile=compile,
@@ -199,7 +202,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         def one_step(step: int) -> None:
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            backward_parts(step_fn, parts, (x0, y, step), autocast, world=info.world)
+            backward_parts(step_fn, parts, (x0, y, step), autocast, world=info.world,
+                           hold=hold)
             updater.step(step + 1)  # grad norm, AdamW, EMA
             opt.zero_grad(set_to_none=True)
 

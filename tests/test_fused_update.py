@@ -53,10 +53,23 @@ for step in range(1, 7):
     x = torch.randn(8, 37)
     for m in (ref, fused):
         m.zero_grad(set_to_none=True)
-        m(x).square().mean().backward()
+        if step in (2, 5):  # two backwards, the first into held gradients: held and .grad added in the kernel
+            m[0](x).square().mean().backward()  # only the first layer's parameters: the rest .grad only
+            if m is fused:
+                fused_up.hold_grads()
+                assert fused[0].weight.grad is None
+                fused_up.hold_grads()  # a second call while holding: nothing moves
+            m(x).square().mean().backward()
+        elif step == 3:  # the second backward reaches only the first layer: the rest held only
+            m(x).square().mean().backward()
+            if m is fused:
+                fused_up.hold_grads()
+            m[0](x).sum().backward()
+        else:
+            m(x).square().mean().backward()
         m.count += 1
         m.frozen.data += 0.5
-    if step == 3:  # a parameter without a gradient: AdamW skips it, the EMA still moves
+    if step == 4:  # a parameter without a gradient: AdamW skips it, the EMA still moves
         ref[2].bias.grad = None
         fused[2].bias.grad = None
     for group in ref_opt.param_groups + fused_opt.param_groups:
@@ -66,9 +79,9 @@ for step in range(1, 7):
     torch.testing.assert_close(n_fused, n_ref, rtol=2e-6, atol=0)
     moved += float((fused[0].weight - fused_ema.model[0].weight).abs().max().detach())
     compare(f"step {step}")
-    if step == 4:  # a resumed run: the optimiser state replaced by load_state_dict
+    if step == 3:  # a resumed run: the optimiser state replaced by load_state_dict
         fused_opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # (a copy: .to() would share tensors)
-assert ref_opt.state_dict()["state"][3]["step"].item() == 5  # the bias skipped at step 3
+assert ref_opt.state_dict()["state"][3]["step"].item() == 5  # the bias skipped at step 4
 assert moved > 0
 print("FUSED_OK")
 '''
@@ -78,7 +91,9 @@ def test_fused_update_equals_adamw_ema_and_clip_in_the_interpreter(triton_interp
     """Six steps of FusedAdamWEMA (Triton's CPU interpreter) equal torch.optim.AdamW + EMA.update +
     clip_grad_norm_: parameters, EMA weights and buffers, optimiser state (step, exp_avg,
     exp_avg_sq), the returned norm -- with two param groups, learning-rate changes, clipping, a
-    parameter without a gradient, a frozen parameter, and a load_state_dict mid-run."""
+    parameter without a gradient, a frozen parameter, a load_state_dict mid-run, and gradients of
+    two backwards, the first held aside by ``hold_grads`` (held and fresh, held only, fresh only;
+    with and without clipping)."""
     assert "FUSED_OK" in triton_interpreter(INTERPRETER_CHECK)
 
 

@@ -31,7 +31,7 @@ def run_train_step(args) -> int:
         seed=args.seed, attn_impl=args.attn, separate_passes=not args.joint_backward,
         activation_checkpointing=args.activation_checkpointing, profile=args.profile, flex_options=args.flex_options,
         triton_options=args.triton_options, inductor_options=args.inductor_options, update=args.update,
-        log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
+        hold_grads=not args.no_hold_grads, log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
     )
     from mdtzoo.training.distributed import env_info
 
@@ -152,6 +152,9 @@ def add_parser(sub) -> None:
     t.add_argument("--update", default="auto",
                    help="the optimiser side: AdamW + EMA + grad norm in one kernel (fused), torch's ops one by "
                         "one (op_by_op), or auto (fused on CUDA)")
+    t.add_argument("--no-hold-grads", action="store_true",
+                   help="with the fused update, let autograd add the full pass's gradients into .grad "
+                        "(default: held aside and added in the update kernel, as train.hold_grads)")
     t.add_argument("--inductor-options", metavar="VARIANT", default=None,
                    help="torch.compile code-generation settings by name (bench.INDUCTOR_VARIANTS)")
     t.add_argument("--json", metavar="PATH", help="write the result as JSON")

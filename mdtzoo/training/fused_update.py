@@ -44,18 +44,34 @@ if triton is not None:
         return tl.max_contiguous(tl.multiple_of(ptr + offs, 16), BLOCK)  # 16 = ALIGN
 
     @triton.jit
-    def _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, e_ptrs, ok, PARTIAL, pid, COEF, step_size, bc2_sqrt,
-                wd_factor, beta1, beta2, eps, ema_weight, HAS_COEF: tl.constexpr, MASKED: tl.constexpr):
-        """AdamW (torch's fused maths) + EMA lerp of one block; the masks only for a tensor's last,
-        partial block (an unmasked block vectorises)."""
+    def _grad(G, G2, t, offs, ok, BLOCK: tl.constexpr, HAS_G2: tl.constexpr, MASKED: tl.constexpr):
+        """The gradient of one block: .grad, plus the held gradient of an earlier backward where
+        tensor t has one (its address in G2 is not 0)."""
+        g_ptrs = _column(G, t, offs, BLOCK)
         if MASKED:
             g = tl.load(g_ptrs, mask=ok, other=0.0)
+        else:
+            g = tl.load(g_ptrs)
+        if HAS_G2:
+            if tl.load(G2 + t) != 0:
+                g2_ptrs = _column(G2, t, offs, BLOCK)
+                if MASKED:
+                    g += tl.load(g2_ptrs, mask=ok, other=0.0)
+                else:
+                    g += tl.load(g2_ptrs)
+        return g
+
+    @triton.jit
+    def _update(p_ptrs, g, m_ptrs, v_ptrs, e_ptrs, ok, PARTIAL, pid, COEF, step_size, bc2_sqrt,
+                wd_factor, beta1, beta2, eps, ema_weight, HAS_COEF: tl.constexpr, MASKED: tl.constexpr):
+        """AdamW (torch's fused maths) + EMA lerp of one block of gradient g; the masks only for a
+        tensor's last, partial block (an unmasked block vectorises)."""
+        if MASKED:
             p = tl.load(p_ptrs, mask=ok, other=0.0)
             m = tl.load(m_ptrs, mask=ok, other=0.0)
             v = tl.load(v_ptrs, mask=ok, other=0.0)
             e = tl.load(e_ptrs, mask=ok, other=0.0)
         else:
-            g = tl.load(g_ptrs)
             p = tl.load(p_ptrs)
             m = tl.load(m_ptrs)
             v = tl.load(v_ptrs)
@@ -80,36 +96,47 @@ if triton is not None:
             tl.store(e_ptrs, e)
 
     @triton.jit
-    def _adamw_ema_kernel(P, G, M, V, E, NUMEL, STEP_SIZE, BC2_SQRT, BLOCK_T, BLOCK_S, PARTIAL, COEF,
+    def _adamw_ema_kernel(P, G, G2, M, V, E, NUMEL, STEP_SIZE, BC2_SQRT, BLOCK_T, BLOCK_S, PARTIAL, COEF,
                           step_size_all, bc2_sqrt_all, wd_factor, beta1, beta2, eps, ema_weight,
-                          UNIFORM: tl.constexpr, HAS_COEF: tl.constexpr, BLOCK: tl.constexpr):
+                          UNIFORM: tl.constexpr, HAS_COEF: tl.constexpr, HAS_G2: tl.constexpr,
+                          NORM_ONLY: tl.constexpr, BLOCK: tl.constexpr):
         """One program: BLOCK elements of tensor t = BLOCK_T[pid] from element BLOCK_S[pid] on.
-        P, G, M, V, E hold each tensor's address (int64); all tensors are float32, contiguous;
-        STEP_SIZE and BC2_SQRT hold lr / (1 - beta1^step) and sqrt(1 - beta2^step) per tensor, or,
-        with UNIFORM (every tensor at the same step count, the usual case), step_size_all and
-        bc2_sqrt_all hold them for all."""
+        P, G, G2, M, V, E hold each tensor's address (int64; G2: a held gradient to add, 0 where
+        none); all tensors are float32, contiguous; STEP_SIZE and BC2_SQRT hold
+        lr / (1 - beta1^step) and sqrt(1 - beta2^step) per tensor, or, with UNIFORM (every tensor at
+        the same step count, the usual case), step_size_all and bc2_sqrt_all hold them for all.
+        NORM_ONLY: only the squared gradient's partial sums (the norm that clipping needs first)."""
         pid = tl.program_id(0)
         t = tl.load(BLOCK_T + pid)
         start = tl.load(BLOCK_S + pid)
         offs = start + tl.arange(0, BLOCK)
         n = tl.load(NUMEL + t)
-        p_ptrs = _column(P, t, offs, BLOCK)
-        g_ptrs = _column(G, t, offs, BLOCK)
-        m_ptrs = _column(M, t, offs, BLOCK)
-        v_ptrs = _column(V, t, offs, BLOCK)
-        e_ptrs = _column(E, t, offs, BLOCK)
-        if UNIFORM:
-            step_size = step_size_all
-            bc2_sqrt = bc2_sqrt_all
+        full = start + BLOCK <= n
+        if NORM_ONLY:
+            if full:
+                g = _grad(G, G2, t, offs, offs < n, BLOCK, HAS_G2, False)
+            else:
+                g = _grad(G, G2, t, offs, offs < n, BLOCK, HAS_G2, True)
+            tl.store(PARTIAL + pid, tl.sum(g * g, axis=0))
         else:
-            step_size = tl.load(STEP_SIZE + t)
-            bc2_sqrt = tl.load(BC2_SQRT + t)
-        if start + BLOCK <= n:
-            _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, e_ptrs, offs < n, PARTIAL, pid, COEF, step_size, bc2_sqrt,
-                    wd_factor, beta1, beta2, eps, ema_weight, HAS_COEF, False)
-        else:
-            _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, e_ptrs, offs < n, PARTIAL, pid, COEF, step_size, bc2_sqrt,
-                    wd_factor, beta1, beta2, eps, ema_weight, HAS_COEF, True)
+            p_ptrs = _column(P, t, offs, BLOCK)
+            m_ptrs = _column(M, t, offs, BLOCK)
+            v_ptrs = _column(V, t, offs, BLOCK)
+            e_ptrs = _column(E, t, offs, BLOCK)
+            if UNIFORM:
+                step_size = step_size_all
+                bc2_sqrt = bc2_sqrt_all
+            else:
+                step_size = tl.load(STEP_SIZE + t)
+                bc2_sqrt = tl.load(BC2_SQRT + t)
+            if full:
+                g = _grad(G, G2, t, offs, offs < n, BLOCK, HAS_G2, False)
+                _update(p_ptrs, g, m_ptrs, v_ptrs, e_ptrs, offs < n, PARTIAL, pid, COEF, step_size, bc2_sqrt,
+                        wd_factor, beta1, beta2, eps, ema_weight, HAS_COEF, False)
+            else:
+                g = _grad(G, G2, t, offs, offs < n, BLOCK, HAS_G2, True)
+                _update(p_ptrs, g, m_ptrs, v_ptrs, e_ptrs, offs < n, PARTIAL, pid, COEF, step_size, bc2_sqrt,
+                        wd_factor, beta1, beta2, eps, ema_weight, HAS_COEF, True)
 
 
 def _group_hyper(group: dict) -> tuple[float, float, float, float, float]:
@@ -164,8 +191,38 @@ class FusedAdamWEMA:
         self._ema_only = [(e, p) for e, p in ema._pairs if id(p) not in optimised]
         self._steps: dict[int, int] = {}  # id(param) -> its AdamW step count, mirrored on the host
         self._step_tensors: dict[int, torch.Tensor] = {}
-        self._grad_addrs: dict = {}  # (group, present tensors) -> (host list, device tensor) of the last step
+        self._grad_addrs: dict = {}  # ("g" or "g2", group, present tensors) -> (host list, device tensor), last step
         self._plans: dict = {}  # (group, present tensors) -> ``_plan``
+        self._held: dict[int, torch.Tensor] | None = None  # id(param) -> gradient held by ``hold_grads``
+
+    def hold_grads(self) -> None:
+        """Set the optimised parameters' gradients aside (their .grad becomes None), so that the
+        next backward writes its gradients instead of adding them into these one launch per
+        parameter; ``step`` adds the two inside its kernel (4 more bytes read per parameter instead
+        of autograd's 12 and a launch each). Once per step: while gradients are held, a second
+        call does nothing and later backwards accumulate into .grad as usual. One process only:
+        DDP all-reduces .grad, which would miss the held part."""
+        if self._held is not None:
+            return
+        held = {}
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    held[id(p)] = p.grad
+                    p.grad = None
+        self._held = held
+
+    def _device_addresses(self, key, tensors: list, dev) -> torch.Tensor:
+        """The addresses of ``tensors`` (0 for None) as a device int64 tensor, re-sent only when
+        they changed since the last step with this key (the allocator usually hands out the same
+        memory)."""
+        addrs = [0 if t is None else t.data_ptr() for t in tensors]
+        last = self._grad_addrs.get(key)
+        if last is not None and last[0] == addrs:
+            return last[1]
+        on_device = self._to_device(addrs, torch.int64, dev)
+        self._grad_addrs[key] = (addrs, on_device)
+        return on_device
 
     def _state(self, p: torch.Tensor) -> dict:
         """AdamW's state of p, created as torch's fused AdamW creates it; the host step mirror
@@ -220,62 +277,76 @@ class FusedAdamWEMA:
         self._plans[key] = plan
         return plan
 
+    @staticmethod
+    def _kernel_ready(grads: list) -> list:
+        """Gradients as the kernel reads them: float32, contiguous, 16-byte aligned (a view into a
+        bucket, say, is copied first)."""
+        if any(g is not None and g.dtype != torch.float32 for g in grads):
+            raise ValueError("FusedAdamWEMA needs float32 gradients")
+        return [g if g is None or (g.is_contiguous() and g.data_ptr() % ALIGN == 0)
+                else g.clone(memory_format=torch.contiguous_format) for g in grads]
+
     @torch.no_grad()
     def step(self, ema_step: int, max_norm: float | None = None) -> torch.Tensor:
-        groups = []
+        held, self._held = self._held or {}, None
+        for group in self.opt.param_groups:  # a gradient that is only held is the gradient
+            for p in group["params"]:
+                if p.grad is None and id(p) in held:
+                    p.grad = held.pop(id(p))
+        launches = []
         for gi, (group, pairs) in enumerate(zip(self.opt.param_groups, self._groups)):
             present = tuple(i for i, (p, _) in enumerate(pairs) if p.grad is not None)
-            groups.append((gi, group, present, pairs if len(present) == len(pairs) else [pairs[i] for i in present]))
-        grads = [p.grad for *_, chosen in groups for p, _ in chosen]
-        dev = grads[0].device if grads else None
+            if not present:
+                continue
+            chosen = pairs if len(present) == len(pairs) else [pairs[i] for i in present]
+            plan = self._plan(gi, present, chosen)
+            dev = chosen[0][0].device
+            gs = self._kernel_ready([p.grad for p, _ in chosen])
+            g2s = self._kernel_ready([held.get(id(p)) for p, _ in chosen])
+            has_g2 = any(g is not None for g in g2s)
+            g_addrs = self._device_addresses(("g", gi, present), gs, dev)
+            g2_addrs = self._device_addresses(("g2", gi, present), g2s, dev) if has_g2 else g_addrs
+            n_blocks = plan["table"]["block_t"].numel()
+            launches.append((gi, group, plan, g_addrs, g2_addrs, has_g2, n_blocks, dev, gs + g2s))
         coef = None
-        if max_norm is not None and grads:  # the norm must be known before the update
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if max_norm is not None and launches:  # the norm must be known before the update
+            sums = []
+            for _, _, plan, g_addrs, g2_addrs, has_g2, n_blocks, dev, _ in launches:
+                partial = torch.empty(n_blocks, dtype=torch.float32, device=dev)
+                table = plan["table"]
+                _adamw_ema_kernel[(n_blocks,)](
+                    partial, g_addrs, g2_addrs, partial, partial, partial, table["numel"], partial, partial,
+                    table["block_t"], table["block_s"], partial, partial, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                    UNIFORM=True, HAS_COEF=False, HAS_G2=has_g2, NORM_ONLY=True, BLOCK=self.block, num_warps=WARPS)
+                sums.append(partial.sum())
+            norm = torch.stack(sums).sum().sqrt()
             coef = torch.clamp(float(max_norm) / (norm + 1e-6), max=1.0).to(torch.float32)
         partials = []
         ema_weight = 1.0 - self.ema.decay_at(ema_step)
-        for gi, group, present, chosen in groups:
-            if not chosen:
-                continue
+        for gi, group, plan, g_addrs, g2_addrs, has_g2, n_blocks, dev, _ in launches:
             lr, wd, beta1, beta2, eps = _group_hyper(group)
-            plan = self._plan(gi, present, chosen)
             table, steps = plan["table"], self._steps
             counts = [steps[i] + 1 for i in plan["ids"]]
             steps.update(zip(plan["ids"], counts))
             uniform = min(counts) == max(counts)
             step_size = [lr / (1.0 - beta1**n) for n in (counts[:1] if uniform else counts)]
             bc2_sqrt = [math.sqrt(1.0 - beta2**n) for n in (counts[:1] if uniform else counts)]
-            gs = [p.grad for p, _ in chosen]
-            if not all(g.is_contiguous() and g.data_ptr() % ALIGN == 0 for g in gs):  # e.g. views into a bucket
-                gs = [g if g.is_contiguous() and g.data_ptr() % ALIGN == 0 else g.clone(memory_format=torch.contiguous_format)
-                      for g in gs]
-            if any(g.dtype != torch.float32 for g in gs):
-                raise ValueError("FusedAdamWEMA needs float32 gradients")
-            addrs = [g.data_ptr() for g in gs]
-            last = self._grad_addrs.get((gi, present))
-            if last is not None and last[0] == addrs:  # the allocator gave the same memory as last step
-                g_addrs = last[1]
-            else:
-                g_addrs = self._to_device(addrs, torch.int64, dev)
-                self._grad_addrs[(gi, present)] = (addrs, g_addrs)
             scalars = (table["numel"].new_empty((2, 1), dtype=torch.float32) if uniform  # (not read)
                        else self._to_device([step_size, bc2_sqrt], torch.float32, dev))
-            n_blocks = table["block_t"].numel()
             partial = torch.empty(n_blocks, dtype=torch.float32, device=dev)
             p_addrs, m_addrs, v_addrs, e_addrs = table["addrs"]
             _adamw_ema_kernel[(n_blocks,)](
-                p_addrs, g_addrs, m_addrs, v_addrs, e_addrs, table["numel"], scalars[0], scalars[1],
+                p_addrs, g_addrs, g2_addrs, m_addrs, v_addrs, e_addrs, table["numel"], scalars[0], scalars[1],
                 table["block_t"], table["block_s"], partial, coef if coef is not None else partial,
                 step_size[0], bc2_sqrt[0], 1.0 - lr * wd, beta1, beta2, eps, ema_weight,
-                UNIFORM=uniform, HAS_COEF=coef is not None, BLOCK=self.block, num_warps=WARPS)
+                UNIFORM=uniform, HAS_COEF=coef is not None, HAS_G2=has_g2, NORM_ONLY=False, BLOCK=self.block,
+                num_warps=WARPS)
             torch._foreach_add_(plan["step_tensors"], 1.0)
             partials.append(partial)
         # EMA for what AdamW did not touch: frozen parameters and parameters without a gradient
         rest = list(self._ema_only)
-        for (_, _, present, _), pairs in zip(groups, self._groups):
-            if len(present) < len(pairs):
-                with_grad = set(present)
-                rest += [(e, p) for i, (p, e) in enumerate(pairs) if i not in with_grad]
+        for group, pairs in zip(self.opt.param_groups, self._groups):
+            rest += [(e, p) for p, e in pairs if p.grad is None]
         if rest:
             torch._foreach_lerp_([e for e, _ in rest], [p.detach() for _, p in rest], ema_weight)
         self.ema.copy_buffers()

@@ -139,6 +139,7 @@ def train(
     separate_passes: bool = True,
     activation_checkpointing: bool = False,
     update: str = "auto",
+    hold_grads: bool = True,
     seed: int = 0,
     log_every: int = 50,
     ckpt_every: int = 1000,
@@ -178,6 +179,10 @@ def train(
     update: the optimiser side of a step -- 'fused' (AdamW, EMA and the gradient norm in one Triton
       kernel, ``training.fused_update``; CUDA, AdamW), 'op_by_op' (the norm, ``opt.step()``, the EMA
       update one after the other; any optimiser), or 'auto' (fused where it can run).
+    hold_grads: with the fused update on one process, the first backward's gradients (MDT's full
+      pass) are set aside and the update kernel adds them to the masked pass's, instead of autograd
+      adding them one launch per parameter (one gradient-sized buffer more while the masked pass
+      runs; False: autograd accumulates, as op_by_op and DDP always do).
     heldout_every / heldout_items / heldout_timesteps: the held-out loss (EMA weights) every so many
       steps, on the first ``heldout_items`` held-out items at ``heldout_timesteps`` evenly spaced t.
     keep_every: checkpoints at multiples of this step are never pruned (0: keep only the newest
@@ -316,7 +321,8 @@ def train(
                     z = torch.randn((global_batch, *mean.shape[1:]), device=dev, generator=g)
                     x0 = (mean + std * z[offset : offset + mean.shape[0]]).float()
                 out = backward_parts(step_fn, parts, (x0, y, step, offset, global_batch), autocast,
-                                     sync=micro == accum - 1, scale=1.0 / accum, world=info.world)
+                                     sync=micro == accum - 1, scale=1.0 / accum, world=info.world,
+                                     hold=getattr(updater, "hold_grads", None) if hold_grads else None)
                 for k, v in out.items():
                     losses[k] = losses.get(k, 0.0) + v
             # One all-reduce of every logged scalar: the log shows the global batch, not rank 0's share.

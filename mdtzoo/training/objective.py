@@ -164,10 +164,13 @@ def prepare_step(objective: DiffusionObjective, device: torch.device, world: int
 
 
 def backward_parts(step_fn, parts: list[str], args: tuple, autocast, *, sync: bool = True, scale: float = 1.0,
-                   world: int = 1) -> dict[str, torch.Tensor]:
+                   world: int = 1, hold=None) -> dict[str, torch.Tensor]:
     """Forward and backward every part in turn (loss x ``scale``); detached float outputs, summed.
 
     Under DDP only the last part of a micro-batch with ``sync`` all-reduces the gradients.
+    ``hold``: on one process, called after every backward but the step's last (``sync`` marks
+    the last micro-batch) -- the update's ``hold_grads``, which sets the gradients so far aside
+    for its kernel to add, instead of autograd adding the next backward's into them.
     """
     out_sum: dict[str, torch.Tensor] = {}
     for i, part in enumerate(parts):
@@ -177,6 +180,8 @@ def backward_parts(step_fn, parts: list[str], args: tuple, autocast, *, sync: bo
             with autocast:
                 out = step_fn(*args, part=part)
             (out["loss"] * scale).backward()
+        if hold is not None and world == 1 and not last:
+            hold()
         for k, v in out.items():
             out_sum[k] = out_sum.get(k, 0.0) + v.detach().float() * scale
     return out_sum
