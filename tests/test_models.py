@@ -307,3 +307,15 @@ def test_compiled_block_gradients_equal_eager_including_the_bias_table():
     assert grads[0][table].abs().max() > 0.1
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compiled_pieces_around_the_blocks_trace_without_graph_breaks():
+    """``compile_blocks`` also compiles the timestep embedder and the final layer: one graph each."""
+    import torch._dynamo
+
+    model = build_model("mdt_xs2", input_size=8, num_classes=4)
+    h, c = torch.randn(2, 16, 128), torch.randn(2, 128)
+    for fn, args in ((model.t_embedder.forward, (torch.tensor([3, 999]),)), (model.final_layer.forward, (h, c))):
+        explanation = torch._dynamo.explain(fn)(*args)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1

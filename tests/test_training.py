@@ -290,17 +290,23 @@ def test_prune_keeps_the_newest_and_the_keep_every_steps(tmp_path):
 def test_cuda_graph_compile_mode_marks_every_step(toy, tmp_path, monkeypatch):
     """train.compile = 'reduce-overhead': the blocks are compiled with that mode and every step
     begins with cudagraph_mark_step_begin (else CUDA-graph replays overwrite live outputs); the
-    compilation itself is stubbed here (it is timed on a GPU: docs/performance.md)."""
-    from mdtzoo.models.blocks import Block
+    compilation itself is stubbed here (it is timed on a GPU: docs/performance.md); the loss maths
+    is compiled once."""
+    from mdtzoo.diffusion import GaussianDiffusion
 
-    modes, marks = [], []
-    monkeypatch.setattr(Block, "compile", lambda self, **options: modes.append(options))
+    modes, marks, losses = [], [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: modes.append((type(self), options)))
+    monkeypatch.setattr(GaussianDiffusion, "compile_losses", lambda self, device: losses.append(str(device)))
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     setup_gin(tmp_path / "run", steps=4, compile="reduce-overhead")
     assert train()["status"] == "done"
-    # every block (encoder, decoder, side-interpolator) compiled once, in the asked mode, static shapes
-    assert len(modes) >= 3 and all(m == {"dynamic": False, "mode": "reduce-overhead"} for m in modes)
+    # every block (encoder, decoder, side-interpolator), the timestep embedder and the final layer
+    # compiled once, in the asked mode, static shapes
+    assert all(m == {"dynamic": False, "mode": "reduce-overhead"} for _, m in modes)
+    kinds = [kind.__name__ for kind, _ in modes]
+    assert kinds.count("Block") >= 3 and kinds.count("TimestepEmbedder") == kinds.count("FinalLayer") == 1
     assert len(marks) == 4
+    assert losses == ["cpu"]  # the loss maths compiled too (in the default mode)
 
 
 def test_unknown_compile_mode_fails_before_the_run_dir_exists(toy, tmp_path):

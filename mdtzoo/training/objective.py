@@ -144,7 +144,8 @@ def prepare_step(objective: DiffusionObjective, device: torch.device, world: int
 
     Activation checkpointing and regional compilation (``compile``: True or a torch.compile mode;
     with 'reduce-overhead' each block replays CUDA graphs, and every step must begin with
-    ``torch.compiler.cudagraph_mark_step_begin()``) are switched on in the model; with
+    ``torch.compiler.cudagraph_mark_step_begin()``; the diffusion's loss maths compiled too, in the
+    default mode) are switched on in the model; with
     ``world`` > 1 the objective is wrapped in DDP (unused parameters only when an MDT trains
     its full pass alone). ``parts`` are what ``backward_parts`` backpropagates in turn.
     """
@@ -154,6 +155,7 @@ def prepare_step(objective: DiffusionObjective, device: torch.device, world: int
     mode = compile_mode(compile)
     if mode is not None:
         model.compile_blocks(mode)
+        objective.diffusion.compile_losses(device)  # the loss maths: one graph, not ~100 launches a pass
     step_fn = objective
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
