@@ -456,6 +456,8 @@ FLEX_VARIANTS = {  # kernel_options tried by ``bench attention --impl flex:NAME`
 TRITON_VARIANTS = {  # block shapes tried by ``bench attention --impl triton:NAME``
     "64x64": {},
     "f128": {"fwd_bm": 128, "fwd_warps": 8},
+    "f128s3": {"fwd_bm": 128, "fwd_warps": 8, "fwd_stages": 3},
+    "fn128": {"fwd_bn": 128, "fwd_warps": 8},
     "w8": {"fwd_warps": 8, "bwd_warps": 8},
     "s3": {"fwd_stages": 3, "bwd_stages": 3},
     "b32": {"bwd_bm": 32, "bwd_bn": 64},

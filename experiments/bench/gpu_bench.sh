@@ -24,6 +24,7 @@
 #   bash experiments/bench/gpu_bench.sh fused     # the one-kernel optimiser update (AdamW + EMA + norm) checked, then op by op vs fused in the DiT-XL/2, MDT-XL/2 and MDT-S/2 steps
 #   bash experiments/bench/gpu_bench.sh hostbound # is the step host-bound? CUDA graphs and the C++ wrapper at XL/2 (fused update), op-by-op update, optimizer parts
 #   bash experiments/bench/gpu_bench.sh final3    # optimizer parts and table-gradient kernels (checked), the table's five steps, MDT-XL/2 with CUDA graphs, 250-step sampling
+#   bash experiments/bench/gpu_bench.sh held      # attention block variants at XL/2 shapes; the previous commit's code (OLD=dir holding its mdtzoo/) against this one in the MDT-XL/2 and S/2 steps; MDT-XL/2 without held gradients; its profile
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -234,6 +235,26 @@ next)
   run profile_dit_xl2 100 bench train-step --model dit_xl2 --batch 64 --compile --precision bf16 --profile \
     --json "$OUT/profile_dit_xl2.json"
   sed -n '/device time per step/,$p' "$OUT/profile_dit_xl2.log" >&2
+  ;;
+held)
+  run attention_xl 160 bench attention --impl "${ATTN_IMPLS:-triton,triton:f128,triton:f128s3,triton:fn128,triton:s3,triton:w8,triton:b128}" \
+    --batch 64 --heads 16 --dim 72 --json "$OUT/attention_xl.json"
+  grep -i "triton\|no-bias" "$OUT/attention_xl.log" >&2
+  for spec in "mdt_xl2 64 10" "mdt_s2 256 20"; do
+    set -- $spec
+    if [ -n "${OLD:-}" ]; then
+      (cd "$OLD" && run "step_$1_old" 110 bench train-step --model "$1" --batch "$2" --steps "$3" --compile \
+        --precision bf16 --json "$OUT/step_$1_old.json")
+    fi
+    run "step_$1_new" 110 bench train-step --model "$1" --batch "$2" --steps "$3" --compile --precision bf16 \
+      --json "$OUT/step_$1_new.json"
+  done
+  run step_mdt_xl2_nohold 110 bench train-step --model mdt_xl2 --batch 64 --compile --precision bf16 --no-hold-grads \
+    --json "$OUT/step_mdt_xl2_nohold.json"
+  "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
+  run profile_mdt_xl2 110 bench train-step --model mdt_xl2 --batch 64 --compile --precision bf16 --profile \
+    --json "$OUT/profile_mdt_xl2.json"
+  sed -n '/device time per step/,$p' "$OUT/profile_mdt_xl2.log" | head -30 >&2
   ;;
 codegen)
   optim_parts 100
