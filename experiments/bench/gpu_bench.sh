@@ -25,6 +25,7 @@
 #   bash experiments/bench/gpu_bench.sh hostbound # is the step host-bound? CUDA graphs and the C++ wrapper at XL/2 (fused update), op-by-op update, optimizer parts
 #   bash experiments/bench/gpu_bench.sh final3    # optimizer parts and table-gradient kernels (checked), the table's five steps, MDT-XL/2 with CUDA graphs, 250-step sampling
 #   bash experiments/bench/gpu_bench.sh held      # attention block variants at XL/2 shapes; the previous commit's code (OLD=dir holding its mdtzoo/) against this one in the MDT-XL/2 and S/2 steps; MDT-XL/2 without held gradients; its profile
+#   bash experiments/bench/gpu_bench.sh final4    # the table's five steps, MDT-XL/2 and S/2 with CUDA graphs, 250-step sampling (checked)
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -302,6 +303,21 @@ final3)
   done
   run graphs_mdt_xl2 100 bench train-step --model mdt_xl2 --batch 64 --compile-mode reduce-overhead --precision bf16 \
     --json "$OUT/graphs_mdt_xl2.json"
+  run sample_mdt_xl2 200 bench sample --model mdt_xl2 --batch 256 --compile --check 8 --repeats 1 \
+    --json "$OUT/sample_mdt_xl2.json"
+  ;;
+final4)
+  for spec in "dit_s2 256" "mdt_s2 256" "dit_xl2 64" "mdt_xl2 64" "mdt_b2 256"; do
+    set -- $spec
+    run "step_$1_b$2" 100 bench train-step --model "$1" --batch "$2" --compile --precision bf16 \
+      --json "$OUT/step_$1_b$2.json"
+  done
+  for spec in "mdt_xl2 64" "mdt_s2 256"; do
+    set -- $spec
+    run "graphs_$1" 100 bench train-step --model "$1" --batch "$2" --compile-mode reduce-overhead --precision bf16 \
+      --json "$OUT/graphs_$1.json"
+  done
+  "$py" -m mdtzoo bench table "$OUT"/step_*.json "$OUT"/graphs_*.json >&2
   run sample_mdt_xl2 200 bench sample --model mdt_xl2 --batch 256 --compile --check 8 --repeats 1 \
     --json "$OUT/sample_mdt_xl2.json"
   ;;
