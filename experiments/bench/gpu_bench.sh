@@ -26,6 +26,7 @@
 #   bash experiments/bench/gpu_bench.sh final3    # optimizer parts and table-gradient kernels (checked), the table's five steps, MDT-XL/2 with CUDA graphs, 250-step sampling
 #   bash experiments/bench/gpu_bench.sh held      # attention block variants at XL/2 shapes; the previous commit's code (OLD=dir holding its mdtzoo/) against this one in the MDT-XL/2 and S/2 steps; MDT-XL/2 without held gradients; its profile
 #   bash experiments/bench/gpu_bench.sh final4    # the table's five steps, MDT-XL/2 and S/2 with CUDA graphs, 250-step sampling (checked)
+#   bash experiments/bench/gpu_bench.sh ddp2      # (2 GPUs) MDT-XL/2 on 1 GPU, on 2 with DDP, on 2 with CUDA graphs under DDP; 250-step sampling
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -327,6 +328,18 @@ autotune)
     run "step_$1_b$2_$3" ${AUTOTUNE_LIMIT:-280} bench train-step --model "$1" --batch "$2" --compile-mode "$3" \
       --precision bf16 --verbose --json "$OUT/step_$1_b$2_$3.json"
   done
+  ;;
+ddp2)  # session 7 on a 2-GPU host: 1 vs 2 GPUs for MDT-XL/2, CUDA graphs under DDP, then 250-step sampling
+  run ddp1_mdt_xl2 150 bench train-step --model mdt_xl2 --batch 64 --compile --precision bf16 --json "$OUT/ddp1_mdt_xl2.json"
+  for mode in default reduce-overhead; do
+    echo "== ddp2_mdt_xl2_$mode" >&2
+    timeout 200 "$py" -m torch.distributed.run --standalone --nproc_per_node 2 -m mdtzoo bench train-step \
+      --model mdt_xl2 --batch 64 --compile-mode "$mode" --precision bf16 --json "$OUT/ddp2_mdt_xl2_$mode.json" \
+      > "$OUT/ddp2_mdt_xl2_$mode.log" 2>&1 || echo "!! ddp2_mdt_xl2_$mode failed (rc $?)" >&2
+    grep -v warn_once "$OUT/ddp2_mdt_xl2_$mode.log" | tail -n 3 >&2
+  done
+  run sample_mdt_xl2 220 bench sample --model mdt_xl2 --batch 256 --compile --check 8 --repeats 1 \
+    --json "$OUT/sample_mdt_xl2.json"
   ;;
 ddp)
   run step_mdt_s2_b256_triton 170 bench train-step --model mdt_s2 --batch 256 --compile --precision bf16 \
