@@ -186,13 +186,14 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         ema = EMA(model, 0.9999, warmup=True)
         updater = make_update(opt, ema, update)
         fused = isinstance(updater, FusedAdamWEMA)
-        result["update"] = ("fused+held" if hold_grads and info.world == 1 else "fused") if fused else "op_by_op"
-        hold = updater.hold_grads if fused and hold_grads else None
         objective = DiffusionObjective(model, diffusion, passes, "all", seed=seed)
         cudagraphs = uses_cudagraphs(compile)
         step_fn, parts = prepare_step(objective, dev, info.world, compile=compile,
                                       activation_checkpointing=activation_checkpointing,
                                       separate_passes=separate_passes)
+        hold = updater.hold_grads if fused and hold_grads else None
+        held = hold is not None and info.world == 1 and len(parts) > 1  # gradients held between backwards
+        result["update"] = ("fused+held" if held else "fused") if fused else "op_by_op"
         autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16"
                     else contextlib.nullcontext())
         g = torch.Generator(device=dev).manual_seed(seed)
