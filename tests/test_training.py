@@ -349,3 +349,31 @@ def test_grad_norm_without_a_clip_leaves_gradients_untouched_and_equals_clip_gra
     after = torch.cat([p.grad.flatten() for p in params]).norm()
     assert torch.allclose(after, 0.5 * expected, rtol=1e-4)
     assert float(grad_norm_([torch.nn.Parameter(torch.ones(2))])) == 0.0  # no gradients yet
+
+
+def test_backward_parts_holds_gradients_after_every_backward_but_the_steps_last():
+    """``hold`` (the fused update's ``hold_grads``) runs after each backward of a step except its last
+    (``sync`` marks the last micro-batch), and never under DDP, whose all-reduce reads .grad."""
+    import contextlib as ctx
+
+    from mdtzoo.training.objective import backward_parts
+
+    w = torch.nn.Parameter(torch.ones(3))
+
+    class StepFn:
+        def __call__(self, part):
+            return {"loss": (w * (2.0 if part == "full" else 3.0)).sum()}
+
+        def no_sync(self):
+            return ctx.nullcontext()
+
+    for parts, sync, world, expected in ((["full", "masked"], True, 1, 1), (["full", "masked"], False, 1, 2),
+                                         (["all"], True, 1, 0), (["all"], False, 1, 1),
+                                         (["full", "masked"], True, 2, 0)):
+        calls = []
+        w.grad = None
+        out = backward_parts(StepFn(), parts, (), ctx.nullcontext(), sync=sync, world=world,
+                             hold=lambda: calls.append(1))
+        assert len(calls) == expected, (parts, sync, world)
+        assert out["loss"].item() == pytest.approx(3.0 * sum(2.0 if p == "full" else 3.0 for p in parts))
+    assert torch.equal(w.grad, torch.full((3,), 5.0))  # nothing held by the stub: autograd summed both parts
