@@ -27,6 +27,7 @@
 #   bash experiments/bench/gpu_bench.sh held      # attention block variants at XL/2 shapes; the previous commit's code (OLD=dir holding its mdtzoo/) against this one in the MDT-XL/2 and S/2 steps; MDT-XL/2 without held gradients; its profile
 #   bash experiments/bench/gpu_bench.sh final4    # the table's five steps, MDT-XL/2 and S/2 with CUDA graphs, 250-step sampling (checked)
 #   bash experiments/bench/gpu_bench.sh ddp2      # (2 GPUs) MDT-XL/2 on 1 GPU, on 2 with DDP, on 2 with CUDA graphs under DDP; 250-step sampling
+#   bash experiments/bench/gpu_bench.sh s2prof    # MDT-S/2 and DiT-S/2 profiles with the GPU's idle time per step
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -327,6 +328,14 @@ autotune)
     set -- $spec
     run "step_$1_b$2_$3" ${AUTOTUNE_LIMIT:-280} bench train-step --model "$1" --batch "$2" --compile-mode "$3" \
       --precision bf16 --verbose --json "$OUT/step_$1_b$2_$3.json"
+  done
+  ;;
+s2prof)  # where the S/2 steps' time goes now: GPU time by kind and the idle line
+  for spec in "mdt_s2 256" "dit_s2 256"; do
+    set -- $spec
+    run "profile_$1" 110 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --profile \
+      --json "$OUT/profile_$1.json"
+    sed -n '/device time per step/,$p' "$OUT/profile_$1.log" | head -24 >&2
   done
   ;;
 ddp2)  # session 7 on a 2-GPU host: 1 vs 2 GPUs for MDT-XL/2, CUDA graphs under DDP, then 250-step sampling
