@@ -306,24 +306,26 @@ class FusedAdamWEMA:
             has_g2 = any(g is not None for g in g2s)
             g_addrs = self._device_addresses(("g", gi, present), gs, dev)
             g2_addrs = self._device_addresses(("g2", gi, present), g2s, dev) if has_g2 else g_addrs
-            n_blocks = plan["table"]["block_t"].numel()
-            launches.append((gi, group, plan, g_addrs, g2_addrs, has_g2, n_blocks, dev, gs + g2s))
+            launches.append(dict(group=group, plan=plan, g=g_addrs, g2=g2_addrs, has_g2=has_g2, dev=dev,
+                                 blocks=plan["table"]["block_t"].numel(), alive=gs + g2s))  # (copies kept alive)
         coef = None
         if max_norm is not None and launches:  # the norm must be known before the update
             sums = []
-            for _, _, plan, g_addrs, g2_addrs, has_g2, n_blocks, dev, _ in launches:
-                partial = torch.empty(n_blocks, dtype=torch.float32, device=dev)
-                table = plan["table"]
-                _adamw_ema_kernel[(n_blocks,)](
-                    partial, g_addrs, g2_addrs, partial, partial, partial, table["numel"], partial, partial,
-                    table["block_t"], table["block_s"], partial, partial, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
-                    UNIFORM=True, HAS_COEF=False, HAS_G2=has_g2, NORM_ONLY=True, BLOCK=self.block, num_warps=WARPS)
+            for ln in launches:
+                partial = torch.empty(ln["blocks"], dtype=torch.float32, device=ln["dev"])
+                table, unused = ln["plan"]["table"], partial  # NORM_ONLY reads only G, G2 and the block map
+                _adamw_ema_kernel[(ln["blocks"],)](
+                    unused, ln["g"], ln["g2"], unused, unused, unused, table["numel"], unused, unused,
+                    table["block_t"], table["block_s"], partial, unused, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                    UNIFORM=True, HAS_COEF=False, HAS_G2=ln["has_g2"], NORM_ONLY=True, BLOCK=self.block,
+                    num_warps=WARPS)
                 sums.append(partial.sum())
             norm = torch.stack(sums).sum().sqrt()
             coef = torch.clamp(float(max_norm) / (norm + 1e-6), max=1.0).to(torch.float32)
         partials = []
         ema_weight = 1.0 - self.ema.decay_at(ema_step)
-        for gi, group, plan, g_addrs, g2_addrs, has_g2, n_blocks, dev, _ in launches:
+        for ln in launches:
+            group, plan, dev, n_blocks = ln["group"], ln["plan"], ln["dev"], ln["blocks"]
             lr, wd, beta1, beta2, eps = _group_hyper(group)
             table, steps = plan["table"], self._steps
             counts = [steps[i] + 1 for i in plan["ids"]]
@@ -336,10 +338,10 @@ class FusedAdamWEMA:
             partial = torch.empty(n_blocks, dtype=torch.float32, device=dev)
             p_addrs, m_addrs, v_addrs, e_addrs = table["addrs"]
             _adamw_ema_kernel[(n_blocks,)](
-                p_addrs, g_addrs, g2_addrs, m_addrs, v_addrs, e_addrs, table["numel"], scalars[0], scalars[1],
+                p_addrs, ln["g"], ln["g2"], m_addrs, v_addrs, e_addrs, table["numel"], scalars[0], scalars[1],
                 table["block_t"], table["block_s"], partial, coef if coef is not None else partial,
                 step_size[0], bc2_sqrt[0], 1.0 - lr * wd, beta1, beta2, eps, ema_weight,
-                UNIFORM=uniform, HAS_COEF=coef is not None, HAS_G2=has_g2, NORM_ONLY=False, BLOCK=self.block,
+                UNIFORM=uniform, HAS_COEF=coef is not None, HAS_G2=ln["has_g2"], NORM_ONLY=False, BLOCK=self.block,
                 num_warps=WARPS)
             torch._foreach_add_(plan["step_tensors"], 1.0)
             partials.append(partial)
