@@ -6,7 +6,6 @@ real operative config of building its model, plus hand-written metrics.jsonl and
 
 import inspect
 import json
-import os
 import time
 from pathlib import Path
 
