@@ -465,6 +465,7 @@ TRITON_VARIANTS = {  # block shapes tried by ``bench attention --impl triton:NAM
     "b128": {"bwd_bm": 64, "bwd_bn": 128, "bwd_warps": 8},
     "pad": {"split_head": False},  # the head dim padded to one power-of-two tile (72 -> 128)
     "dq64": {"dq_bm": 64, "dq_warps": 4},  # dQ in 64-row blocks (slower than 128: docs/performance.md, call (n2))
+    "g1": {"grad_programs": 1},  # kept_grad with one program per tile and head, the batch not split (before session 7)
 }
 
 

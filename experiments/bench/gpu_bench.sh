@@ -28,6 +28,7 @@
 #   bash experiments/bench/gpu_bench.sh final4    # the table's five steps, MDT-XL/2 and S/2 with CUDA graphs, 250-step sampling (checked)
 #   bash experiments/bench/gpu_bench.sh ddp2      # (2 GPUs) MDT-XL/2 on 1 GPU, on 2 with DDP, on 2 with CUDA graphs under DDP; 250-step sampling
 #   bash experiments/bench/gpu_bench.sh s2prof    # MDT-S/2 and DiT-S/2 profiles with the GPU's idle time per step
+#   bash experiments/bench/gpu_bench.sh keptgrad  # the masked pass's bias-gradient kernel with the batch split over programs, against unsplit (g1): kernels at S/2 and XL/2 shapes, the MDT-S/2 step
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -329,6 +330,17 @@ autotune)
     run "step_$1_b$2_$3" ${AUTOTUNE_LIMIT:-280} bench train-step --model "$1" --batch "$2" --compile-mode "$3" \
       --precision bf16 --verbose --json "$OUT/step_$1_b$2_$3.json"
   done
+  ;;
+keptgrad)  # kept_grad with the batch split over programs (default) against one program per tile and head (g1)
+  run attention_s2 120 bench attention --impl triton,triton:g1 --json "$OUT/attention_s2.json"
+  grep -i "triton" "$OUT/attention_s2.log" | grep -v checking >&2
+  for opt in - g1; do
+    opts=(); [ "$opt" != - ] && opts=(--triton-options "$opt")
+    run "step_mdt_s2_$opt" 110 bench train-step --model mdt_s2 --batch 256 --steps 20 --compile --precision bf16 \
+      "${opts[@]}" --json "$OUT/step_mdt_s2_$opt.json"
+  done
+  run attention_xl 120 bench attention --impl triton,triton:g1 --batch 64 --heads 16 --dim 72 --json "$OUT/attention_xl.json"
+  grep -i "triton" "$OUT/attention_xl.log" | grep -v checking >&2
   ;;
 s2prof)  # where the S/2 steps' time goes now: GPU time by kind and the idle line
   for spec in "mdt_s2 256" "dit_s2 256"; do

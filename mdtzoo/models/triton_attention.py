@@ -207,27 +207,33 @@ def _dq_kernel(DS, K, DQ, scale, H: tl.constexpr, NQ, D: tl.constexpr, skb, skh,
 
 
 @triton.jit
-def _kept_grad_kernel(DS, INV, OUT, B, K, G, H: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr):
-    """OUT[h, p, q] = sum over b of DS[b, h, INV[b, p], INV[b, q]] where both are kept (INV >= 0).
+def _kept_grad_kernel(DS, INV, OUT, B, K, G, CHUNK, H: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr):
+    """OUT[c, h, p, q] = sum over the samples b of chunk c of DS[b, h, INV[b, p], INV[b, q]] where both
+    are kept (INV >= 0).
 
-    One program per (h, p block, q block) gathers its tile from every sample in turn: each output
-    is written once, in a fixed summation order -- no atomics, deterministic.
+    One program per (p block, q block, chunk c and head h) gathers its tile from the chunk's samples
+    in turn: each output is written once, in a fixed summation order -- no atomics, deterministic.
+    The batch is split into chunks (summed by the caller, in a fixed order too) so that there are
+    enough programs to fill the GPU: one per tile and head alone left MDT-S/2's 256 samples to 192
+    programs.
     """
     pid_p = tl.program_id(0)
     pid_q = tl.program_id(1)
-    h = tl.program_id(2)
+    c = tl.program_id(2) // H
+    h = tl.program_id(2) % H
     offs_p = pid_p * BP + tl.arange(0, BP)
     offs_q = pid_q * BQ + tl.arange(0, BQ)
     p_ok = offs_p < G
     q_ok = offs_q < G
     acc = tl.zeros([BP, BQ], tl.float32)
-    for b in range(B):
+    for b in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, B)):
         ip = tl.load(INV + b * G + offs_p, mask=p_ok, other=-1)
         iq = tl.load(INV + b * G + offs_q, mask=q_ok, other=-1)
         ok = (ip >= 0)[:, None] & (iq >= 0)[None, :]
         base = (b * H + h).to(tl.int64) * K * K
         acc += tl.load(DS + base + ip[:, None] * K + iq[None, :], mask=ok, other=0.0).to(tl.float32)
-    tl.store(OUT + h * G * G + offs_p[:, None] * G + offs_q[None, :], acc, mask=p_ok[:, None] & q_ok[None, :])
+    tl.store(OUT + (c * H + h).to(tl.int64) * G * G + offs_p[:, None] * G + offs_q[None, :], acc,
+             mask=p_ok[:, None] & q_ok[None, :])
 
 
 @torch.library.custom_op("mdtzoo::kept_grad", mutates_args=())
@@ -237,11 +243,14 @@ def kept_grad(ds: torch.Tensor, ids_keep: torch.Tensor, grid: int) -> torch.Tens
     b, h, k, _ = ds.shape
     inv = torch.full((b, grid), -1, device=ds.device, dtype=torch.int32)
     inv.scatter_(1, ids_keep.long(), torch.arange(k, device=ds.device, dtype=torch.int32).expand(b, k))
-    out = torch.empty((h, grid, grid), device=ds.device, dtype=torch.float32)
     bp, bq = CONFIG["grad_bp"], CONFIG["grad_bq"]
-    _kept_grad_kernel[(triton.cdiv(grid, bp), triton.cdiv(grid, bq), h)](
-        ds.contiguous(), inv, out, b, k, grid, h, BP=bp, BQ=bq, num_warps=CONFIG["grad_warps"])
-    return out
+    tiles = triton.cdiv(grid, bp) * triton.cdiv(grid, bq)
+    chunk = triton.cdiv(b, max(1, min(b, CONFIG["grad_programs"] // (tiles * h))))  # samples per program
+    chunks = triton.cdiv(b, chunk)
+    out = torch.empty((chunks, h, grid, grid), device=ds.device, dtype=torch.float32)
+    _kept_grad_kernel[(triton.cdiv(grid, bp), triton.cdiv(grid, bq), chunks * h)](
+        ds.contiguous(), inv, out, b, k, grid, chunk, h, BP=bp, BQ=bq, num_warps=CONFIG["grad_warps"])
+    return out[0] if chunks == 1 else out.sum(0)
 
 
 @kept_grad.register_fake
@@ -252,8 +261,10 @@ def _(ds, ids_keep, grid):
 # Block shapes and launch settings (H100-tuned by ``mdtzoo bench attention --impl triton:NAME``);
 # ``split_head``: a head dim that is not a power of two runs as two tiles (72 = 64 + 16) instead of
 # one padded to the next power of two (128).
+# ``grad_programs``: ``kept_grad`` splits the batch into chunks until about this many programs run.
 CONFIG = {"fwd_bm": 64, "fwd_bn": 64, "fwd_warps": 4, "fwd_stages": 2,
           "bwd_bm": 64, "bwd_bn": 64, "bwd_warps": 4, "bwd_stages": 2, "grad_bp": 32, "grad_bq": 64, "grad_warps": 4,
+          "grad_programs": 2048,
           "dq_bm": 128, "dq_bn": 64, "dq_warps": 8, "delta_bm": 64, "split_head": True}
 
 
