@@ -29,6 +29,7 @@
 #   bash experiments/bench/gpu_bench.sh ddp2      # (2 GPUs) MDT-XL/2 on 1 GPU, on 2 with DDP, on 2 with CUDA graphs under DDP; 250-step sampling
 #   bash experiments/bench/gpu_bench.sh s2prof    # MDT-S/2 and DiT-S/2 profiles with the GPU's idle time per step
 #   bash experiments/bench/gpu_bench.sh keptgrad  # the masked pass's bias-gradient kernel with the batch split over programs, against unsplit (g1): kernels at S/2 and XL/2 shapes, the MDT-S/2 step
+#   bash experiments/bench/gpu_bench.sh keptgrad2 # the MDT-S/2 step, unsplit (g1) and split kept_grad alternating, twice each
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -341,6 +342,13 @@ keptgrad)  # kept_grad with the batch split over programs (default) against one 
   done
   run attention_xl 120 bench attention --impl triton,triton:g1 --batch 64 --heads 16 --dim 72 --json "$OUT/attention_xl.json"
   grep -i "triton" "$OUT/attention_xl.log" | grep -v checking >&2
+  ;;
+keptgrad2)  # the MDT-S/2 step with split and unsplit kept_grad, alternating (g1 first), twice
+  for opt in g1 - g1 -; do
+    opts=(); [ "$opt" != - ] && opts=(--triton-options "$opt")
+    run "step_mdt_s2_$opt" 100 bench train-step --model mdt_s2 --batch 256 --steps 30 --compile --precision bf16 \
+      "${opts[@]}" --json "$OUT/step_mdt_s2_$opt.json"
+  done
   ;;
 s2prof)  # where the S/2 steps' time goes now: GPU time by kind and the idle line
   for spec in "mdt_s2 256" "dit_s2 256"; do
