@@ -120,13 +120,15 @@ class Squares(Dataset):
         return x.clamp(-1, 1), torch.tensor(i % 3)
 
 out = {}
+micro = int(sys.argv[2])
 with DATASETS.temporary("squares", Squares):
     for mode in ("op_by_op", "fused"):
         run = f"{sys.argv[1]}/{mode}"
         config.parse([], ["build.model = @models.mdt_xs2", f"train.run_dir = '{run}'", "train.dataset = 'datasets.squares'",
                           "train.progress = False", "train.log_every = 1", "train.steps = 4", "train.global_batch = 8",
                           "train.lr = 1e-3", "train.ema_decay = 0.9", "train.ckpt_every = 4", "train.grad_clip = 0.5",
-                          "train.weight_decay = 0.01", f"train.update = '{mode}'"])
+                          "train.weight_decay = 0.01", f"train.update = '{mode}'",
+                          f"train.micro_batch = {micro}"])
         assert train()["status"] == "done"
         records = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
         state = ckpt.load(ckpt.checkpoint_path(f"{run}/checkpoints", 4))
@@ -144,11 +146,14 @@ print("TRAIN_OK")
 '''
 
 
-def test_trainer_with_the_fused_update_equals_op_by_op_in_the_interpreter(triton_interpreter, tmp_path):
-    """``train.update = 'fused'`` (the kernel in Triton's interpreter) trains as 'op_by_op' does:
-    the same losses and gradient norms per step and the same weights, EMA weights and optimiser
-    step counts in the checkpoint (with clipping and weight decay on)."""
-    assert "TRAIN_OK" in triton_interpreter(TRAINER_CHECK, str(tmp_path))
+@pytest.mark.parametrize("micro_batch", [8, 4], ids=["one_micro_batch", "two_accumulated"])
+def test_trainer_with_the_fused_update_equals_op_by_op_in_the_interpreter(triton_interpreter, tmp_path, micro_batch):
+    """``train.update = 'fused'`` (the kernel in Triton's interpreter, the full pass's gradients
+    held and added in the kernel) trains as 'op_by_op' does: the same losses and gradient norms
+    per step and the same weights, EMA weights and optimiser step counts in the checkpoint (with
+    clipping and weight decay on), also with two accumulated micro-batches (the first backward
+    held, the other three accumulated by autograd)."""
+    assert "TRAIN_OK" in triton_interpreter(TRAINER_CHECK, str(tmp_path), str(micro_batch))
 
 
 def _model_opt_ema(optimizer=torch.optim.AdamW, **kwargs):
