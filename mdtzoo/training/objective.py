@@ -155,7 +155,9 @@ def prepare_step(objective: DiffusionObjective, device: torch.device, world: int
     mode = compile_mode(compile)
     if mode is not None:
         model.compile_blocks(mode)
-        objective.diffusion.compile_losses(device)  # the loss maths: one graph, not ~100 launches a pass
+        compile_losses = getattr(objective.diffusion, "compile_losses", None)  # (a user's diffusion may lack it)
+        if compile_losses is not None:
+            compile_losses(device)  # the loss maths: one graph, not ~100 launches a pass
     step_fn = objective
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
