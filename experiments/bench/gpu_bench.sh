@@ -50,13 +50,30 @@ optim_parts() {  # optim_parts LIMIT: the optimizer parts and the bias-table gra
     || echo "!! optim_parts failed (rc $?)" >&2
   grep "^|\|^Fused" "$OUT/optim_parts.log" >&2
 }
-mdt_profiles() {  # MDT-XL/2 and MDT-S/2 steps with --profile: GPU time per step by kernel kind
-  for spec in "mdt_xl2 64" "mdt_s2 256"; do
+step() {  # step NAME LIMIT MODEL BATCH ARGS...: one bf16 training-step benchmark, JSON in $OUT/NAME.json
+  local name=$1 limit=$2 model=$3 batch=$4; shift 4
+  run "$name" "$limit" bench train-step --model "$model" --batch "$batch" --precision bf16 "$@" --json "$OUT/$name.json"
+}
+profile() {  # profile MODEL BATCH [LIMIT] [LINES]: the compiled step with --profile, then its GPU time by kernel kind
+  step "profile_$1" "${3:-120}" "$1" "$2" --compile --profile
+  sed -n '/device time per step/,$p' "$OUT/profile_$1.log" | head -n "${4:-80}" >&2
+}
+table_steps() {  # the table's five compiled steps, one JSON each
+  for spec in "dit_s2 256" "mdt_s2 256" "dit_xl2 64" "mdt_xl2 64" "mdt_b2 256"; do
     set -- $spec
-    run "profile_$1" 120 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --profile \
-      --json "$OUT/profile_$1.json"
-    sed -n '/device time per step/,$p' "$OUT/profile_$1.log" >&2
+    step "step_$1_b$2" 100 "$1" "$2" --compile
   done
+}
+sample_xl2() {  # sample_xl2 LIMIT: 250-step DDPM + CFG sampling of MDT-XL/2 at batch 256, checked first
+  run sample_mdt_xl2 "$1" bench sample --model mdt_xl2 --batch 256 --compile --check 8 --repeats 1 \
+    --json "$OUT/sample_mdt_xl2.json"
+}
+variant() {  # variant FLAG VALUE: "FLAG VALUE" as two arguments, nothing for the value '-' (the default)
+  [ "$2" != - ] && printf '%s\n%s\n' "$1" "$2"
+}
+mdt_profiles() {  # MDT-XL/2 and MDT-S/2 steps with --profile: GPU time per step by kernel kind
+  profile mdt_xl2 64
+  profile mdt_s2 256
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >&2
 "$py" -c "import torch; print('torch', torch.__version__)" >&2
@@ -176,13 +193,8 @@ f32)
   run attention_xl2 150 bench attention --impl flex,flex:f32 --batch 64 --heads 16 --dim 72 --json "$OUT/attention_xl2.json"
   ;;
 table)
-  for spec in "dit_s2 256" "mdt_s2 256" "dit_xl2 64" "mdt_xl2 64" "mdt_b2 256"; do
-    set -- $spec
-    run "step_$1_b$2" 100 bench train-step --model "$1" --batch "$2" --compile --precision bf16 \
-      --json "$OUT/step_$1_b$2.json"
-  done
-  run sample_mdt_xl2 200 bench sample --model mdt_xl2 --batch 256 --compile --check 8 --repeats 1 \
-    --json "$OUT/sample_mdt_xl2.json"
+  table_steps
+  sample_xl2 200
   ;;
 where)
   for spec in ${WHERE_SPECS:-"dit_xl2 64 auto" "mdt_xl2 64 auto" "dit_s2 256 auto" "mdt_s2 256 auto" "mdt_s2 256 triton"}; do
@@ -237,9 +249,7 @@ after)
 next)
   optim_parts 90
   mdt_profiles
-  run profile_dit_xl2 100 bench train-step --model dit_xl2 --batch 64 --compile --precision bf16 --profile \
-    --json "$OUT/profile_dit_xl2.json"
-  sed -n '/device time per step/,$p' "$OUT/profile_dit_xl2.log" >&2
+  profile dit_xl2 64 100
   ;;
 held)
   run attention_xl 160 bench attention --impl "${ATTN_IMPLS:-triton,triton:f128,triton:f128s3,triton:fn128,triton:s3,triton:w8,triton:b128}" \
@@ -248,29 +258,20 @@ held)
   for spec in "mdt_xl2 64 10" "mdt_s2 256 20"; do
     set -- $spec
     if [ -n "${OLD:-}" ]; then
-      (cd "$OLD" && run "step_$1_old" 110 bench train-step --model "$1" --batch "$2" --steps "$3" --compile \
-        --precision bf16 --json "$OUT/step_$1_old.json")
+      (cd "$OLD" && step "step_$1_old" 110 "$1" "$2" --steps "$3" --compile)
     fi
-    run "step_$1_new" 110 bench train-step --model "$1" --batch "$2" --steps "$3" --compile --precision bf16 \
-      --json "$OUT/step_$1_new.json"
+    step "step_$1_new" 110 "$1" "$2" --steps "$3" --compile
   done
-  run step_mdt_xl2_nohold 110 bench train-step --model mdt_xl2 --batch 64 --compile --precision bf16 --no-hold-grads \
-    --json "$OUT/step_mdt_xl2_nohold.json"
+  step step_mdt_xl2_nohold 110 mdt_xl2 64 --compile --no-hold-grads
   "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
-  run profile_mdt_xl2 110 bench train-step --model mdt_xl2 --batch 64 --compile --precision bf16 --profile \
-    --json "$OUT/profile_mdt_xl2.json"
-  sed -n '/device time per step/,$p' "$OUT/profile_mdt_xl2.log" | head -30 >&2
+  profile mdt_xl2 64 110 30
   ;;
 codegen)
   optim_parts 100
-  run profile_mdt_xl2 110 bench train-step --model mdt_xl2 --batch 64 --compile --precision bf16 --profile \
-    --json "$OUT/profile_mdt_xl2.json"
-  sed -n '/device time per step/,$p' "$OUT/profile_mdt_xl2.log" >&2
+  profile mdt_xl2 64 110
   for spec in ${CODEGEN_SPECS:-"dit_xl2 64 -" "dit_xl2 64 cdt" "mdt_xl2 64 cdt" "dit_xl2 64 agg"}; do
     set -- $spec
-    opts=(); [ "$3" != - ] && opts=(--inductor-options "$3")
-    run "step_$1_$3" 110 bench train-step --model "$1" --batch "$2" --compile --precision bf16 "${opts[@]}" \
-      --json "$OUT/step_$1_$3.json"
+    step "step_$1_$3" 110 "$1" "$2" --compile $(variant --inductor-options "$3")
   done
   "$py" -m mdtzoo bench table "$OUT"/step_*.json "$OUT"/profile_*.json >&2
   ;;
@@ -279,8 +280,7 @@ fused)
   for spec in ${FUSED_SPECS:-"dit_xl2 64" "mdt_xl2 64" "mdt_s2 256"}; do
     set -- $spec
     for update in op_by_op fused; do
-      run "step_$1_$update" 100 bench train-step --model "$1" --batch "$2" --compile --precision bf16 \
-        --update "$update" --json "$OUT/step_$1_$update.json"
+      step "step_$1_$update" 100 "$1" "$2" --compile --update "$update"
     done
   done
   "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
@@ -292,38 +292,23 @@ hostbound)
     opts=(--compile)
     [ "$3" = reduce-overhead ] && opts=(--compile-mode reduce-overhead)
     [ "$3" = cpp ] && opts=(--compile --inductor-options cpp)
-    run "step_$1_$3_$4" 110 bench train-step --model "$1" --batch "$2" "${opts[@]}" --precision bf16 \
-      --update "$4" --json "$OUT/step_$1_$3_$4.json"
+    step "step_$1_$3_$4" 110 "$1" "$2" "${opts[@]}" --update "$4"
   done
   "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
   optim_parts 100
   ;;
 final3)
   optim_parts 90
-  for spec in "dit_s2 256" "mdt_s2 256" "dit_xl2 64" "mdt_xl2 64" "mdt_b2 256"; do
-    set -- $spec
-    run "step_$1_b$2" 100 bench train-step --model "$1" --batch "$2" --compile --precision bf16 \
-      --json "$OUT/step_$1_b$2.json"
-  done
-  run graphs_mdt_xl2 100 bench train-step --model mdt_xl2 --batch 64 --compile-mode reduce-overhead --precision bf16 \
-    --json "$OUT/graphs_mdt_xl2.json"
-  run sample_mdt_xl2 200 bench sample --model mdt_xl2 --batch 256 --compile --check 8 --repeats 1 \
-    --json "$OUT/sample_mdt_xl2.json"
+  table_steps
+  step graphs_mdt_xl2 100 mdt_xl2 64 --compile-mode reduce-overhead
+  sample_xl2 200
   ;;
 final4)
-  for spec in "dit_s2 256" "mdt_s2 256" "dit_xl2 64" "mdt_xl2 64" "mdt_b2 256"; do
-    set -- $spec
-    run "step_$1_b$2" 100 bench train-step --model "$1" --batch "$2" --compile --precision bf16 \
-      --json "$OUT/step_$1_b$2.json"
-  done
-  for spec in "mdt_xl2 64" "mdt_s2 256"; do
-    set -- $spec
-    run "graphs_$1" 100 bench train-step --model "$1" --batch "$2" --compile-mode reduce-overhead --precision bf16 \
-      --json "$OUT/graphs_$1.json"
-  done
+  table_steps
+  step graphs_mdt_xl2 100 mdt_xl2 64 --compile-mode reduce-overhead
+  step graphs_mdt_s2 100 mdt_s2 256 --compile-mode reduce-overhead
   "$py" -m mdtzoo bench table "$OUT"/step_*.json "$OUT"/graphs_*.json >&2
-  run sample_mdt_xl2 200 bench sample --model mdt_xl2 --batch 256 --compile --check 8 --repeats 1 \
-    --json "$OUT/sample_mdt_xl2.json"
+  sample_xl2 200
   ;;
 autotune)
   for spec in ${AUTOTUNE_SPECS:-"dit_xl2 64 default" "dit_xl2 64 max-autotune-no-cudagraphs" "dit_s2 256 max-autotune-no-cudagraphs"}; do
@@ -336,30 +321,22 @@ keptgrad)  # kept_grad with the batch split over programs (default) against one 
   run attention_s2 120 bench attention --impl triton,triton:g1 --json "$OUT/attention_s2.json"
   grep -i "triton" "$OUT/attention_s2.log" | grep -v checking >&2
   for opt in - g1; do
-    opts=(); [ "$opt" != - ] && opts=(--triton-options "$opt")
-    run "step_mdt_s2_$opt" 110 bench train-step --model mdt_s2 --batch 256 --steps 20 --compile --precision bf16 \
-      "${opts[@]}" --json "$OUT/step_mdt_s2_$opt.json"
+    step "step_mdt_s2_$opt" 110 mdt_s2 256 --steps 20 --compile $(variant --triton-options "$opt")
   done
   run attention_xl 120 bench attention --impl triton,triton:g1 --batch 64 --heads 16 --dim 72 --json "$OUT/attention_xl.json"
   grep -i "triton" "$OUT/attention_xl.log" | grep -v checking >&2
   ;;
 keptgrad2)  # the MDT-S/2 step with split and unsplit kept_grad, alternating (g1 first), twice
   for opt in g1 - g1 -; do
-    opts=(); [ "$opt" != - ] && opts=(--triton-options "$opt")
-    run "step_mdt_s2_$opt" 100 bench train-step --model mdt_s2 --batch 256 --steps 30 --compile --precision bf16 \
-      "${opts[@]}" --json "$OUT/step_mdt_s2_$opt.json"
+    step "step_mdt_s2_$opt" 100 mdt_s2 256 --steps 30 --compile $(variant --triton-options "$opt")
   done
   ;;
 s2prof)  # where the S/2 steps' time goes now: GPU time by kind and the idle line
-  for spec in "mdt_s2 256" "dit_s2 256"; do
-    set -- $spec
-    run "profile_$1" 110 bench train-step --model "$1" --batch "$2" --compile --precision bf16 --profile \
-      --json "$OUT/profile_$1.json"
-    sed -n '/device time per step/,$p' "$OUT/profile_$1.log" | head -24 >&2
-  done
+  profile mdt_s2 256 110 24
+  profile dit_s2 256 110 24
   ;;
 ddp2)  # session 7 on a 2-GPU host: 1 vs 2 GPUs for MDT-XL/2, CUDA graphs under DDP, then 250-step sampling
-  run ddp1_mdt_xl2 150 bench train-step --model mdt_xl2 --batch 64 --compile --precision bf16 --json "$OUT/ddp1_mdt_xl2.json"
+  step ddp1_mdt_xl2 150 mdt_xl2 64 --compile
   for mode in default reduce-overhead; do
     echo "== ddp2_mdt_xl2_$mode" >&2
     timeout 200 "$py" -m torch.distributed.run --standalone --nproc_per_node 2 -m mdtzoo bench train-step \
@@ -367,8 +344,7 @@ ddp2)  # session 7 on a 2-GPU host: 1 vs 2 GPUs for MDT-XL/2, CUDA graphs under 
       > "$OUT/ddp2_mdt_xl2_$mode.log" 2>&1 || echo "!! ddp2_mdt_xl2_$mode failed (rc $?)" >&2
     grep -v warn_once "$OUT/ddp2_mdt_xl2_$mode.log" | tail -n 3 >&2
   done
-  run sample_mdt_xl2 220 bench sample --model mdt_xl2 --batch 256 --compile --check 8 --repeats 1 \
-    --json "$OUT/sample_mdt_xl2.json"
+  sample_xl2 220
   ;;
 ddp)
   run step_mdt_s2_b256_triton 170 bench train-step --model mdt_s2 --batch 256 --compile --precision bf16 \
