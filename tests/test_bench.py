@@ -62,6 +62,14 @@ def test_mdtv2_counts_skip_linears_and_jitter():
     assert 145 < expected_kept_tokens(v2) < 165
 
 
+def _cli_step(tmp_path, *args: str) -> dict:
+    """``mdtzoo bench train-step`` of one MDT-XS/2 step (batch 2) on the CPU with ``args``; its JSON result."""
+    out = tmp_path / "r.json"
+    assert main(["bench", "train-step", "--model", "mdt_xs2", "--batch", "2", "--steps", "1", "--warmup", "0",
+                 "--device", "cpu", *args, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
 def test_bench_train_step_command_on_cpu(tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = main(["bench", "train-step", "--model", "mdt_xs2", "--batch", "4", "--steps", "2", "--warmup", "1",
@@ -80,11 +88,9 @@ def test_bench_train_step_command_on_cpu(tmp_path, capsys):
 
 
 def test_bench_full_pass_and_bad_input(tmp_path, capsys):
-    out = tmp_path / "r.json"
-    assert main(["bench", "train-step", "--model", "mdt_xs2", "--batch", "2", "--steps", "1", "--warmup", "0",
-                 "--device", "cpu", "--passes", "full", "--profile", "--json", str(out)]) == 0
+    r = _cli_step(tmp_path, "--passes", "full", "--profile")
     assert "Self CPU" in capsys.readouterr().out  # the profile of two more steps, printed, not in the JSON
-    assert json.loads(out.read_text())["passes"] == "full" and "profile" not in json.loads(out.read_text())
+    assert r["passes"] == "full" and "profile" not in r
     # A DiT preset has no masked pass: a one-line error, exit code 2.
     assert main(["bench", "train-step", "--model", "dit_s2", "--batch", "2", "--passes", "both",
                  "--device", "cpu"]) == 2
@@ -132,10 +138,7 @@ def test_flex_variants_apply_inside_and_restore_and_unknown_ones_are_named(tmp_p
     with pytest.raises(ValueError, match="unknown FlexAttention variant 'm9'"):
         bench_sample("mdt_xs2", 2, device="cpu", flex_options="m9")
     assert attn_mod.FLEX_KERNEL_OPTIONS == before
-    out = tmp_path / "r.json"
-    assert main(["bench", "train-step", "--model", "mdt_xs2", "--batch", "2", "--steps", "1", "--warmup", "0",
-                 "--device", "cpu", "--flex-options", "m128n64", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["flex_options"] == "m128n64"
+    assert _cli_step(tmp_path, "--flex-options", "m128n64")["flex_options"] == "m128n64"
     assert attn_mod.FLEX_KERNEL_OPTIONS == before
 
 
@@ -155,10 +158,7 @@ def test_triton_variants_apply_inside_and_restore_and_unknown_ones_are_named(tmp
         bench_train_step("mdt_xs2", 2, device="cpu", triton_options="x1")
     with pytest.raises(ValueError, match="unknown Triton variant 'x1'"):
         bench_sample("mdt_xs2", 2, device="cpu", triton_options="x1")
-    out = tmp_path / "r.json"
-    assert main(["bench", "train-step", "--model", "mdt_xs2", "--batch", "2", "--steps", "1", "--warmup", "0",
-                 "--device", "cpu", "--passes", "full", "--triton-options", "pad", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["triton_options"] == "pad"
+    assert _cli_step(tmp_path, "--passes", "full", "--triton-options", "pad")["triton_options"] == "pad"
     assert triton_attention.CONFIG == before
 
 
@@ -176,10 +176,7 @@ def test_inductor_variants_patch_the_config_inside_only_and_unknown_ones_are_nam
         bench_train_step("dit_s2", 2, device="cpu", inductor_options="fast")
     with pytest.raises(ValueError, match="unknown update mode 'fast'; valid: auto, fused, op_by_op"):
         bench_train_step("dit_s2", 2, device="cpu", update="fast")
-    out = tmp_path / "r.json"
-    assert main(["bench", "train-step", "--model", "mdt_xs2", "--batch", "2", "--steps", "1", "--warmup", "0",
-                 "--device", "cpu", "--passes", "full", "--inductor-options", "cdt", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["inductor_options"] == "cdt"
+    assert _cli_step(tmp_path, "--passes", "full", "--inductor-options", "cdt")["inductor_options"] == "cdt"
     assert inductor_config.coordinate_descent_tuning == before[0]
 
 
