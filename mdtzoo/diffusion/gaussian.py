@@ -293,13 +293,10 @@ class GaussianDiffusion:
         ops forward and as many backward, per pass) into one graph, as the trainer does with
         ``train.compile``: a few kernels instead of ~100 launches per pass. The per-step tables are
         made on ``device`` first, so the graph reads them as inputs."""
-        for name in self._TABLES:
-            self._table(name, device)
+        for name, value in vars(self).items():  # every per-step table (a float64 array over the steps)
+            if isinstance(value, np.ndarray) and value.shape == (self.num_timesteps,):
+                self._table(name, device)
         self._terms = torch.compile(self._terms_eager, dynamic=False)
-
-    _TABLES = ("alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-               "sqrt_recipm1_alphas_cumprod", "snr", "posterior_mean_coef1", "posterior_mean_coef2",
-               "posterior_variance", "posterior_log_variance_clipped", "log_betas", "log_fixed_large")
 
     def _terms(self, out, x0, x_t, t, noise, token_weight):
         return self._terms_eager(out, x0, x_t, t, noise, token_weight)

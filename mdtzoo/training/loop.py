@@ -250,6 +250,7 @@ def train(
         return {"status": "done", "step": start, "run_dir": str(run.path)}
 
     updater = make_update(opt, ema, update)
+    hold = getattr(updater, "hold_grads", None) if hold_grads else None  # (the fused update's)
     objective = DiffusionObjective(model, diffusion, passes, masked_loss_on, seed=seed)
     step_fn, parts = prepare_step(objective, dev, info.world, compile=compile,
                                   activation_checkpointing=activation_checkpointing, separate_passes=separate_passes)
@@ -322,7 +323,7 @@ def train(
                     x0 = (mean + std * z[offset : offset + mean.shape[0]]).float()
                 out = backward_parts(step_fn, parts, (x0, y, step, offset, global_batch), autocast,
                                      sync=micro == accum - 1, scale=1.0 / accum, world=info.world,
-                                     hold=getattr(updater, "hold_grads", None) if hold_grads else None)
+                                     hold=hold)
                 for k, v in out.items():
                     losses[k] = losses.get(k, 0.0) + v
             # One all-reduce of every logged scalar: the log shows the global batch, not rank 0's share.
