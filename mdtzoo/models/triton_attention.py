@@ -21,6 +21,8 @@ Written for the GPU; under ``TRITON_INTERPRET=1`` it also runs on the CPU (tests
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -36,10 +38,14 @@ def _program(H: tl.constexpr, NQ, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load(PTR, base, sn, offs, ok, D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr):
-    """Rows ``offs`` of a (tokens, D) slab at PTR + base (row stride sn) as two tiles: head-dim
+def _load(PTR, base, sn, offs, ok, D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, AL: tl.constexpr):
+    """Rows ``offs`` of a (tokens, D) slab at PTR + base * AL (row stride sn * AL) as two tiles: head-dim
     columns [0, BD0) and [BD0, BD0 + BD1), masked to D. With BD1 = 0 there is one tile (returned
-    twice; the second copy is never used)."""
+    twice; the second copy is never used). Offsets and strides come in units of AL elements, so
+    the compiler knows every row starts AL-aligned and loads 16 bytes at a time (head dim 72's
+    strides are not multiples of 16, the only alignment Triton detects by itself)."""
+    base = base * AL
+    sn = sn * AL
     d0 = tl.arange(0, BD0)
     t0 = tl.load(PTR + base + offs[:, None] * sn + d0[None, :], mask=ok[:, None] & (d0 < D)[None, :], other=0.0)
     if BD1 > 0:
@@ -51,8 +57,11 @@ def _load(PTR, base, sn, offs, ok, D: tl.constexpr, BD0: tl.constexpr, BD1: tl.c
 
 
 @triton.jit
-def _store(PTR, base, sn, offs, ok, t0, t1, D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr):
+def _store(PTR, base, sn, offs, ok, t0, t1, D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
+           AL: tl.constexpr):
     """The inverse of ``_load``: two float32 tiles written in PTR's dtype."""
+    base = base * AL
+    sn = sn * AL
     d0 = tl.arange(0, BD0)
     tl.store(PTR + base + offs[:, None] * sn + d0[None, :], t0.to(PTR.dtype.element_ty),
              mask=ok[:, None] & (d0 < D)[None, :])
@@ -92,9 +101,9 @@ def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
                 H: tl.constexpr, NQ, G, D: tl.constexpr,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 BM: tl.constexpr, BN: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_POS: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, AL: tl.constexpr):
     b, h, bh, offs_m, m_ok = _program(H, NQ, BM)
-    q0, q1 = _load(Q, b * sqb + h * sqh, sqn, offs_m, m_ok, D, BD0, BD1)
+    q0, q1 = _load(Q, b * sqb + h * sqh, sqn, offs_m, m_ok, D, BD0, BD1, AL)
     pos_m = _positions(POS, b, NQ, offs_m, m_ok, HAS_POS)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -106,7 +115,7 @@ def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
     for start in range(0, NQ, BN):
         offs_n = start + tl.arange(0, BN)
         n_ok = offs_n < NQ
-        k0, k1 = _load(K, b * skb + h * skh, skn, offs_n, n_ok, D, BD0, BD1)
+        k0, k1 = _load(K, b * skb + h * skh, skn, offs_n, n_ok, D, BD0, BD1, AL)
         pos_n = _positions(POS, b, NQ, offs_n, n_ok, HAS_POS)
         s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, h, G, pos_m, pos_n, m_ok, n_ok)
         s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -114,23 +123,23 @@ def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v0, v1 = _load(V, b * svb + h * svh, svn, offs_n, n_ok, D, BD0, BD1)
+        v0, v1 = _load(V, b * svb + h * svh, svn, offs_n, n_ok, D, BD0, BD1, AL)
         pv = p.to(v0.dtype)
         acc0 = acc0 * alpha[:, None] + tl.dot(pv, v0, input_precision=PREC).to(tl.float32)
         if BD1 > 0:
             acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision=PREC).to(tl.float32)
         m_i = m_new
-    _store(O, b * sob + h * soh, son, offs_m, m_ok, acc0 / l_i[:, None], acc1 / l_i[:, None], D, BD0, BD1)
+    _store(O, b * sob + h * soh, son, offs_m, m_ok, acc0 / l_i[:, None], acc1 / l_i[:, None], D, BD0, BD1, AL)
     tl.store(LSE + bh * NQ + offs_m, m_i + tl.log(l_i), mask=m_ok)
 
 
 @triton.jit
 def _delta_kernel(O, DO, DELTA, H: tl.constexpr, NQ, D: tl.constexpr, sob, soh, son, sdb, sdh, sdn,
-                  BM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr):
+                  BM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, AL: tl.constexpr):
     """delta[b * H + h, i] = sum over d of O * dO (the softmax backward's row term), float32."""
     b, h, bh, offs_m, m_ok = _program(H, NQ, BM)
-    o0, o1 = _load(O, b * sob + h * soh, son, offs_m, m_ok, D, BD0, BD1)
-    do0, do1 = _load(DO, b * sdb + h * sdh, sdn, offs_m, m_ok, D, BD0, BD1)
+    o0, o1 = _load(O, b * sob + h * soh, son, offs_m, m_ok, D, BD0, BD1, AL)
+    do0, do1 = _load(DO, b * sdb + h * sdh, sdn, offs_m, m_ok, D, BD0, BD1, AL)
     delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
     if BD1 > 0:
         delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
@@ -140,12 +149,15 @@ def _delta_kernel(O, DO, DELTA, H: tl.constexpr, NQ, D: tl.constexpr, sob, soh, 
 @triton.jit
 def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DK, DV, DS, scale,
                 H: tl.constexpr, NQ, G, D: tl.constexpr,
-                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, NP,
                 BM: tl.constexpr, BN: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_POS: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, AL: tl.constexpr):
+    """dK, dV for one block of key rows of one (sample, head), and dS written to DS (B, H, NQ, NP * AL):
+    its rows padded with zeros to a multiple of AL elements, so that every row starts aligned and
+    the stores (and the dQ kernel's loads) move 16 bytes at a time."""
     b, h, bh, offs_n, n_ok = _program(H, NQ, BN)
-    k0, k1 = _load(K, b * skb + h * skh, skn, offs_n, n_ok, D, BD0, BD1)
-    v0, v1 = _load(V, b * svb + h * svh, svn, offs_n, n_ok, D, BD0, BD1)
+    k0, k1 = _load(K, b * skb + h * skh, skn, offs_n, n_ok, D, BD0, BD1, AL)
+    v0, v1 = _load(V, b * svb + h * svh, svn, offs_n, n_ok, D, BD0, BD1, AL)
     pos_n = _positions(POS, b, NQ, offs_n, n_ok, HAS_POS)
     dk0 = tl.zeros([BN, BD0], tl.float32)
     dv0 = tl.zeros([BN, BD0], tl.float32)
@@ -155,12 +167,12 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DK, DV, DS, scale,
     else:
         dk1 = dk0
         dv1 = dv0
-    ds_base = bh.to(tl.int64) * NQ * NQ
+    ds_base = bh.to(tl.int64) * NQ * NP * AL
     for start in range(0, NQ, BM):
         offs_m = start + tl.arange(0, BM)
         m_ok = offs_m < NQ
-        q0, q1 = _load(Q, b * sqb + h * sqh, sqn, offs_m, m_ok, D, BD0, BD1)
-        do0, do1 = _load(DO, b * sdb + h * sdh, sdn, offs_m, m_ok, D, BD0, BD1)
+        q0, q1 = _load(Q, b * sqb + h * sqh, sqn, offs_m, m_ok, D, BD0, BD1, AL)
+        do0, do1 = _load(DO, b * sdb + h * sdh, sdn, offs_m, m_ok, D, BD0, BD1, AL)
         pos_m = _positions(POS, b, NQ, offs_m, m_ok, HAS_POS)
         lse = tl.load(LSE + bh * NQ + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_ok, other=0.0)
@@ -176,40 +188,41 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DK, DV, DS, scale,
         dk0 += tl.dot(dst, q0, input_precision=PREC).to(tl.float32)
         if BD1 > 0:
             dk1 += tl.dot(dst, q1, input_precision=PREC).to(tl.float32)
-        tl.store(DS + ds_base + offs_m[:, None] * NQ + offs_n[None, :], ds.to(DS.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
-    _store(DK, b * sgb + h * sgh, sgn, offs_n, n_ok, dk0 * scale, dk1 * scale, D, BD0, BD1)
-    _store(DV, b * sgb + h * sgh, sgn, offs_n, n_ok, dv0, dv1, D, BD0, BD1)
+        tl.store(DS + ds_base + offs_m[:, None] * (NP * AL) + offs_n[None, :], ds.to(DS.dtype.element_ty),
+                 mask=m_ok[:, None] & (offs_n < NP * AL)[None, :])  # zeros in the padding: aligned stores
+    _store(DK, b * sgb + h * sgh, sgn, offs_n, n_ok, dk0 * scale, dk1 * scale, D, BD0, BD1, AL)
+    _store(DV, b * sgb + h * sgh, sgn, offs_n, n_ok, dv0, dv1, D, BD0, BD1, AL)
 
 
 @triton.jit
-def _dq_kernel(DS, K, DQ, scale, H: tl.constexpr, NQ, D: tl.constexpr, skb, skh, skn, sqb, sqh, sqn,
-               BM: tl.constexpr, BN: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, PREC: tl.constexpr):
+def _dq_kernel(DS, K, DQ, scale, H: tl.constexpr, NQ, D: tl.constexpr, skb, skh, skn, sqb, sqh, sqn, NP,
+               BM: tl.constexpr, BN: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, PREC: tl.constexpr,
+               AL: tl.constexpr):
     """dQ = scale * dS K for one block of query rows of one (sample, head): reads K's strided view
-    and the dS just written, no copies."""
+    and the dS just written (row stride NP * AL), no copies."""
     b, h, bh, offs_m, m_ok = _program(H, NQ, BM)
     dq0 = tl.zeros([BM, BD0], tl.float32)
     if BD1 > 0:
         dq1 = tl.zeros([BM, BD1], tl.float32)
     else:
         dq1 = dq0
-    ds_base = bh.to(tl.int64) * NQ * NQ
+    ds_base = bh.to(tl.int64) * NQ * NP * AL
     for start in range(0, NQ, BN):
         offs_n = start + tl.arange(0, BN)
         n_ok = offs_n < NQ
-        ds = tl.load(DS + ds_base + offs_m[:, None] * NQ + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
-                     other=0.0)
-        k0, k1 = _load(K, b * skb + h * skh, skn, offs_n, n_ok, D, BD0, BD1)
+        ds = tl.load(DS + ds_base + offs_m[:, None] * (NP * AL) + offs_n[None, :],
+                     mask=m_ok[:, None] & (offs_n < NP * AL)[None, :], other=0.0)  # aligned loads; the padding is 0
+        k0, k1 = _load(K, b * skb + h * skh, skn, offs_n, n_ok, D, BD0, BD1, AL)
         dq0 += tl.dot(ds, k0, input_precision=PREC).to(tl.float32)
         if BD1 > 0:
             dq1 += tl.dot(ds, k1, input_precision=PREC).to(tl.float32)
-    _store(DQ, b * sqb + h * sqh, sqn, offs_m, m_ok, dq0 * scale, dq1 * scale, D, BD0, BD1)
+    _store(DQ, b * sqb + h * sqh, sqn, offs_m, m_ok, dq0 * scale, dq1 * scale, D, BD0, BD1, AL)
 
 
 @triton.jit
-def _kept_grad_kernel(DS, INV, OUT, B, K, G, CHUNK, H: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr):
+def _kept_grad_kernel(DS, INV, OUT, B, K, KP, G, CHUNK, H: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr):
     """OUT[c, h, p, q] = sum over the samples b of chunk c of DS[b, h, INV[b, p], INV[b, q]] where both
-    are kept (INV >= 0).
+    are kept (INV >= 0); DS is (B, H, K, KP), its rows KP >= K apart.
 
     One program per (p block, q block, chunk c and head h) gathers its tile from the chunk's samples
     in turn: each output is written once, in a fixed summation order -- no atomics, deterministic.
@@ -230,8 +243,8 @@ def _kept_grad_kernel(DS, INV, OUT, B, K, G, CHUNK, H: tl.constexpr, BP: tl.cons
         ip = tl.load(INV + b * G + offs_p, mask=p_ok, other=-1)
         iq = tl.load(INV + b * G + offs_q, mask=q_ok, other=-1)
         ok = (ip >= 0)[:, None] & (iq >= 0)[None, :]
-        base = (b * H + h).to(tl.int64) * K * K
-        acc += tl.load(DS + base + ip[:, None] * K + iq[None, :], mask=ok, other=0.0).to(tl.float32)
+        base = (b * H + h).to(tl.int64) * K * KP
+        acc += tl.load(DS + base + ip[:, None] * KP + iq[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(OUT + (c * H + h).to(tl.int64) * G * G + offs_p[:, None] * G + offs_q[None, :], acc,
              mask=p_ok[:, None] & q_ok[None, :])
 
@@ -239,8 +252,12 @@ def _kept_grad_kernel(DS, INV, OUT, B, K, G, CHUNK, H: tl.constexpr, BP: tl.cons
 @torch.library.custom_op("mdtzoo::kept_grad", mutates_args=())
 def kept_grad(ds: torch.Tensor, ids_keep: torch.Tensor, grid: int) -> torch.Tensor:
     """(B, H, K, K) gradient at the kept positions (B, K) of a grid of ``grid`` tokens ->
-    (H, grid, grid) float32, summed over the batch (``attention.reduce_kept_grad`` on CUDA)."""
-    b, h, k, _ = ds.shape
+    (H, grid, grid) float32, summed over the batch (``attention.reduce_kept_grad`` on CUDA). ``ds``
+    may also be (B, H, K, KP) with rows padded to KP > K (the attention backward's dS); the padding
+    is never read."""
+    b, h, k, kp = ds.shape
+    if ids_keep.shape != (b, k) or kp < k:
+        raise ValueError(f"kept_grad: ds {tuple(ds.shape)} does not match ids_keep {tuple(ids_keep.shape)}")
     inv = torch.full((b, grid), -1, device=ds.device, dtype=torch.int32)
     inv.scatter_(1, ids_keep.long(), torch.arange(k, device=ds.device, dtype=torch.int32).expand(b, k))
     bp, bq = CONFIG["grad_bp"], CONFIG["grad_bq"]
@@ -249,7 +266,7 @@ def kept_grad(ds: torch.Tensor, ids_keep: torch.Tensor, grid: int) -> torch.Tens
     chunks = triton.cdiv(b, chunk)
     out = torch.empty((chunks, h, grid, grid), device=ds.device, dtype=torch.float32)
     _kept_grad_kernel[(triton.cdiv(grid, bp), triton.cdiv(grid, bq), chunks * h)](
-        ds.contiguous(), inv, out, b, k, grid, chunk, h, BP=bp, BQ=bq, num_warps=CONFIG["grad_warps"])
+        ds.contiguous(), inv, out, b, k, kp, grid, chunk, h, BP=bp, BQ=bq, num_warps=CONFIG["grad_warps"])
     return out[0] if chunks == 1 else out.sum(0)
 
 
@@ -280,6 +297,29 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _aligned(*tensors: torch.Tensor | torch.Size) -> tuple[int, list[int]]:
+    """(AL, the batch/head/token strides of the tensors divided by AL; a shape stands for a
+    contiguous tensor of that shape): AL is the largest of 8, 4, 2, 1 elements dividing every
+    stride. The kernels multiply the strides back by the constant AL, which tells the compiler each
+    row starts AL-aligned (16 bytes for 16-bit data with AL = 8) -- given a plain stride of 72 it
+    assumes nothing and loads one element at a time."""
+    strides = []
+    for t in tensors:
+        if isinstance(t, torch.Size):  # contiguous: each stride the product of the later sizes
+            strides += [math.prod(t[i + 1:]) for i in range(3)]
+        else:
+            strides += t.stride()[:3]
+    al = next(a for a in (8, 4, 2, 1) if all(st % a == 0 for st in strides))
+    return al, [st // al for st in strides]
+
+
+def _bwd_aligned(q, k, v, do, o):
+    """The backward's ``_aligned`` over q, k, v, dO, O and the contiguous dK, dV, dQ it allocates, and
+    dS's padded row length: N rounded up to a multiple of AL."""
+    al, strides = _aligned(q, k, v, do, o, k.shape, q.shape)
+    return al, strides, -(-q.shape[2] // al) * al
+
+
 def head_blocks(d: int, split: bool = True) -> tuple[int, int]:
     """(BD0, BD1): the head dim's tiles. One power-of-two tile >= 16 covering d, or with ``split``
     two tiles when that pads less: the largest power of two <= d, then the rest padded to a power
@@ -301,11 +341,11 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Te
     bd0, bd1 = head_blocks(d, CONFIG["split_head"])
     o = q.new_empty(q.shape)
     lse = torch.empty((b * h, n), device=q.device, dtype=torch.float32)
+    al, strides = _aligned(q, k, v, o)
     _fwd_kernel[(triton.cdiv(n, bm), b * h)](
-        q, k, v, full, pos if pos is not None else lse, o, lse, d ** -0.5, h, n, full.shape[-1], d,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, PREC=_precision(q), num_warps=CONFIG["fwd_warps"],
-        num_stages=CONFIG["fwd_stages"])
+        q, k, v, full, pos if pos is not None else lse, o, lse, d ** -0.5, h, n, full.shape[-1], d, *strides,
+        BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, PREC=_precision(q), AL=al,
+        num_warps=CONFIG["fwd_warps"], num_stages=CONFIG["fwd_stages"])
     return o, lse
 
 
@@ -319,36 +359,40 @@ def _(q, k, v, full, pos):
 def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None,
                o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dq, dk, dv, dS (B, H, N, N) in q's dtype. Four kernels: delta = rowsum(O dO); dK, dV and dS
-    per key block; dQ = dS K per query block (the bias gradient is dS summed over the batch, by the
+    """-> dq, dk, dv, dS (B, H, N, NP) in q's dtype, its rows padded with zeros to NP >= N (a multiple
+    of the kernels' alignment). Four kernels: delta = rowsum(O dO); dK, dV and dS per
+    key block; dQ = dS K per query block (the bias gradient is dS summed over the batch, by the
     caller)."""
     b, h, n, d = q.shape
     q, k, v, full, do = _rows(q), _rows(k), _rows(v), full.contiguous(), _rows(do)
     bd0, bd1 = head_blocks(d, CONFIG["split_head"])
     prec = _precision(q)
+    dk, dv, dq = k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(q.shape)  # contiguous (the fake's strides)
+    al, strides, cols = _bwd_aligned(q, k, v, do, o)
+    sq, sk, sv, sd, so, sg, sdq = (strides[i:i + 3] for i in range(0, 21, 3))
+    np_units = cols // al
     delta = torch.empty((b * h, n), device=q.device, dtype=torch.float32)
-    _delta_kernel[(triton.cdiv(n, CONFIG["delta_bm"]), b * h)](o, do, delta, h, n, d, *o.stride()[:3],
-                                                              *do.stride()[:3], BM=CONFIG["delta_bm"], BD0=bd0, BD1=bd1)
-    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous (the fake kernel's strides)
-    ds = torch.empty((b, h, n, n), device=q.device, dtype=q.dtype)
+    _delta_kernel[(triton.cdiv(n, CONFIG["delta_bm"]), b * h)](o, do, delta, h, n, d, *so, *sd,
+                                                              BM=CONFIG["delta_bm"], BD0=bd0, BD1=bd1, AL=al)
+    ds = torch.empty((b, h, n, cols), device=q.device, dtype=q.dtype)
     bm, bn = CONFIG["bwd_bm"], CONFIG["bwd_bn"]
     scale = d ** -0.5
     _bwd_kernel[(triton.cdiv(n, bn), b * h)](
         q, k, v, full, pos if pos is not None else lse, do, lse, delta, dk, dv, ds, scale, h, n, full.shape[-1], d,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
-        BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, PREC=prec, num_warps=CONFIG["bwd_warps"],
+        *sq, *sk, *sv, *sd, *sg, np_units,
+        BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, PREC=prec, AL=al, num_warps=CONFIG["bwd_warps"],
         num_stages=CONFIG["bwd_stages"])
-    dq = q.new_empty(q.shape)
     _dq_kernel[(triton.cdiv(n, CONFIG["dq_bm"]), b * h)](
-        ds, k, dq, scale, h, n, d, *k.stride()[:3], *dq.stride()[:3],
-        BM=CONFIG["dq_bm"], BN=CONFIG["dq_bn"], BD0=bd0, BD1=bd1, PREC=prec, num_warps=CONFIG["dq_warps"])
+        ds, k, dq, scale, h, n, d, *sk, *sdq, np_units,
+        BM=CONFIG["dq_bm"], BN=CONFIG["dq_bn"], BD0=bd0, BD1=bd1, PREC=prec, AL=al, num_warps=CONFIG["dq_warps"])
     return dq, dk, dv, ds
 
 
 @_flash_bwd.register_fake
 def _(q, k, v, full, pos, o, lse, do):
     b, h, n, _ = q.shape
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty((b, h, n, n))
+    cols = _bwd_aligned(q, k, v, do, o)[2]
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty((b, h, n, cols))
 
 
 def _setup(ctx, inputs, output):
@@ -360,11 +404,12 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, do, _dlse):
     q, k, v, full, pos, o, lse = ctx.saved_tensors
     g = full.shape[-1]
-    dq, dk, dv, ds = _flash_bwd(q, k, v, full, pos, o, lse, do)
-    if pos is not None:
-        dfull = kept_grad(ds, pos, g) if ds.is_cuda else _reference_kept_grad(ds, pos, g)  # the same sums
+    dq, dk, dv, ds = _flash_bwd(q, k, v, full, pos, o, lse, do)  # ds: rows padded
+    n = q.shape[2]
+    if pos is not None:  # the same sums either way
+        dfull = kept_grad(ds, pos, g) if ds.is_cuda else _reference_kept_grad(ds[..., :n], pos, g)
     else:
-        dfull = ds.sum(0, dtype=torch.float32 if ds.dtype in (torch.float16, torch.bfloat16) else ds.dtype)
+        dfull = ds[..., :n].sum(0, dtype=torch.float32 if ds.dtype in (torch.float16, torch.bfloat16) else ds.dtype)
     return dq, dk, dv, dfull.to(full.dtype), None
 
 
