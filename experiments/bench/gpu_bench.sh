@@ -30,6 +30,7 @@
 #   bash experiments/bench/gpu_bench.sh s2prof    # MDT-S/2 and DiT-S/2 profiles with the GPU's idle time per step
 #   bash experiments/bench/gpu_bench.sh keptgrad  # the masked pass's bias-gradient kernel with the batch split over programs, against unsplit (g1): kernels at S/2 and XL/2 shapes, the MDT-S/2 step
 #   bash experiments/bench/gpu_bench.sh keptgrad2 # the MDT-S/2 step, unsplit (g1) and split kept_grad alternating, twice each
+#   bash experiments/bench/gpu_bench.sh align     # Triton kernels with aligned strides and padded dS rows against the previous commit's (OLD=dir): kernels at XL/2 and S/2 shapes, the MDT-XL/2 and S/2 steps
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -325,6 +326,26 @@ keptgrad)  # kept_grad with the batch split over programs (default) against one 
   done
   run attention_xl 120 bench attention --impl triton,triton:g1 --batch 64 --heads 16 --dim 72 --json "$OUT/attention_xl.json"
   grep -i "triton" "$OUT/attention_xl.log" | grep -v checking >&2
+  ;;
+align)  # session 8: strides in units of their alignment (16-byte loads at head dim 72), dS rows padded; OLD = the code before
+  for shape in "xl --batch 64 --heads 16 --dim 72" "s2"; do
+    set -- $shape
+    name=$1; shift
+    if [ -n "${OLD:-}" ]; then
+      (cd "$OLD" && run "attention_${name}_old" 100 bench attention --impl triton "$@" --json "$OUT/attention_${name}_old.json")
+      grep -i "triton\|no-bias" "$OUT/attention_${name}_old.log" | grep -v checking >&2
+    fi
+    run "attention_${name}_new" 100 bench attention --impl triton "$@" --json "$OUT/attention_${name}_new.json"
+    grep -i "triton\|no-bias" "$OUT/attention_${name}_new.log" | grep -v checking >&2
+  done
+  for spec in "mdt_xl2 64 10" "mdt_s2 256 20"; do
+    set -- $spec
+    if [ -n "${OLD:-}" ]; then
+      (cd "$OLD" && step "step_$1_old" 110 "$1" "$2" --steps "$3" --compile)
+    fi
+    step "step_$1_new" 110 "$1" "$2" --steps "$3" --compile
+  done
+  "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
   ;;
 keptgrad2)  # the MDT-S/2 step with split and unsplit kept_grad, alternating (g1 first), twice
   for opt in g1 - g1 -; do
