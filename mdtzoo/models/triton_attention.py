@@ -313,11 +313,10 @@ def _aligned(*tensors: torch.Tensor | torch.Size) -> tuple[int, list[int]]:
     return al, [st // al for st in strides]
 
 
-def _bwd_aligned(q, k, v, do, o):
-    """The backward's ``_aligned`` over q, k, v, dO, O and the contiguous dK, dV, dQ it allocates, and
-    dS's padded row length: N rounded up to a multiple of AL."""
-    al, strides = _aligned(q, k, v, do, o, k.shape, q.shape)
-    return al, strides, -(-q.shape[2] // al) * al
+def _ds_cols(n: int) -> int:
+    """dS's padded row length: N rounded up to a multiple of 8 (so of every AL). It depends on N
+    alone, never on the inputs' strides, which torch.compile's fake tensors need not share."""
+    return -(-n // 8) * 8
 
 
 def head_blocks(d: int, split: bool = True) -> tuple[int, int]:
@@ -368,7 +367,8 @@ def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Te
     bd0, bd1 = head_blocks(d, CONFIG["split_head"])
     prec = _precision(q)
     dk, dv, dq = k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(q.shape)  # contiguous (the fake's strides)
-    al, strides, cols = _bwd_aligned(q, k, v, do, o)
+    al, strides = _aligned(q, k, v, do, o, k.shape, q.shape)  # the last two: dK and dV, dQ (contiguous)
+    cols = _ds_cols(n)
     sq, sk, sv, sd, so, sg, sdq = (strides[i:i + 3] for i in range(0, 21, 3))
     np_units = cols // al
     delta = torch.empty((b * h, n), device=q.device, dtype=torch.float32)
@@ -391,8 +391,7 @@ def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Te
 @_flash_bwd.register_fake
 def _(q, k, v, full, pos, o, lse, do):
     b, h, n, _ = q.shape
-    cols = _bwd_aligned(q, k, v, do, o)[2]
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty((b, h, n, cols))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty((b, h, n, _ds_cols(n)))
 
 
 def _setup(ctx, inputs, output):
