@@ -31,6 +31,7 @@
 #   bash experiments/bench/gpu_bench.sh keptgrad  # the masked pass's bias-gradient kernel with the batch split over programs, against unsplit (g1): kernels at S/2 and XL/2 shapes, the MDT-S/2 step
 #   bash experiments/bench/gpu_bench.sh keptgrad2 # the MDT-S/2 step, unsplit (g1) and split kept_grad alternating, twice each
 #   bash experiments/bench/gpu_bench.sh align     # Triton kernels with aligned strides and padded dS rows against the previous commit's (OLD=dir): kernels at XL/2 and S/2 shapes, the MDT-XL/2 and S/2 steps
+#   bash experiments/bench/gpu_bench.sh kern      # ncu of our attention kernels at XL/2 shapes, a sweep of their launch settings (attn_sweep.py), the MDT-S/2 step
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -346,6 +347,20 @@ align)  # session 8: strides in units of their alignment (16-byte loads at head 
     step "step_$1_new" 110 "$1" "$2" --steps "$3" --compile
   done
   "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
+  ;;
+kern)  # why our attention kernels are slower than flash attention: hardware counters, then launch settings
+  echo "== ncu" >&2
+  timeout 150 ncu --clock-control none -k regex:"_fwd_kernel|_bwd_kernel|_dq_kernel|_delta_kernel|_kept_grad" \
+    --launch-count 10 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section ComputeWorkloadAnalysis "$py" experiments/bench/attn_sweep.py --shape "${SWEEP_SHAPE:-xl}" --ncu \
+    > "$OUT/ncu.txt" 2>&1 || echo "!! ncu failed (rc $?)" >&2
+  grep -E "^  _|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit (Reg|Shared)|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|No Eligible|Warp Cycles Per Issued" \
+    "$OUT/ncu.txt" | head -n 120 >&2
+  echo "== sweep" >&2
+  timeout "${SWEEP_LIMIT:-280}" "$py" experiments/bench/attn_sweep.py --shape "${SWEEP_SHAPE:-xl}" > "$OUT/sweep.log" 2>&1 \
+    || echo "!! sweep failed (rc $?)" >&2
+  cat "$OUT/sweep.log" >&2
+  step step_mdt_s2_new 110 mdt_s2 256 --steps 20 --compile
   ;;
 keptgrad2)  # the MDT-S/2 step with split and unsplit kept_grad, alternating (g1 first), twice
   for opt in g1 - g1 -; do

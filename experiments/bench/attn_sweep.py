@@ -1,0 +1,108 @@
+"""Sweep our Triton attention kernels' launch settings, kernel by kernel, on one GPU (issue 7).
+
+    python experiments/bench/attn_sweep.py --shape xl            # B 64, H 16, N 256, K 179, head dim 72
+    python experiments/bench/attn_sweep.py --shape s2 --top 3    # B 256, H 6, head dim 64
+    python experiments/bench/attn_sweep.py --shape xl --ncu      # one launch of each kernel, for ncu
+
+Inputs are made as the model makes them: q, k, v strided (B, H, N, d) views of one (B, N, 3, H, d)
+tensor in bf16, the (H, G, G) bias in float32, and for the masked pass K kept positions per sample
+in grid order. For every setting of ``triton_attention.CONFIG`` in the grid the forward kernel and
+the backward (delta, dK/dV/dS, dQ kernels) are timed apart (``triton.testing.do_bench``, ms), each
+output first compared with the default setting's (a wrong tiling shows as a difference, not a
+time). Prints one table per kernel group and pass, fastest first.
+
+With ``--ncu`` it runs each kernel of the default setting a few times and nothing else, to be
+profiled: ``ncu --clock-control none -k regex:_kernel python experiments/bench/attn_sweep.py --ncu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+SHAPES = {"xl": (64, 16, 72), "s2": (256, 6, 64), "b2": (256, 12, 64)}  # batch, heads, head dim
+GRID, KEPT = 256, 179
+
+
+def inputs(shape: str, masked: bool, seed: int = 0):
+    b, h, d = SHAPES[shape]
+    g = torch.Generator("cuda").manual_seed(seed)
+    n = KEPT if masked else GRID
+    qkv = torch.randn(b, n, 3, h, d, device="cuda", generator=g).bfloat16()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    full = torch.randn(h, GRID, GRID, device="cuda", generator=g)
+    pos = None
+    if masked:
+        pos = torch.rand(b, GRID, device="cuda", generator=g).argsort(1)[:, :KEPT].sort(1).values.int().contiguous()
+    do = torch.randn(b, h, n, d, device="cuda", generator=g).bfloat16()
+    return q, k, v, full, pos, do
+
+
+def run_once(ta, args):
+    q, k, v, full, pos, do = args
+    o, lse = ta._flash_fwd(q, k, v, full, pos)
+    grads = ta._flash_bwd(q, k, v, full, pos, o, lse, do)
+    return (o, *grads[:3])
+
+
+def sweep(ta, shape: str, masked: bool, grid: list[dict], top: int):
+    from triton.testing import do_bench
+
+    args = inputs(shape, masked)
+    q, k, v, full, pos, do = args
+    default = dict(ta.CONFIG)
+    ref = run_once(ta, args)
+    rows = []
+    for setting in grid:
+        ta.CONFIG.clear()
+        ta.CONFIG.update(default, **setting)
+        try:
+            out = run_once(ta, args)
+            diff = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(out, ref))
+            o, lse = ta._flash_fwd(q, k, v, full, pos)
+            fwd = do_bench(lambda: ta._flash_fwd(q, k, v, full, pos), warmup=10, rep=50)
+            bwd = do_bench(lambda: ta._flash_bwd(q, k, v, full, pos, o, lse, do), warmup=10, rep=50)
+            rows.append((fwd, bwd, diff, setting))
+        except Exception as err:  # noqa: BLE001 - a setting the GPU cannot run (shared memory) is reported, not fatal
+            rows.append((float("inf"), float("inf"), float("nan"), {**setting, "error": type(err).__name__}))
+    ta.CONFIG.clear()
+    ta.CONFIG.update(default)
+    label = f"{shape} {'masked' if masked else 'full'}"
+    for which, key in (("forward", 0), ("backward", 1)):
+        print(f"\n{label} {which} (ms; rel. diff to the default setting)")
+        for row in sorted(rows, key=lambda r: r[key])[:top]:
+            print(f"  {row[key]:.4f}  {row[2]:.1e}  {row[3]}")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="xl")
+    parser.add_argument("--top", type=int, default=6)
+    parser.add_argument("--ncu", action="store_true", help="run the default setting's kernels 3 times, no timing")
+    args = parser.parse_args(argv)
+    from mdtzoo.models import triton_attention as ta
+
+    if args.ncu:
+        for masked in (False, True):
+            inp = inputs(args.shape, masked)
+            for _ in range(3):
+                run_once(ta, inp)
+        torch.cuda.synchronize()
+        print("ran", ta.CONFIG)
+        return
+    fwd = [{"fwd_bm": bm, "fwd_bn": bn, "fwd_warps": w, "fwd_stages": s}
+           for bm, bn, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3))
+           if not (bm == 128 and w == 4)]
+    bwd = [{"bwd_bm": bm, "bwd_bn": bn, "bwd_warps": w, "bwd_stages": s}
+           for bm, bn, w, s in itertools.product((32, 64), (64, 128), (4, 8), (1, 2, 3))]
+    dq = [{"dq_bm": bm, "dq_bn": bn, "dq_warps": w} for bm, bn, w in itertools.product((64, 128), (32, 64, 128), (4, 8))]
+    for masked in (False, True):
+        for grid in (fwd, bwd, dq):
+            sweep(ta, args.shape, masked, grid, args.top)
+
+
+if __name__ == "__main__":
+    main()
