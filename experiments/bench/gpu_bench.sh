@@ -32,6 +32,7 @@
 #   bash experiments/bench/gpu_bench.sh keptgrad2 # the MDT-S/2 step, unsplit (g1) and split kept_grad alternating, twice each
 #   bash experiments/bench/gpu_bench.sh align     # Triton kernels with aligned strides and padded dS rows against the previous commit's (OLD=dir): kernels at XL/2 and S/2 shapes, the MDT-XL/2 and S/2 steps
 #   bash experiments/bench/gpu_bench.sh kern      # ncu of our attention kernels at XL/2 shapes, a sweep of their launch settings (attn_sweep.py), the MDT-S/2 step
+#   bash experiments/bench/gpu_bench.sh steps8    # the MDT-S/2 step: previous commit's code (OLD) / this one / with the sweep's settings (sw8), alternating; MDT-XL/2 old / sw8
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -361,6 +362,19 @@ kern)  # why our attention kernels are slower than flash attention: hardware cou
     || echo "!! sweep failed (rc $?)" >&2
   cat "$OUT/sweep.log" >&2
   step step_mdt_s2_new 110 mdt_s2 256 --steps 20 --compile
+  ;;
+steps8)  # is the aligned code slower in the MDT-S/2 step (call (s2) said 1,988 against (s1)'s 2,572)? old / new / sw8 in turn
+  i=0
+  for spec in "mdt_s2 256 old" "mdt_s2 256 -" "mdt_s2 256 sw8" "mdt_s2 256 old" "mdt_s2 256 -" "mdt_xl2 64 sw8" "mdt_xl2 64 old"; do
+    set -- $spec
+    i=$((i + 1))
+    if [ "$3" = old ]; then
+      [ -n "${OLD:-}" ] && (cd "$OLD" && step "step_${i}_$1_old" 100 "$1" "$2" --steps 20 --compile)
+    else
+      step "step_${i}_$1_$3" 100 "$1" "$2" --steps 20 --compile $(variant --triton-options "$3")
+    fi
+  done
+  "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
   ;;
 keptgrad2)  # the MDT-S/2 step with split and unsplit kept_grad, alternating (g1 first), twice
   for opt in g1 - g1 -; do
