@@ -193,7 +193,7 @@ torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_fwd.default, (qkv[0], qkv[1
 pos = ids[:, :13].to(torch.int32).contiguous()
 o, lse = torch.ops.mdtzoo.relbias_flash_fwd(qkv[0, :, :, :13], qkv[1, :, :, :13], qkv[2, :, :, :13], full, pos)
 for do in (torch.randn_like(o), torch.randn(o.shape[:2] + o.shape[:1:-1]).transpose(-1, -2)):  # dO any strides
-    torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_bwd.default,
+    torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_bwd_padded.default,
                           (qkv[0, :, :, :13], qkv[1, :, :, :13], qkv[2, :, :, :13], full, pos, o, lse, do),
                           test_utils=("test_schema", "test_faketensor"))
 # The bias-gradient kernel (CUDA's reduce_kept_grad): each grid pair summed over the samples that

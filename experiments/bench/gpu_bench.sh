@@ -365,11 +365,11 @@ kern)  # why our attention kernels are slower than flash attention: hardware cou
   ;;
 steps8)  # is the aligned code slower in the MDT-S/2 step (call (s2) said 1,988 against (s1)'s 2,572)? old / new / sw8 in turn
   i=0
-  for spec in "mdt_s2 256 old" "mdt_s2 256 -" "mdt_s2 256 sw8" "mdt_s2 256 old" "mdt_s2 256 -" "mdt_xl2 64 sw8" "mdt_xl2 64 old"; do
+  for spec in ${STEPS8_SPECS:-"mdt_s2 256 old" "mdt_s2 256 -" "mdt_s2 256 sw8" "mdt_s2 256 old" "mdt_s2 256 -" "mdt_xl2 64 sw8" "mdt_xl2 64 old"}; do
     set -- $spec
     i=$((i + 1))
     if [ "$3" = old ]; then
-      [ -n "${OLD:-}" ] && (cd "$OLD" && step "step_${i}_$1_old" 100 "$1" "$2" --steps 20 --compile)
+      [ -n "${OLD:-}" ] && (cd "$OLD" && TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_old step "step_${i}_$1_old" 100 "$1" "$2" --steps 20 --compile)
     else
       step "step_${i}_$1_$3" 100 "$1" "$2" --steps 20 --compile $(variant --triton-options "$3")
     fi

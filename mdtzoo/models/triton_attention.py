@@ -354,7 +354,10 @@ def _(q, k, v, full, pos):
     return q.new_empty(q.shape), q.new_empty((b * h, n), dtype=torch.float32)  # contiguous, as the kernel's
 
 
-@torch.library.custom_op("mdtzoo::relbias_flash_bwd", mutates_args=())
+# The op's name changes whenever its outputs' layout does (here: dS's padded rows): inductor's on-disk
+# FX-graph cache keys on the graph, not on the fake kernel, and would replay code compiled for the
+# old layout (assert_size_stride fails).
+@torch.library.custom_op("mdtzoo::relbias_flash_bwd_padded", mutates_args=())
 def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None,
                o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
