@@ -466,7 +466,8 @@ TRITON_VARIANTS = {  # block shapes tried by ``bench attention --impl triton:NAM
     "pad": {"split_head": False},  # the head dim padded to one power-of-two tile (72 -> 128)
     "dq64": {"dq_bm": 64, "dq_warps": 4},  # dQ in 64-row blocks (slower than 128: docs/performance.md, call (n2))
     "g1": {"grad_programs": 1},  # kept_grad with one program per tile and head, the batch not split (before session 7)
-    "sw8": {"fwd_bn": 32, "bwd_stages": 1},  # the best of experiments/bench/attn_sweep.py's grid at XL/2 shapes (session 8)
+    "sw8": {"fwd_bn": 32, "bwd_stages": 1},  # the best of attn_sweep.py's grid at XL/2 shapes: the default since session 8
+    "s7": {"fwd_bn": 64, "bwd_stages": 2},  # the settings before session 8's sweep
 }
 
 

@@ -33,6 +33,7 @@
 #   bash experiments/bench/gpu_bench.sh align     # Triton kernels with aligned strides and padded dS rows against the previous commit's (OLD=dir): kernels at XL/2 and S/2 shapes, the MDT-XL/2 and S/2 steps
 #   bash experiments/bench/gpu_bench.sh kern      # ncu of our attention kernels at XL/2 shapes, a sweep of their launch settings (attn_sweep.py), the MDT-S/2 step
 #   bash experiments/bench/gpu_bench.sh steps8    # the MDT-S/2 step: previous commit's code (OLD) / this one / with the sweep's settings (sw8), alternating; MDT-XL/2 old / sw8
+#   bash experiments/bench/gpu_bench.sh final5    # the table's five steps (session 8's code), then MDT-XL/2 with the previous commit's code (OLD, its own inductor cache)
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -374,6 +375,11 @@ steps8)  # is the aligned code slower in the MDT-S/2 step (call (s2) said 1,988 
       step "step_${i}_$1_$3" 100 "$1" "$2" --steps 20 --compile $(variant --triton-options "$3")
     fi
   done
+  "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
+  ;;
+final5)
+  table_steps
+  [ -n "${OLD:-}" ] && (cd "$OLD" && TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_old step step_old_mdt_xl2 150 mdt_xl2 64 --compile)
   "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
   ;;
 keptgrad2)  # the MDT-S/2 step with split and unsplit kept_grad, alternating (g1 first), twice

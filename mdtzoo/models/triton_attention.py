@@ -275,12 +275,13 @@ def _(ds, ids_keep, grid):
     return ds.new_empty((ds.shape[1], grid, grid), dtype=torch.float32)
 
 
-# Block shapes and launch settings (H100-tuned by ``mdtzoo bench attention --impl triton:NAME``);
+# Block shapes and launch settings (H100-tuned: experiments/bench/attn_sweep.py kernel by kernel, then
+# ``mdtzoo bench train-step --triton-options NAME`` in the step; docs/performance.md, session 8);
 # ``split_head``: a head dim that is not a power of two runs as two tiles (72 = 64 + 16) instead of
 # one padded to the next power of two (128).
 # ``grad_programs``: ``kept_grad`` splits the batch into chunks until about this many programs run.
-CONFIG = {"fwd_bm": 64, "fwd_bn": 64, "fwd_warps": 4, "fwd_stages": 2,
-          "bwd_bm": 64, "bwd_bn": 64, "bwd_warps": 4, "bwd_stages": 2, "grad_bp": 32, "grad_bq": 64, "grad_warps": 4,
+CONFIG = {"fwd_bm": 64, "fwd_bn": 32, "fwd_warps": 4, "fwd_stages": 2,
+          "bwd_bm": 64, "bwd_bn": 64, "bwd_warps": 4, "bwd_stages": 1, "grad_bp": 32, "grad_bq": 64, "grad_warps": 4,
           "grad_programs": 2048,
           "dq_bm": 128, "dq_bn": 64, "dq_warps": 8, "delta_bm": 64, "split_head": True}
 
