@@ -536,21 +536,51 @@ def inductor_variant(name: str | None):
         yield
 
 
+def triton_settings(spec: str) -> dict:
+    """The CONFIG updates a ``--triton-options`` value stands for: a ``TRITON_VARIANTS`` name, or
+    ``key=value`` pairs joined by commas (``fwd_bn=32,bwd_stages=1``: integer values, ``true`` /
+    ``false`` for ``split_head``), keys from ``triton_attention.CONFIG``. Anything else is a
+    ValueError naming what is valid."""
+    if spec in TRITON_VARIANTS or "=" not in spec:
+        return dict(TRITON_VARIANTS[_check_variant(spec, TRITON_VARIANTS, "Triton")])
+    from mdtzoo.models.triton_attention import CONFIG
+
+    settings = {}
+    for pair in spec.split(","):
+        key, _, value = pair.partition("=")
+        key, value = key.strip(), value.strip().lower()
+        if key not in CONFIG:
+            raise ValueError(f"unknown Triton setting {key!r} in {spec!r}; valid: {', '.join(CONFIG)}")
+        if isinstance(CONFIG[key], bool):
+            if value not in ("true", "false"):
+                raise ValueError(f"Triton setting {key} takes true or false, not {value!r}")
+            settings[key] = value == "true"
+        elif value.isdigit() and int(value) > 0:
+            settings[key] = int(value)
+        else:
+            raise ValueError(f"Triton setting {key} takes a positive integer, not {value!r}")
+    return settings
+
+
 def check_triton_variant(name: str | None) -> str | None:
-    return _check_variant(name, TRITON_VARIANTS, "Triton")
+    """``name`` if it is None or a valid ``triton_settings`` spec; else a ValueError."""
+    if name is not None:
+        triton_settings(name)
+    return name
 
 
 @contextlib.contextmanager
 def triton_variant(name: str | None):
-    """Our Triton kernel's CONFIG updated with ``TRITON_VARIANTS[name]`` while inside (None: unchanged).
-    An unknown name is refused, naming the valid ones, before anything is changed."""
+    """Our Triton kernel's CONFIG updated with ``triton_settings(name)`` (a variant's name or
+    key=value pairs) while inside (None: unchanged). An unknown name or setting is refused, naming
+    the valid ones, before anything is changed."""
     if check_triton_variant(name) is None:
         yield
         return
     from mdtzoo.models import triton_attention
 
     saved = dict(triton_attention.CONFIG)
-    triton_attention.CONFIG.update(TRITON_VARIANTS[name])
+    triton_attention.CONFIG.update(triton_settings(name))
     try:
         yield
     finally:

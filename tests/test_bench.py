@@ -160,6 +160,16 @@ def test_triton_variants_apply_inside_and_restore_and_unknown_ones_are_named(tmp
         bench_sample("mdt_xs2", 2, device="cpu", triton_options="x1")
     assert _cli_step(tmp_path, "--passes", "full", "--triton-options", "pad")["triton_options"] == "pad"
     assert triton_attention.CONFIG == before
+    # key=value settings (what experiments/bench/attn_sweep.py prints), validated the same way
+    with triton_variant("fwd_bn=128, bwd_stages=3,split_head=false"):
+        assert triton_attention.CONFIG == before | {"fwd_bn": 128, "bwd_stages": 3, "split_head": False}
+    assert triton_attention.CONFIG == before
+    for bad, why in (("fwd_bx=2", "unknown Triton setting 'fwd_bx'.*valid: fwd_bm, fwd_bn"),
+                     ("fwd_bn=0", "fwd_bn takes a positive integer, not '0'"),
+                     ("split_head=1", "split_head takes true or false")):
+        with pytest.raises(ValueError, match=why):
+            bench_train_step("mdt_xs2", 2, device="cpu", triton_options=bad)
+    assert triton_attention.CONFIG == before
 
 
 def test_inductor_variants_patch_the_config_inside_only_and_unknown_ones_are_named(tmp_path):

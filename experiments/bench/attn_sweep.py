@@ -9,7 +9,8 @@ tensor in bf16, the (H, G, G) bias in float32, and for the masked pass K kept po
 in grid order. For every setting of ``triton_attention.CONFIG`` in the grid the forward kernel and
 the backward (delta, dK/dV/dS, dQ kernels) are timed apart (``triton.testing.do_bench``, ms), each
 output first compared with the default setting's (a wrong tiling shows as a difference, not a
-time). Prints one table per kernel group and pass, fastest first.
+time). Prints one table per kernel group and pass, fastest first, and last the best setting of each
+group over both passes as ``BEST key=value,...`` (what ``bench train-step --triton-options`` takes).
 
 With ``--ncu`` it runs each kernel of the default setting a few times and nothing else, to be
 profiled: ``ncu --clock-control none -k regex:_kernel python experiments/bench/attn_sweep.py --ncu``.
@@ -99,9 +100,16 @@ def main(argv=None):
     bwd = [{"bwd_bm": bm, "bwd_bn": bn, "bwd_warps": w, "bwd_stages": s}
            for bm, bn, w, s in itertools.product((32, 64), (64, 128), (4, 8), (1, 2, 3))]
     dq = [{"dq_bm": bm, "dq_bn": bn, "dq_warps": w} for bm, bn, w in itertools.product((64, 128), (32, 64, 128), (4, 8))]
-    for masked in (False, True):
-        for grid in (fwd, bwd, dq):
-            sweep(ta, args.shape, masked, grid, args.top)
+    best = {}
+    for grid, key in ((fwd, 0), (bwd, 1), (dq, 1)):  # the forward grid judged by forward time, the others by backward
+        totals = None
+        for masked in (False, True):
+            rows = sweep(ta, args.shape, masked, grid, args.top)
+            times = [row[key] if row[2] < 2e-2 else float("inf") for row in rows]  # a setting that differs is out
+            totals = times if totals is None else [a + b for a, b in zip(totals, times)]
+        best.update(grid[min(range(len(grid)), key=totals.__getitem__)])
+    # both passes summed; a --triton-options value for bench train-step
+    print("\nBEST", ",".join(f"{k}={v}" for k, v in best.items()))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@
 #   bash experiments/bench/gpu_bench.sh kern      # ncu of our attention kernels at XL/2 shapes, a sweep of their launch settings (attn_sweep.py), the MDT-S/2 step
 #   bash experiments/bench/gpu_bench.sh steps8    # the MDT-S/2 step: previous commit's code (OLD) / this one / with the sweep's settings (sw8), alternating; MDT-XL/2 old / sw8
 #   bash experiments/bench/gpu_bench.sh final5    # the table's five steps (session 8's code), then MDT-XL/2 with the previous commit's code (OLD, its own inductor cache)
+#   bash experiments/bench/gpu_bench.sh s2sweep   # attn_sweep.py at S/2 shapes (head dim 64), then the MDT-S/2 step with its BEST settings against the defaults, alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -380,6 +381,17 @@ steps8)  # is the aligned code slower in the MDT-S/2 step (call (s2) said 1,988 
 final5)
   table_steps
   [ -n "${OLD:-}" ] && (cd "$OLD" && TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_old step step_old_mdt_xl2 150 mdt_xl2 64 --compile)
+  "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
+  ;;
+s2sweep)
+  echo "== sweep s2" >&2
+  timeout 260 "$py" experiments/bench/attn_sweep.py --shape s2 --top 3 > "$OUT/sweep_s2.log" 2>&1 || echo "!! sweep failed (rc $?)" >&2
+  best=$(sed -n 's/^BEST //p' "$OUT/sweep_s2.log")
+  echo "best at S/2 shapes: ${best:-none}" >&2
+  for opt in - "${best:--}" - "${best:--}"; do
+    i=$(( ${i:-0} + 1 ))
+    step "step_${i}_mdt_s2" 100 mdt_s2 256 --steps 20 --compile $(variant --triton-options "$opt")
+  done
   "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
   ;;
 keptgrad2)  # the MDT-S/2 step with split and unsplit kept_grad, alternating (g1 first), twice
