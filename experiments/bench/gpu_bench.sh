@@ -41,6 +41,7 @@
 set -u
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: old_step runs from $OLD
 group=${1:-train}
 py=${PYTHON:-python3}
 run() {  # run NAME TIMEOUT ARGS...
@@ -72,6 +73,19 @@ table_steps() {  # the table's five compiled steps, one JSON each
 sample_xl2() {  # sample_xl2 LIMIT: 250-step DDPM + CFG sampling of MDT-XL/2 at batch 256, checked first
   run sample_mdt_xl2 "$1" bench sample --model mdt_xl2 --batch 256 --compile --check 8 --repeats 1 \
     --json "$OUT/sample_mdt_xl2.json"
+}
+old_step() {  # old_step NAME LIMIT MODEL BATCH ARGS...: `step` with the code in $OLD (a copy of an earlier
+  # commit's mdtzoo/; nothing without OLD), in its own compile cache: a cache shared with this code can
+  # replay graphs compiled for an op's earlier output layout
+  [ -n "${OLD:-}" ] || return 0
+  (cd "$OLD" && TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_old step "$@")
+}
+old_new_steps() {  # old_new_steps "MODEL BATCH STEPS"...: each compiled step with $OLD's code, then this code's
+  for spec in "$@"; do
+    set -- $spec
+    old_step "step_$1_old" 110 "$1" "$2" --steps "$3" --compile
+    step "step_$1_new" 110 "$1" "$2" --steps "$3" --compile
+  done
 }
 variant() {  # variant FLAG VALUE: "FLAG VALUE" as two arguments, nothing for the value '-' (the default)
   [ "$2" != - ] && printf '%s\n%s\n' "$1" "$2"
@@ -260,13 +274,7 @@ held)
   run attention_xl 160 bench attention --impl "${ATTN_IMPLS:-triton,triton:f128,triton:f128s3,triton:fn128,triton:s3,triton:w8,triton:b128}" \
     --batch 64 --heads 16 --dim 72 --json "$OUT/attention_xl.json"
   grep -i "triton\|no-bias" "$OUT/attention_xl.log" >&2
-  for spec in "mdt_xl2 64 10" "mdt_s2 256 20"; do
-    set -- $spec
-    if [ -n "${OLD:-}" ]; then
-      (cd "$OLD" && step "step_$1_old" 110 "$1" "$2" --steps "$3" --compile)
-    fi
-    step "step_$1_new" 110 "$1" "$2" --steps "$3" --compile
-  done
+  old_new_steps "mdt_xl2 64 10" "mdt_s2 256 20"
   step step_mdt_xl2_nohold 110 mdt_xl2 64 --compile --no-hold-grads
   "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
   profile mdt_xl2 64 110 30
@@ -342,13 +350,7 @@ align)  # session 8: strides in units of their alignment (16-byte loads at head 
     run "attention_${name}_new" 100 bench attention --impl triton "$@" --json "$OUT/attention_${name}_new.json"
     grep -i "triton\|no-bias" "$OUT/attention_${name}_new.log" | grep -v checking >&2
   done
-  for spec in "mdt_xl2 64 10" "mdt_s2 256 20"; do
-    set -- $spec
-    if [ -n "${OLD:-}" ]; then
-      (cd "$OLD" && step "step_$1_old" 110 "$1" "$2" --steps "$3" --compile)
-    fi
-    step "step_$1_new" 110 "$1" "$2" --steps "$3" --compile
-  done
+  old_new_steps "mdt_xl2 64 10" "mdt_s2 256 20"
   "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
   ;;
 kern)  # why our attention kernels are slower than flash attention: hardware counters, then launch settings
@@ -371,7 +373,7 @@ steps8)  # is the aligned code slower in the MDT-S/2 step (call (s2) said 1,988 
     set -- $spec
     i=$((i + 1))
     if [ "$3" = old ]; then
-      [ -n "${OLD:-}" ] && (cd "$OLD" && TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_old step "step_${i}_$1_old" 100 "$1" "$2" --steps 20 --compile)
+      old_step "step_${i}_$1_old" 100 "$1" "$2" --steps 20 --compile
     else
       step "step_${i}_$1_$3" 100 "$1" "$2" --steps 20 --compile $(variant --triton-options "$3")
     fi
@@ -380,7 +382,7 @@ steps8)  # is the aligned code slower in the MDT-S/2 step (call (s2) said 1,988 
   ;;
 final5)
   table_steps
-  [ -n "${OLD:-}" ] && (cd "$OLD" && TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_old step step_old_mdt_xl2 150 mdt_xl2 64 --compile)
+  old_step step_old_mdt_xl2 150 mdt_xl2 64 --compile
   "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
   ;;
 s2sweep)

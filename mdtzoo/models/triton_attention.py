@@ -14,7 +14,9 @@ at each sample's positions (``kept_grad``: every grid pair gathers its entries f
 that kept it) -- no atomics anywhere, no copies of q, k, v or dO.
 
 A head dim that is not a power of two (MDT-XL's 72) runs as two tiles, 64 + 16, rather than one
-padded to 128 (``head_blocks``).
+padded to 128 (``head_blocks``). Strides are passed in units of their alignment (``_aligned``) and
+dS's rows padded to a multiple of 8, so that every row moves 16 bytes at a time even where a
+stride (72, or the masked pass's 179 kept tokens) is not a multiple of 16.
 
 Written for the GPU; under ``TRITON_INTERPRET=1`` it also runs on the CPU (tests).
 """
