@@ -35,6 +35,7 @@
 #   bash experiments/bench/gpu_bench.sh steps8    # the MDT-S/2 step: previous commit's code (OLD) / this one / with the sweep's settings (sw8), alternating; MDT-XL/2 old / sw8
 #   bash experiments/bench/gpu_bench.sh final5    # the table's five steps (session 8's code), then MDT-XL/2 with the previous commit's code (OLD, its own inductor cache)
 #   bash experiments/bench/gpu_bench.sh s2sweep   # attn_sweep.py at S/2 shapes (head dim 64), then the MDT-S/2 step with its BEST settings against the defaults, alternating
+#   bash experiments/bench/gpu_bench.sh prof8     # session 8's MDT-XL/2 step: its GPU time by kernel kind, then with CUDA graphs
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -395,6 +396,10 @@ s2sweep)
     step "step_${i}_mdt_s2" 100 mdt_s2 256 --steps 20 --compile $(variant --triton-options "$opt")
   done
   "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
+  ;;
+prof8)
+  profile mdt_xl2 64 110 30
+  step graphs_mdt_xl2 100 mdt_xl2 64 --compile-mode reduce-overhead
   ;;
 keptgrad2)  # the MDT-S/2 step with split and unsplit kept_grad, alternating (g1 first), twice
   for opt in g1 - g1 -; do
