@@ -1,0 +1,95 @@
+"""Our attention kernels compiled for an H100 (sm_90) on the CPU: what the GPU would run, read from
+the PTX, with no GPU.
+
+The launches are the ops' own (recorded, not run) at MDT-XL/2's shapes: head dim 72, whose strides
+are not multiples of 16 -- the only alignment Triton detects by itself -- and the masked pass's 179
+kept tokens. Each recorded launch is compiled as Triton's JIT would specialise it (integers
+divisible by 16 and 16-byte-aligned pointers marked so), and its PTX must load and store q, k, v,
+O, dO, dK, dV, dQ and dS 16 bytes at a time (no 2-byte global accesses; session 8 found the
+forward moving one bf16 element per instruction at head dim 72) and multiply on Hopper's
+tensor cores (wgmma).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+
+class _Recorder:
+    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+def _ptx(fn, args, kwargs) -> str:
+    """The PTX of ``fn`` compiled for sm_90 as the JIT would specialise this launch."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
+    values = dict(zip(fn.arg_names, args)) | kwargs
+    types = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32"}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        value = values[name]
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = types[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
+    return compiled.asm["ptx"]
+
+
+@pytest.fixture(scope="module")
+def xl_launches():
+    """Every kernel launch of one forward + backward of MDT-XL/2's full and masked pass (batch 2)."""
+    from mdtzoo.models import triton_attention as ta
+
+    names = ("_fwd_kernel", "_delta_kernel", "_bwd_kernel", "_dq_kernel")
+    saved = {name: getattr(ta, name) for name in names}
+    recorders = {name: _Recorder(saved[name]) for name in names}
+    try:
+        for name in names:
+            setattr(ta, name, recorders[name])
+        g = torch.Generator().manual_seed(0)
+        for n in (256, 179):
+            qkv = torch.randn(2, n, 3, 16, 72, generator=g).bfloat16()
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # strided views, as Attention passes them
+            full = torch.randn(16, 256, 256, generator=g)
+            pos = None if n == 256 else torch.stack([torch.randperm(256, generator=g)[:n].sort().values
+                                                     for _ in range(2)]).int()
+            o, lse = ta._flash_fwd(q, k, v, full, pos)
+            ta._flash_bwd(q, k, v, full, pos, o, lse, torch.randn(o.shape, generator=g).bfloat16())
+    finally:
+        for name in names:
+            setattr(ta, name, saved[name])
+    return [(name, saved[name], *call) for name in names for call in recorders[name].calls]
+
+
+def test_xl_kernels_move_16_bytes_at_a_time_and_use_wgmma(xl_launches):
+    assert sorted({launch[0] for launch in xl_launches}) == ["_bwd_kernel", "_delta_kernel", "_dq_kernel",
+                                                             "_fwd_kernel"]
+    assert len(xl_launches) == 8  # four kernels, full and masked pass
+    for name, fn, args, kwargs in xl_launches:
+        assert kwargs["AL"] == 8, name  # every stride divides by 8 elements at head dim 72
+        ptx = _ptx(fn, args, dict(kwargs))
+        narrow = [line.strip() for line in ptx.splitlines() if "ld.global.b16" in line or "st.global.b16" in line]
+        assert not narrow, f"{name}: {len(narrow)} 2-byte global accesses, e.g. {narrow[0]}"
+        if name != "_delta_kernel":  # delta is a row sum, no matrix product
+            assert "wgmma.mma_async" in ptx, name
