@@ -541,8 +541,11 @@ def triton_settings(spec: str) -> dict:
     ``key=value`` pairs joined by commas (``fwd_bn=32,bwd_stages=1``: integer values, ``true`` /
     ``false`` for ``split_head``), keys from ``triton_attention.CONFIG``. Anything else is a
     ValueError naming what is valid."""
-    if spec in TRITON_VARIANTS or "=" not in spec:
-        return dict(TRITON_VARIANTS[_check_variant(spec, TRITON_VARIANTS, "Triton")])
+    if spec in TRITON_VARIANTS:
+        return dict(TRITON_VARIANTS[spec])
+    if "=" not in spec:
+        raise ValueError(f"unknown Triton variant {spec!r}; valid: {', '.join(TRITON_VARIANTS)}, "
+                         "or key=value settings such as fwd_bn=32,bwd_stages=1")
     from mdtzoo.models.triton_attention import CONFIG
 
     settings = {}

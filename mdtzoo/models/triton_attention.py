@@ -300,10 +300,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+ALIGN = 8  # elements: the widest alignment the kernels are told of (16 bytes of 16-bit data)
+
+
 def _aligned(*tensors: torch.Tensor | torch.Size) -> tuple[int, list[int]]:
     """(AL, the batch/head/token strides of the tensors divided by AL; a shape stands for a
-    contiguous tensor of that shape): AL is the largest of 8, 4, 2, 1 elements dividing every
-    stride. The kernels multiply the strides back by the constant AL, which tells the compiler each
+    contiguous tensor of that shape): AL is the largest power of two up to ``ALIGN`` elements dividing
+    every stride. The kernels multiply the strides back by the constant AL, which tells the compiler each
     row starts AL-aligned (16 bytes for 16-bit data with AL = 8) -- given a plain stride of 72 it
     assumes nothing and loads one element at a time."""
     strides = []
@@ -312,14 +315,14 @@ def _aligned(*tensors: torch.Tensor | torch.Size) -> tuple[int, list[int]]:
             strides += [math.prod(t[i + 1:]) for i in range(3)]
         else:
             strides += t.stride()[:3]
-    al = next(a for a in (8, 4, 2, 1) if all(st % a == 0 for st in strides))
+    al = next(a for a in (ALIGN, 4, 2, 1) if all(st % a == 0 for st in strides))
     return al, [st // al for st in strides]
 
 
 def _ds_cols(n: int) -> int:
-    """dS's padded row length: N rounded up to a multiple of 8 (so of every AL). It depends on N
-    alone, never on the inputs' strides, which torch.compile's fake tensors need not share."""
-    return -(-n // 8) * 8
+    """dS's padded row length: N rounded up to a multiple of ``ALIGN`` (so of every AL). It depends
+    on N alone, never on the inputs' strides, which torch.compile's fake tensors need not share."""
+    return -(-n // ALIGN) * ALIGN
 
 
 def head_blocks(d: int, split: bool = True) -> tuple[int, int]:
@@ -357,15 +360,15 @@ def _(q, k, v, full, pos):
     return q.new_empty(q.shape), q.new_empty((b * h, n), dtype=torch.float32)  # contiguous, as the kernel's
 
 
-# The op's name changes whenever its outputs' layout does (here: dS's padded rows): inductor's on-disk
-# FX-graph cache keys on the graph, not on the fake kernel, and would replay code compiled for the
-# old layout (assert_size_stride fails).
+# The op's name changes whenever its outputs' layout does (here: dS's padded rows): torch.compile's
+# on-disk caches key on the traced graph, in which only the op's name appears, and replayed code
+# compiled for the old layout (assert_size_stride failed; docs/performance.md, session 8).
 @torch.library.custom_op("mdtzoo::relbias_flash_bwd_padded", mutates_args=())
 def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None,
                o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dq, dk, dv, dS (B, H, N, NP) in q's dtype, its rows padded with zeros to NP >= N (a multiple
-    of the kernels' alignment). Four kernels: delta = rowsum(O dO); dK, dV and dS per
+    """-> dq, dk, dv, dS (B, H, N, ``_ds_cols(N)``) in q's dtype, its rows padded with zeros to a
+    multiple of ``ALIGN`` columns. Four kernels: delta = rowsum(O dO); dK, dV and dS per
     key block; dQ = dS K per query block (the bias gradient is dS summed over the batch, by the
     caller)."""
     b, h, n, d = q.shape
