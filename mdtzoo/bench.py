@@ -471,6 +471,8 @@ TRITON_VARIANTS = {  # block shapes tried by ``bench attention --impl triton:NAM
 }
 
 
+PERSISTENT_ROWS = "persistent_rows"  # an INDUCTOR_VARIANTS key that is ours, not torch._inductor.config's
+
 INDUCTOR_VARIANTS = {  # torch._inductor.config settings tried by ``bench train-step --inductor-options NAME``
     # each generated kernel's block sizes tuned by coordinate descent at compile time
     "cdt": {"coordinate_descent_tuning": True},
@@ -479,6 +481,9 @@ INDUCTOR_VARIANTS = {  # torch._inductor.config settings tried by ``bench train-
     "cdt_agg": {"coordinate_descent_tuning": True, "aggressive_fusion": True},
     # compiled graphs launch their kernels from generated C++ instead of Python (less host time)
     "cpp": {"cpp_wrapper": True},
+    # rows of up to 2048 elements reduced in registers (inductor stops at 1024, so XL's 1152-wide
+    # LayerNorms loop over each row, reading it twice); not a config key: a choices handler
+    "rows2048": {PERSISTENT_ROWS: 2048},
 }
 
 
@@ -531,9 +536,39 @@ def inductor_variant(name: str | None):
         return
     import torch._inductor.config as inductor_config
 
+    settings = dict(INDUCTOR_VARIANTS[name])
+    rows = settings.pop(PERSISTENT_ROWS, None)
     torch._dynamo.reset()
-    with inductor_config.patch(**INDUCTOR_VARIANTS[name]):
+    with contextlib.ExitStack() as stack:
+        if rows is not None:
+            stack.enter_context(persistent_rows(rows))
+            settings["fx_graph_cache"] = False  # the cache's key does not see a choices handler
+        stack.enter_context(inductor_config.patch(**settings))
         yield
+
+
+@contextlib.contextmanager
+def persistent_rows(limit: int):
+    """Inductor keeps a whole row in registers (a persistent reduction) for inner reductions of up
+    to ``limit`` elements while inside; its own limit is 1024 (``InductorChoices``)."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class WideRows(InductorChoices):
+        def should_use_persistent_reduction(self, features, cooperative_reduction):
+            if super().should_use_persistent_reduction(features, cooperative_reduction):
+                return True
+            if cooperative_reduction or features.get_reduction_hint() != ReductionHint.INNER:
+                return False
+            return V.graph.sizevars.statically_known_leq(features.reduction_numel, limit)
+
+    previous = V.choices
+    V.set_choices_handler(WideRows())
+    try:
+        yield
+    finally:
+        V.set_choices_handler(previous)
 
 
 def triton_settings(spec: str) -> dict:

@@ -174,27 +174,27 @@ for masked, dim in ((False, 24), (True, 24), (False, 40), (True, 40), (True, 12)
     ids = torch.stack([torch.randperm(20)[:13] for _ in range(2)])
     base = torch.randn(2, 20, 3, 2, dim)  # (B, N, qkv, H, d)
     res = []
-    for impl in ("explicit", "triton"):
+    for impl, packed in (("explicit", False), ("triton", False), ("triton", True)):
         leaf = base.clone().requires_grad_(True)
-        q, k, v = leaf.permute(2, 0, 3, 1, 4)  # strided (B, H, N, d) views, as Attention passes them
-        if masked:
-            q, k, v = q[:, :, :13], k[:, :, :13], v[:, :, :13]
+        qkv = leaf[:, :13] if masked else leaf
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # strided (B, H, N, d) views, as Attention passes them
         bias.zero_grad()
-        out = attention(q, k, v, bias, ids if masked else None, impl=impl)
+        # packed: the kernel reads qkv itself and returns its gradient in one (B, N, 3, H, d) tensor
+        out = attention(q, k, v, bias, ids if masked else None, impl=impl, qkv=qkv if packed else None)
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
         res.append([out, leaf.grad, bias.relative_position_bias_table.grad])
-    worst = max([worst] + [rel(a, b) for a, b in zip(*res)])
+    worst = max([worst] + [rel(a, b) for r in res[1:] for a, b in zip(r, res[0])])
 # The fake (meta) kernels must describe the real outputs, strides included, or torch.compile
-# breaks: check them on non-contiguous (B, N, H, d) -> (B, H, N, d) views, as Attention makes.
-qkv = torch.randn(2, 20, 3, 2, 24).permute(2, 0, 3, 1, 4)
+# breaks: check them on a contiguous qkv and on a non-contiguous one (the masked pass's first 13
+# tokens of 20), with dO in any strides.
+qkv = torch.randn(2, 20, 3, 2, 24)
 full = torch.randn(2, 20, 20)
-torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_fwd.default, (qkv[0], qkv[1], qkv[2], full, None),
+torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_fwd_packed.default, (qkv, full, None),
                       test_utils=("test_schema", "test_faketensor"))
 pos = ids[:, :13].to(torch.int32).contiguous()
-o, lse = torch.ops.mdtzoo.relbias_flash_fwd(qkv[0, :, :, :13], qkv[1, :, :, :13], qkv[2, :, :, :13], full, pos)
-for do in (torch.randn_like(o), torch.randn(o.shape[:2] + o.shape[:1:-1]).transpose(-1, -2)):  # dO any strides
-    torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_bwd_padded.default,
-                          (qkv[0, :, :, :13], qkv[1, :, :, :13], qkv[2, :, :, :13], full, pos, o, lse, do),
+o, lse = torch.ops.mdtzoo.relbias_flash_fwd_packed(qkv[:, :13], full, pos)
+for do in (torch.randn_like(o), torch.randn(o.shape[:1] + o.shape[:0:-1]).permute(0, 3, 2, 1)):  # dO any strides
+    torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_bwd_packed.default, (qkv[:, :13], full, pos, o, lse, do),
                           test_utils=("test_schema", "test_faketensor"))
 # The bias-gradient kernel (CUDA's reduce_kept_grad): each grid pair summed over the samples that
 # kept it, equal to scattering sample by sample; and its fake kernel.

@@ -182,12 +182,46 @@ def test_inductor_variants_patch_the_config_inside_only_and_unknown_ones_are_nam
         assert inductor_config.coordinate_descent_tuning is True and inductor_config.aggressive_fusion is True
     assert (inductor_config.coordinate_descent_tuning, inductor_config.aggressive_fusion) == before
     assert set(INDUCTOR_VARIANTS["cdt_agg"]) == set(INDUCTOR_VARIANTS["cdt"]) | set(INDUCTOR_VARIANTS["agg"])
-    with pytest.raises(ValueError, match="unknown inductor variant 'fast'; valid: cdt, agg, cdt_agg, cpp"):
+    with pytest.raises(ValueError, match="unknown inductor variant 'fast'; valid: cdt, agg, cdt_agg, cpp, rows2048"):
         bench_train_step("dit_s2", 2, device="cpu", inductor_options="fast")
     with pytest.raises(ValueError, match="unknown update mode 'fast'; valid: auto, fused, op_by_op"):
         bench_train_step("dit_s2", 2, device="cpu", update="fast")
     assert _cli_step(tmp_path, "--passes", "full", "--inductor-options", "cdt")["inductor_options"] == "cdt"
     assert inductor_config.coordinate_descent_tuning == before[0]
+
+
+def test_rows2048_keeps_inner_reductions_up_to_2048_in_registers_inside_only(monkeypatch):
+    """The variant's choices handler: persistent for inner reductions up to 2048 elements (MDT-XL's
+    1152-wide LayerNorms), inductor's own choice otherwise; restored on exit."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    from mdtzoo.bench import inductor_variant
+
+    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction",
+                        staticmethod(lambda features, cooperative: features.reduction_numel <= 1024))
+
+    class Features:
+        def __init__(self, numel, hint=ReductionHint.INNER):
+            self.reduction_numel, self.hint = numel, hint
+
+        def get_reduction_hint(self):
+            return self.hint
+
+    class Graph:
+        class sizevars:  # noqa: N801 - stands for V.graph.sizevars
+            statically_known_leq = staticmethod(lambda a, b: a <= b)
+
+    before = type(V.choices)
+    with inductor_variant("rows2048"), V.set_graph_handler(Graph()):
+        choose = V.choices.should_use_persistent_reduction
+        assert choose(Features(1152), False) and choose(Features(2048), False)
+        assert choose(Features(512, ReductionHint.OUTER), False)  # inductor's own yes stands
+        assert not choose(Features(2049), False)
+        assert not choose(Features(1152, ReductionHint.OUTER), False)
+        assert not choose(Features(1152), True)  # cooperative reductions left alone
+    assert type(V.choices) is before
 
 
 def test_published_performance_table_matches_its_json_results():

@@ -70,12 +70,11 @@ def xl_launches():
         g = torch.Generator().manual_seed(0)
         for n in (256, 179):
             qkv = torch.randn(2, n, 3, 16, 72, generator=g).bfloat16()
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # strided views, as Attention passes them
             full = torch.randn(16, 256, 256, generator=g)
             pos = None if n == 256 else torch.stack([torch.randperm(256, generator=g)[:n].sort().values
                                                      for _ in range(2)]).int()
-            o, lse = ta._flash_fwd(q, k, v, full, pos)
-            ta._flash_bwd(q, k, v, full, pos, o, lse, torch.randn(o.shape, generator=g).bfloat16())
+            o, lse = ta._flash_fwd(qkv, full, pos)  # packed, as Attention passes it
+            ta._flash_bwd(qkv, full, pos, o, lse, torch.randn(o.shape, generator=g).bfloat16())
     finally:
         for name in names:
             setattr(ta, name, saved[name])

@@ -4,8 +4,7 @@
     python experiments/bench/attn_sweep.py --shape s2 --top 3    # B 256, H 6, head dim 64
     python experiments/bench/attn_sweep.py --shape xl --ncu      # one launch of each kernel, for ncu
 
-Inputs are made as the model makes them: q, k, v strided (B, H, N, d) views of one (B, N, 3, H, d)
-tensor in bf16, the (H, G, G) bias in float32, and for the masked pass K kept positions per sample
+Inputs are made as the model makes them: q, k, v packed in one (B, N, 3, H, d) tensor in bf16, the (H, G, G) bias in float32, and for the masked pass K kept positions per sample
 in grid order. For every setting of ``triton_attention.CONFIG`` in the grid the forward kernel and
 the backward (delta, dK/dV/dS, dQ kernels) are timed apart (``triton.testing.do_bench``, ms), each
 output first compared with the default setting's (a wrong tiling shows as a difference, not a
@@ -32,27 +31,26 @@ def inputs(shape: str, masked: bool, seed: int = 0):
     g = torch.Generator("cuda").manual_seed(seed)
     n = KEPT if masked else GRID
     qkv = torch.randn(b, n, 3, h, d, device="cuda", generator=g).bfloat16()
-    q, k, v = qkv.permute(2, 0, 3, 1, 4)
     full = torch.randn(h, GRID, GRID, device="cuda", generator=g)
     pos = None
     if masked:
         pos = torch.rand(b, GRID, device="cuda", generator=g).argsort(1)[:, :KEPT].sort(1).values.int().contiguous()
-    do = torch.randn(b, h, n, d, device="cuda", generator=g).bfloat16()
-    return q, k, v, full, pos, do
+    do = torch.randn(b, n, h, d, device="cuda", generator=g).bfloat16()
+    return qkv, full, pos, do
 
 
 def run_once(ta, args):
-    q, k, v, full, pos, do = args
-    o, lse = ta._flash_fwd(q, k, v, full, pos)
-    grads = ta._flash_bwd(q, k, v, full, pos, o, lse, do)
-    return (o, *grads[:3])
+    qkv, full, pos, do = args
+    o, lse = ta._flash_fwd(qkv, full, pos)
+    dqkv, _ = ta._flash_bwd(qkv, full, pos, o, lse, do)
+    return o, dqkv
 
 
 def sweep(ta, shape: str, masked: bool, grid: list[dict], top: int):
     from triton.testing import do_bench
 
     args = inputs(shape, masked)
-    q, k, v, full, pos, do = args
+    qkv, full, pos, do = args
     default = dict(ta.CONFIG)
     ref = run_once(ta, args)
     rows = []
@@ -62,9 +60,9 @@ def sweep(ta, shape: str, masked: bool, grid: list[dict], top: int):
         try:
             out = run_once(ta, args)
             diff = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(out, ref))
-            o, lse = ta._flash_fwd(q, k, v, full, pos)
-            fwd = do_bench(lambda: ta._flash_fwd(q, k, v, full, pos), warmup=10, rep=50)
-            bwd = do_bench(lambda: ta._flash_bwd(q, k, v, full, pos, o, lse, do), warmup=10, rep=50)
+            o, lse = ta._flash_fwd(qkv, full, pos)
+            fwd = do_bench(lambda: ta._flash_fwd(qkv, full, pos), warmup=10, rep=50)
+            bwd = do_bench(lambda: ta._flash_bwd(qkv, full, pos, o, lse, do), warmup=10, rep=50)
             rows.append((fwd, bwd, diff, setting))
         except Exception as err:  # noqa: BLE001 - a setting the GPU cannot run (shared memory) is reported, not fatal
             rows.append((float("inf"), float("inf"), float("nan"), {**setting, "error": type(err).__name__}))

@@ -36,6 +36,9 @@
 #   bash experiments/bench/gpu_bench.sh final5    # the table's five steps (session 8's code), then MDT-XL/2 with the previous commit's code (OLD, its own inductor cache)
 #   bash experiments/bench/gpu_bench.sh s2sweep   # attn_sweep.py at S/2 shapes (head dim 64), then the MDT-S/2 step with its BEST settings against the defaults, alternating
 #   bash experiments/bench/gpu_bench.sh prof8     # session 8's MDT-XL/2 step: its GPU time by kernel kind, then with CUDA graphs
+#   bash experiments/bench/gpu_bench.sh blocks    # one block's forward + backward kernel by kernel with inductor's GB/s (block_parts.py) at XL/2 and S/2; DiT-XL/2 and MDT-XL/2 step profiles
+#   bash experiments/bench/gpu_bench.sh blocks2   # block_parts.py variants (inductor's persistent rows at XL's width, multi-kernel), each in its own compile cache; the base block's generated code
+#   bash experiments/bench/gpu_bench.sh packed    # attention kernels checked at XL/2 shapes; MDT-XL/2 and S/2 steps with the previous commit's code (OLD) / packed qkv, alternating; MDT-XL/2 with rows2048
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -405,6 +408,39 @@ keptgrad2)  # the MDT-S/2 step with split and unsplit kept_grad, alternating (g1
   for opt in g1 - g1 -; do
     step "step_mdt_s2_$opt" 100 mdt_s2 256 --steps 30 --compile $(variant --triton-options "$opt")
   done
+  ;;
+blocks)  # where one block's time goes (elementwise kernels' achieved bandwidth), then whole-step profiles
+  for spec in "dit_xl2 64" "dit_s2 256"; do
+    set -- $spec
+    echo "== block_$1" >&2
+    timeout 150 "$py" experiments/bench/block_parts.py --model "$1" --batch "$2" --bandwidth > "$OUT/block_$1.log" 2>&1 \
+      || echo "!! block_$1 failed (rc $?)" >&2
+    head -n 1 "$OUT/block_$1.log" >&2
+  done
+  profile dit_xl2 64 150 40
+  profile mdt_xl2 64 170 40
+  ;;
+blocks2)  # one block's forward + backward under inductor code-generation variants, own caches
+  i=0
+  for spec in "dit_xl2 64 base" "dit_xl2 64 persist" "dit_xl2 64 multikernel" "dit_s2 256 multikernel" "dit_xl2 64 base"; do
+    set -- $spec
+    i=$((i + 1)); name=block${i}_$1_$3
+    echo "== $name" >&2
+    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$3 TORCH_LOGS=output_code timeout 150 "$py" experiments/bench/block_parts.py \
+      --model "$1" --batch "$2" --variant "$3" > "$OUT/$name.log" 2> "$OUT/code_$name.log" \
+      || echo "!! $name failed (rc $?)" >&2
+    head -n 1 "$OUT/$name.log" >&2
+  done
+  ;;
+packed)  # q, k, v read packed and the gradient written packed, against the previous code (OLD)
+  run attention_xl2 120 bench attention --impl explicit,triton --batch 64 --heads 16 --dim 72 --json "$OUT/attention_xl2.json"
+  for i in 1 2; do
+    step "step_mdt_xl2_new$i" 110 mdt_xl2 64 --compile
+    old_step "step_mdt_xl2_old$i" 110 mdt_xl2 64 --compile
+  done
+  old_step step_mdt_s2_old 100 mdt_s2 256 --steps 30 --compile
+  step step_mdt_s2_new 100 mdt_s2 256 --steps 30 --compile
+  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_rows step step_mdt_xl2_rows 120 mdt_xl2 64 --compile --inductor-options rows2048
   ;;
 s2prof)  # where the S/2 steps' time goes now: GPU time by kind and the idle line
   profile mdt_s2 256 110 24

@@ -186,10 +186,12 @@ def auto_impl(cuda: bool, dtype: torch.dtype, training: bool, triton: bool) -> s
     return "triton" if training and triton else "flex"
 
 
-def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto"):
+def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto", qkv=None):
     """Multi-head attention with an optional relative-position bias module.
 
-    q, k, v: (B, H, N, d). rel_pos_bias: a module with ``full() -> (H, G, G)`` over the whole
+    q, k, v: (B, H, N, d); ``qkv``: optionally the (B, N, 3, H, d) tensor they are views of (as
+    ``qkv.permute(2, 0, 3, 1, 4)``), which our Triton kernel then reads directly: its output is
+    then a (B, H, N, d) view of a (B, N, H, d) tensor, and the gradient reaches ``qkv`` in one piece. rel_pos_bias: a module with ``full() -> (H, G, G)`` over the whole
     grid (every fast path reads only that) and optionally ``table_gather(ids_keep)`` (the naive
     per-sample gather, the reference); a module with neither is called as ``module(ids_keep)``
     and used with the explicit maths. ``ids_keep`` (B, N) are the grid positions of the N
@@ -214,14 +216,14 @@ def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto"):
     if impl == "flex" and not (q.device.type == "cpu" and training):
         return flex_attention(q, k, v, full, ids_keep)  # (FlexAttention has no backward on the CPU)
     if impl == "triton":
-        return _triton(q, k, v, full, ids_keep)
+        return _triton(q, k, v, full, ids_keep, qkv)
     bias = full if ids_keep is None else kept_bias(full, ids_keep)
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
     return _fused_explicit(q, k, v, bias)  # auto off CUDA
 
 
-def _triton(q, k, v, full, ids_keep):
+def _triton(q, k, v, full, ids_keep, qkv=None):
     """Our Triton kernel; a clear error where it cannot run (no GPU, no triton)."""
     import os
 
@@ -229,7 +231,9 @@ def _triton(q, k, v, full, ids_keep):
         raise ValueError("attn_impl 'triton' runs on a CUDA GPU (or under TRITON_INTERPRET=1, slowly); "
                          f"on {q.device.type} use one of: 'auto', 'sdpa', 'explicit'")
     try:
-        from mdtzoo.models.triton_attention import triton_attention
+        from mdtzoo.models.triton_attention import triton_attention, triton_attention_qkv
     except ImportError as err:
         raise ValueError(f"attn_impl 'triton' needs the triton package ({err}); use 'auto' or 'flex'") from None
+    if qkv is not None:
+        return triton_attention_qkv(qkv, full, ids_keep).transpose(1, 2)
     return triton_attention(q, k, v, full, ids_keep)

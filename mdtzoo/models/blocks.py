@@ -40,8 +40,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, self.rel_pos_bias, ids_keep, impl=self.impl)
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out = attention(q, k, v, self.rel_pos_bias, ids_keep, impl=self.impl, qkv=qkv)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

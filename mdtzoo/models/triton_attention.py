@@ -13,6 +13,10 @@ head) then computes dQ = dS K from the strided K. The bias gradient is dS summed
 at each sample's positions (``kept_grad``: every grid pair gathers its entries from the samples
 that kept it) -- no atomics anywhere, no copies of q, k, v or dO.
 
+The ops take q, k and v packed as the model's qkv projection makes them, (B, N, 3, H, d), write the
+output as (B, N, H, d) -- the output projection's input, heads already merged -- and the three
+input gradients into one (B, N, 3, H, d) tensor, the projection's output gradient.
+
 A head dim that is not a power of two (MDT-XL's 72) runs as two tiles, 64 + 16, rather than one
 padded to 128 (``head_blocks``). Strides are passed in units of their alignment (``_aligned``) and
 dS's rows padded to a multiple of 8, so that every row moves 16 bytes at a time even where a
@@ -337,16 +341,26 @@ def head_blocks(d: int, split: bool = True) -> tuple[int, int]:
     return (first, second) if first + second < single else (single, 0)
 
 
-@torch.library.custom_op("mdtzoo::relbias_flash_fwd", mutates_args=())
-def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Tensor,
-               pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    b, h, n, d = q.shape
-    q, k, v, full = _rows(q), _rows(k), _rows(v), full.contiguous()
+def _heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N, 3, H, d) -> q, k, v as strided (B, H, N, d) views (no copies)."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+# The ops take q, k and v packed as the qkv projection makes them, (B, N, 3, H, d), and give the
+# output as (B, N, H, d) and the gradient as one (B, N, 3, H, d) tensor: the kernels write straight
+# into the layouts the projections read, so neither pass copies to merge heads or to assemble the
+# three gradients (a (B, N, 3D) copy per block call, docs/performance.md, session 9).
+@torch.library.custom_op("mdtzoo::relbias_flash_fwd_packed", mutates_args=())
+def _flash_fwd(qkv: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> O (B, N, H, d) in qkv's dtype, and the rows' log-sum-exp (B * H, N) in float32."""
+    b, n, _, h, d = qkv.shape
+    q, k, v = _heads(_rows(qkv))
+    full = full.contiguous()
     bm, bn = CONFIG["fwd_bm"], CONFIG["fwd_bn"]
     bd0, bd1 = head_blocks(d, CONFIG["split_head"])
-    o = q.new_empty(q.shape)
-    lse = torch.empty((b * h, n), device=q.device, dtype=torch.float32)
-    al, strides = _aligned(q, k, v, o)
+    o = qkv.new_empty((b, n, h, d))
+    lse = torch.empty((b * h, n), device=qkv.device, dtype=torch.float32)
+    al, strides = _aligned(q, k, v, o.transpose(1, 2))
     _fwd_kernel[(triton.cdiv(n, bm), b * h)](
         q, k, v, full, pos if pos is not None else lse, o, lse, d ** -0.5, h, n, full.shape[-1], d, *strides,
         BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, PREC=_precision(q), AL=al,
@@ -355,28 +369,29 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Te
 
 
 @_flash_fwd.register_fake
-def _(q, k, v, full, pos):
-    b, h, n, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((b * h, n), dtype=torch.float32)  # contiguous, as the kernel's
+def _(qkv, full, pos):
+    b, n, _, h, d = qkv.shape
+    return qkv.new_empty((b, n, h, d)), qkv.new_empty((b * h, n), dtype=torch.float32)  # contiguous, as the kernel's
 
 
-# The op's name changes whenever its outputs' layout does (here: dS's padded rows): torch.compile's
-# on-disk caches key on the traced graph, in which only the op's name appears, and replayed code
-# compiled for the old layout (assert_size_stride failed; docs/performance.md, session 8).
-@torch.library.custom_op("mdtzoo::relbias_flash_bwd_padded", mutates_args=())
-def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None,
-               o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dq, dk, dv, dS (B, H, N, ``_ds_cols(N)``) in q's dtype, its rows padded with zeros to a
-    multiple of ``ALIGN`` columns. Four kernels: delta = rowsum(O dO); dK, dV and dS per
-    key block; dQ = dS K per query block (the bias gradient is dS summed over the batch, by the
-    caller)."""
-    b, h, n, d = q.shape
-    q, k, v, full, do = _rows(q), _rows(k), _rows(v), full.contiguous(), _rows(do)
+# The op's name changes whenever its outputs' layout does (here: dS's padded rows, dQKV packed):
+# torch.compile's on-disk caches key on the traced graph, in which only the op's name appears, and
+# replayed code compiled for the old layout (assert_size_stride failed; docs/performance.md, session 8).
+@torch.library.custom_op("mdtzoo::relbias_flash_bwd_packed", mutates_args=())
+def _flash_bwd(qkv: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None, o: torch.Tensor,
+               lse: torch.Tensor, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> dQKV (B, N, 3, H, d) and dS (B, H, N, ``_ds_cols(N)``), both in qkv's dtype; dS's rows
+    padded with zeros to a multiple of ``ALIGN`` columns. o, do: (B, N, H, d). Four kernels:
+    delta = rowsum(O dO); dK, dV and dS per key block; dQ = dS K per query block, each gradient
+    written into its third of dQKV (the bias gradient is dS summed over the batch, by the caller)."""
+    b, n, _, h, d = qkv.shape
+    q, k, v = _heads(_rows(qkv))
+    full, o, do = full.contiguous(), _rows(o).transpose(1, 2), _rows(do).transpose(1, 2)
     bd0, bd1 = head_blocks(d, CONFIG["split_head"])
     prec = _precision(q)
-    dk, dv, dq = k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(q.shape)  # contiguous (the fake's strides)
-    al, strides = _aligned(q, k, v, do, o, k.shape, q.shape)  # the last two: dK and dV, dQ (contiguous)
+    dqkv = qkv.new_empty(qkv.shape)  # contiguous (the fake's strides)
+    dq, dk, dv = _heads(dqkv)
+    al, strides = _aligned(q, k, v, do, o, dk, dq)  # dK and dV share their strides
     cols = _ds_cols(n)
     sq, sk, sv, sd, so, sg, sdq = (strides[i:i + 3] for i in range(0, 21, 3))
     np_units = cols // al
@@ -394,31 +409,31 @@ def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full: torch.Te
     _dq_kernel[(triton.cdiv(n, CONFIG["dq_bm"]), b * h)](
         ds, k, dq, scale, h, n, d, *sk, *sdq, np_units,
         BM=CONFIG["dq_bm"], BN=CONFIG["dq_bn"], BD0=bd0, BD1=bd1, PREC=prec, AL=al, num_warps=CONFIG["dq_warps"])
-    return dq, dk, dv, ds
+    return dqkv, ds
 
 
 @_flash_bwd.register_fake
-def _(q, k, v, full, pos, o, lse, do):
-    b, h, n, _ = q.shape
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty((b, h, n, _ds_cols(n)))
+def _(qkv, full, pos, o, lse, do):
+    b, n, _, h, _ = qkv.shape
+    return qkv.new_empty(qkv.shape), qkv.new_empty((b, h, n, _ds_cols(n)))
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, full, pos = inputs
+    qkv, full, pos = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, full, pos, o, lse)
+    ctx.save_for_backward(qkv, full, pos, o, lse)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, full, pos, o, lse = ctx.saved_tensors
+    qkv, full, pos, o, lse = ctx.saved_tensors
     g = full.shape[-1]
-    dq, dk, dv, ds = _flash_bwd(q, k, v, full, pos, o, lse, do)  # ds: rows padded
-    n = q.shape[2]
+    dqkv, ds = _flash_bwd(qkv, full, pos, o, lse, do)  # ds: rows padded
+    n = qkv.shape[1]
     if pos is not None:  # the same sums either way
         dfull = kept_grad(ds, pos, g) if ds.is_cuda else _reference_kept_grad(ds[..., :n], pos, g)
     else:
         dfull = ds[..., :n].sum(0, dtype=torch.float32 if ds.dtype in (torch.float16, torch.bfloat16) else ds.dtype)
-    return dq, dk, dv, dfull.to(full.dtype), None
+    return dqkv, dfull.to(full.dtype), None
 
 
 def _reference_kept_grad(ds, pos, g):
@@ -430,7 +445,15 @@ def _reference_kept_grad(ds, pos, g):
 _flash_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def triton_attention(q, k, v, full, ids_keep=None):
-    """(B, H, N, d) attention with ``full[h, pos_i, pos_j]`` added; pos = ids_keep rows or 0..N-1."""
+def triton_attention_qkv(qkv, full, ids_keep=None):
+    """qkv (B, N, 3, H, d) -> (B, N, H, d): attention with ``full[h, pos_i, pos_j]`` added; pos =
+    ids_keep rows or 0..N-1. The gradient reaches qkv as one tensor in its own layout."""
     pos = None if ids_keep is None else ids_keep.to(torch.int32).contiguous()
-    return _flash_fwd(q, k, v, full, pos)[0]
+    return _flash_fwd(qkv, full, pos)[0]
+
+
+def triton_attention(q, k, v, full, ids_keep=None):
+    """(B, H, N, d) q, k, v -> (B, H, N, d); as ``triton_attention_qkv`` after packing q, k and v
+    (one copy; the model passes its packed projection to ``triton_attention_qkv`` instead)."""
+    qkv = torch.stack((q, k, v)).permute(1, 3, 0, 2, 4)  # (B, N, 3, H, d) view of one new tensor
+    return triton_attention_qkv(qkv, full, ids_keep).transpose(1, 2)

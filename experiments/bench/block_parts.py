@@ -1,0 +1,146 @@
+"""Where one transformer block's forward + backward spends its GPU time, kernel by kernel (issue 7).
+
+    python experiments/bench/block_parts.py --model dit_xl2 --batch 64
+    python experiments/bench/block_parts.py --model dit_xl2 --batch 64 --variant persist
+    TORCH_LOGS=output_code python experiments/bench/block_parts.py 2> code.log   # + inductor's kernels
+
+Builds one block of the model's size (no relative-position bias: the DiT block, whose elementwise
+work MDT's blocks share), compiles it as the trainer does (``Block.compile(dynamic=False)``), and
+runs forward + backward under bf16 autocast on a float32 residual stream (B, N, D) -- as in the
+model, where the patch embedding plus the float32 positional table makes the stream float32.
+Prints the median time of a block call (CUDA events), the device time by kernel (torch.profiler),
+and the same shapes' matrix products alone (cuBLAS, bf16) for the matmul floor. ``--variant``
+changes inductor's code generation: ``persist`` keeps rows of up to 2048 elements in registers
+(inductor's default stops at 1024, so XL's 1152-wide LayerNorms loop over each row),
+``multikernel`` lets inductor time both forms of every reduction and keep the faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import re
+import statistics
+
+import torch
+
+from mdtzoo.bench import persistent_rows
+from mdtzoo.models.blocks import Block
+from mdtzoo.models.presets import SIZES
+
+TOKENS = 256  # 32x32 latents, patch 2
+
+
+def size_of(model: str) -> str:
+    """'dit_xl2' -> 'xl' (patch 2: 256 tokens)."""
+    m = re.fullmatch(r"(?:dit|mdt|mdtv2)_([a-z]+)2", model)
+    if not m or m.group(1) not in SIZES:
+        raise SystemExit(f"unknown model {model!r}; valid: a patch-2 preset such as dit_xl2, mdt_s2")
+    return m.group(1)
+
+
+def make(model: str, batch: int, seed: int = 0):
+    _, dim, heads = SIZES[size_of(model)]
+    torch.manual_seed(seed)
+    block = Block(dim, heads).cuda()
+    for p in block.parameters():  # adaLN-Zero starts at zero: random weights so every path carries signal
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(batch, TOKENS, dim, device="cuda", requires_grad=True)
+    c = torch.randn(batch, dim, device="cuda", requires_grad=True)
+    dy = torch.randn(batch, TOKENS, dim, device="cuda")
+    return block, x, c, dy
+
+
+def call(block, x, c, dy):
+    for t in (x, c, *block.parameters()):  # one backward's gradients, as a training step makes them
+        t.grad = None
+    with torch.autocast("cuda", torch.bfloat16):
+        y = block(x, c)
+    y.backward(dy)
+
+
+def time_ms(fn, repeats: int = 30, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernels(fn, iters: int = 5) -> list[tuple[str, float, int]]:
+    """(name, µs per call of fn, launches per call), slowest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total, count = collections.Counter(), collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            total[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            count[e.name] += 1
+    return sorted(((n, t / iters, count[n] // iters) for n, t in total.items()), key=lambda r: -r[1])
+
+
+def matmul_floor(model: str, batch: int) -> float:
+    """ms of the block's forward + backward matrix products alone (bf16 cuBLAS)."""
+    dim = SIZES[size_of(model)][1]
+    t = batch * TOKENS
+    shapes = [(dim, 3 * dim), (dim, dim), (dim, 4 * dim), (4 * dim, dim)]
+    mats = [(torch.randn(t, i, device="cuda", dtype=torch.bfloat16), torch.randn(i, o, device="cuda", dtype=torch.bfloat16),
+             torch.randn(t, o, device="cuda", dtype=torch.bfloat16)) for i, o in shapes]
+
+    def run():
+        for a, w, g in mats:
+            a @ w
+            g @ w.t()
+            a.t() @ g
+    return time_ms(run)
+
+
+def apply_variant(name: str, stack: contextlib.ExitStack) -> None:
+    import torch._inductor.config as inductor_config
+
+    if name == "persist":
+        stack.enter_context(persistent_rows(2048))
+    elif name == "multikernel":
+        inductor_config.triton.multi_kernel = 1
+    elif name != "base":
+        raise SystemExit(f"unknown variant {name!r}; valid: base, persist, multikernel")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="dit_xl2")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--variant", default="base", help="base | persist (rows up to 2048 kept in registers) | multikernel")
+    args = p.parse_args(argv)
+    stack = contextlib.ExitStack()
+    apply_variant(args.variant, stack)
+    block, x, c, dy = make(args.model, args.batch)
+    block.compile(dynamic=False)
+    run = lambda: call(block, x, c, dy)  # noqa: E731
+    ms = time_ms(run)
+    rows = kernels(run)
+    busy = sum(r[1] for r in rows) / 1e3
+    floor = matmul_floor(args.model, args.batch)
+    print(f"{args.model} block ({args.variant}), batch {args.batch}: {ms:.3f} ms per forward + backward "
+          f"(GPU busy {busy:.3f} ms); its matrix products alone {floor:.3f} ms")
+    print("| kernel | µs per call | launches |\n|---|---|---|")
+    for name, us, n in rows[: args.top]:
+        print(f"| {name[:110]} | {us:.1f} | {n} |")
+
+
+if __name__ == "__main__":
+    main()
