@@ -408,15 +408,16 @@ def check_attention(impl: str, *, batch: int = 4, heads: int = 6, grid: int = 16
     with torch.no_grad():
         bias.relative_position_bias_table.copy_(torch.randn(bias.relative_position_bias_table.shape, generator=g))
     ids = torch.stack([torch.randperm(n, generator=g)[:keep] for _ in range(batch)]).to(dev)
-    base = [torch.randn(batch, heads, n, dim, generator=g).to(dev) for _ in range(3)]
+    base = torch.randn(batch, n, 3, heads, dim, generator=g).to(dev)  # packed, as the qkv projection makes it
     fn = torch.compile(attention, dynamic=False) if compile else attention
 
     def run(which, masked, dtype, f):
-        q, k, v = ((t[:, :, :keep] if masked else t).detach().to(dtype).clone().requires_grad_(True) for t in base)
+        qkv = (base[:, :keep] if masked else base).to(dtype).clone(memory_format=torch.contiguous_format)
+        qkv.requires_grad_(True)
         bias.zero_grad(set_to_none=True)
-        out = f(q, k, v, bias, ids if masked else None, impl=which)
+        out = f(*qkv.permute(2, 0, 3, 1, 4), bias, ids if masked else None, impl=which, qkv=qkv)
         out.float().square().sum().backward()
-        return [out.float(), q.grad.float(), k.grad.float(), v.grad.float(), bias.relative_position_bias_table.grad]
+        return [out.float(), *qkv.grad.float().unbind(2), bias.relative_position_bias_table.grad]
 
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -631,7 +632,8 @@ def bench_attention(impls=("explicit", "auto", "sdpa", "flex"), *, batch: int = 
                     device=None, log=None) -> list[dict]:
     """Forward + backward time of biased attention (bf16), full and masked pass, per impl.
 
-    Shapes default to MDT-S/2's (B 256, H 6, N 256, K 179 kept at ratio 0.3). Every impl is
+    Shapes default to MDT-S/2's (B 256, H 6, N 256, K 179 kept at ratio 0.3); q, k and v come packed
+    in one (B, N, 3, H, d) tensor, as the model's qkv projection makes them. Every impl is
     checked against the explicit reference (``check_attention``) before it is timed; the
     flash kernel without any bias is timed too, as the floor.
     """
@@ -650,7 +652,7 @@ def bench_attention(impls=("explicit", "auto", "sdpa", "flex"), *, batch: int = 
     bias = RelativePositionBias((grid, grid), heads).to(dev)
     # kept positions in grid order, as the model's masked pass passes them (MaskOut.in_grid_order)
     ids = torch.stack([torch.randperm(n, device=dev)[:keep] for _ in range(batch)]).sort(dim=1).values
-    q0, k0, v0 = (torch.randn(batch, heads, n, dim, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    qkv0 = torch.randn(batch, n, 3, heads, dim, device=dev, dtype=torch.bfloat16)  # as the qkv projection makes it
     results = []
     for impl in (*impls, "no-bias"):
         row = {"impl": impl, "compile": bool(compile and not impl.startswith(("flex", "triton"))), "batch": batch,
@@ -669,12 +671,13 @@ def bench_attention(impls=("explicit", "auto", "sdpa", "flex"), *, batch: int = 
                                                     device=dev, compile=row["compile"])
                 fn = torch.compile(attention, dynamic=False) if row["compile"] else attention
                 for masked in (False, True):
-                    q, k, v = ((t[:, :, :keep] if masked else t).detach().requires_grad_(True) for t in (q0, k0, v0))
+                    qkv = (qkv0[:, :keep] if masked else qkv0).detach().contiguous().requires_grad_(True)
                     rel = None if impl == "no-bias" else bias
                     which = "auto" if impl == "no-bias" else impl_name
 
                     def step(backward=True):
-                        out = fn(q, k, v, rel, ids if (masked and rel is not None) else None, impl=which)
+                        out = fn(*qkv.permute(2, 0, 3, 1, 4), rel, ids if (masked and rel is not None) else None,
+                                 impl=which, qkv=qkv)
                         if backward:
                             out.backward(torch.ones_like(out))
 

@@ -190,6 +190,21 @@ def test_inductor_variants_patch_the_config_inside_only_and_unknown_ones_are_nam
     assert inductor_config.coordinate_descent_tuning == before[0]
 
 
+def test_check_attention_passes_the_cpu_path_and_fails_a_wrong_one(monkeypatch):
+    """bench attention's check (packed q, k, v as the model passes them, gradients included) holds
+    the CPU's fused maths to 1e-5 in float32, and refuses a path that loses the bias."""
+    from mdtzoo.bench import check_attention
+    from mdtzoo.models import attention as attn
+
+    shapes = dict(batch=2, heads=2, grid=4, keep=11, dim=8, device="cpu", compile=False)
+    errors = check_attention("auto", **shapes)
+    assert set(errors) == {"full_float32", "full_bfloat16", "masked_float32", "masked_bfloat16"}
+    assert errors["full_float32"] < 1e-5 and errors["masked_float32"] < 1e-5
+    monkeypatch.setattr(attn, "_fused_explicit", lambda q, k, v, bias: attn.explicit_attention(q, k, v))
+    with pytest.raises(AssertionError, match="attention impl 'auto' full_float32 out: relative error"):
+        check_attention("auto", **shapes)
+
+
 def test_rows2048_keeps_inner_reductions_up_to_2048_in_registers_inside_only(monkeypatch):
     """The variant's choices handler: persistent for inner reductions up to 2048 elements (MDT-XL's
     1152-wide LayerNorms), inductor's own choice otherwise; restored on exit."""

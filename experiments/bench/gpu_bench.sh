@@ -39,6 +39,8 @@
 #   bash experiments/bench/gpu_bench.sh blocks    # one block's forward + backward kernel by kernel with inductor's GB/s (block_parts.py) at XL/2 and S/2; DiT-XL/2 and MDT-XL/2 step profiles
 #   bash experiments/bench/gpu_bench.sh blocks2   # block_parts.py variants (inductor's persistent rows at XL's width, multi-kernel), each in its own compile cache; the base block's generated code
 #   bash experiments/bench/gpu_bench.sh packed    # attention kernels checked at XL/2 shapes; MDT-XL/2 and S/2 steps with the previous commit's code (OLD) / packed qkv, alternating; MDT-XL/2 with rows2048
+#   bash experiments/bench/gpu_bench.sh packed2   # the packed kernels checked against the explicit maths at XL/2 shapes, then the MDT-S/2 step new / OLD / new
+#   bash experiments/bench/gpu_bench.sh packed3   # the MDT-B/2 step, packed qkv / the previous commit's code (OLD)
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -441,6 +443,16 @@ packed)  # q, k, v read packed and the gradient written packed, against the prev
   old_step step_mdt_s2_old 100 mdt_s2 256 --steps 30 --compile
   step step_mdt_s2_new 100 mdt_s2 256 --steps 30 --compile
   TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_rows step step_mdt_xl2_rows 120 mdt_xl2 64 --compile --inductor-options rows2048
+  ;;
+packed2)  # packed's check (longer limit: compiling the timed paths) and its S/2 steps
+  run attention_xl2 200 bench attention --impl triton --batch 64 --heads 16 --dim 72 --json "$OUT/attention_xl2.json"
+  step step_mdt_s2_new1 90 mdt_s2 256 --steps 30 --compile
+  old_step step_mdt_s2_old 90 mdt_s2 256 --steps 30 --compile
+  step step_mdt_s2_new2 90 mdt_s2 256 --steps 30 --compile
+  ;;
+packed3)
+  step step_mdt_b2_new 110 mdt_b2 256 --compile
+  old_step step_mdt_b2_old 110 mdt_b2 256 --compile
   ;;
 s2prof)  # where the S/2 steps' time goes now: GPU time by kind and the idle line
   profile mdt_s2 256 110 24
