@@ -192,6 +192,8 @@ full = torch.randn(2, 20, 20)
 torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_fwd_packed.default, (qkv, full, None),
                       test_utils=("test_schema", "test_faketensor"))
 pos = ids[:, :13].to(torch.int32).contiguous()
+torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_fwd_packed.default, (qkv[:, :13], full, pos),
+                      test_utils=("test_schema", "test_faketensor"))
 o, lse = torch.ops.mdtzoo.relbias_flash_fwd_packed(qkv[:, :13], full, pos)
 for do in (torch.randn_like(o), torch.randn(o.shape[:1] + o.shape[:0:-1]).permute(0, 3, 2, 1)):  # dO any strides
     torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_bwd_packed.default, (qkv[:, :13], full, pos, o, lse, do),
