@@ -111,7 +111,7 @@ def _is_oom(err: BaseException) -> bool:
 def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: bool | str = False,
                      precision: str = "auto", passes: str = "auto", steps: int = 10, warmup: int = 3,
                      peak_tflops: float = DEFAULT_PEAK_TFLOPS, device: str | None = None,
-                     seed: int = 0, attn_impl: str = "auto", separate_passes: bool = True,
+                     seed: int = 0, attn_impl: str = "auto", norm_impl: str = "torch", separate_passes: bool = True,
                      activation_checkpointing: bool = False, profile: bool = False, flex_options: str | None = None,
                      triton_options: str | None = None, inductor_options: str | None = None,
                      update: str = "auto", hold_grads: bool = True, log=None) -> dict:
@@ -121,7 +121,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     ``triton_options``: a ``TRITON_VARIANTS`` name, our Triton kernel's settings;
     ``inductor_options``: an ``INDUCTOR_VARIANTS`` name, torch.compile's code-generation settings;
     ``update``: the optimiser side as the trainer's ``train.update`` ('auto', 'fused', 'op_by_op');
-    ``hold_grads``: as ``train.hold_grads`` (the fused update adds the full pass's gradients).
+    ``hold_grads``: as ``train.hold_grads`` (the fused update adds the full pass's gradients);
+    ``norm_impl``: the blocks' ``norm_impl`` ('torch', 'triton': ``models.triton_norm``).
 
     ``batch`` is per process: under torchrun (WORLD_SIZE > 1) the objective is wrapped in DDP
     as in the trainer and img/s counts all processes' images. An out-of-memory error does not
@@ -130,6 +131,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     from mdtzoo.training import distributed as dist_util
     from mdtzoo.diffusion import build_diffusion
     from mdtzoo.models import build_model
+    from mdtzoo.models.blocks import check_norm_impl
     from mdtzoo.training.ema import EMA
     from mdtzoo.training.fused_update import FusedAdamWEMA, check_update_mode, make_update
     from mdtzoo.training.loop import make_optimizer
@@ -141,6 +143,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     check_triton_variant(triton_options)
     check_inductor_variant(inductor_options)
     check_update_mode(update)
+    check_norm_impl(norm_impl)
     info = dist_util.env_info()
     if info.world > 1:
         info, dev = dist_util.setup(device or "auto")
@@ -157,7 +160,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         model=model_name, batch=batch, precision=precision, compile=compile if isinstance(compile, str) else bool(compile),
         passes=passes,
         steps=steps, warmup=warmup, peak_tflops=peak_tflops, device=dev.type, world=info.world,
-        attn_impl=attn_impl, flex_options=flex_options, triton_options=triton_options,
+        attn_impl=attn_impl, norm_impl=norm_impl, flex_options=flex_options, triton_options=triton_options,
         inductor_options=inductor_options, separate_passes=bool(separate_passes),
         activation_checkpointing=bool(activation_checkpointing),
         card=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,
@@ -165,7 +168,11 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     )
     torch.manual_seed(seed)
     # ImageNet latents: 32x32x4, 1000 classes (the presets' defaults, stated for clarity).
-    model = build_model(model_name, input_size=32, in_channels=4, num_classes=1000, attn_impl=attn_impl)
+    model = build_model(model_name, input_size=32, in_channels=4, num_classes=1000, attn_impl=attn_impl,
+                        norm_impl=norm_impl)
+    if norm_impl == "triton" and cuda:  # our kernels checked at the model's width before anything is timed
+        result["norm_errors"] = check_norm(model.hidden_size, device=dev)
+        log(f"fused norm checked against the block's maths: {result['norm_errors']}")
     passes = resolve_passes(model, passes)
     flops = train_step_flops(model, batch, passes)
     result.update(passes=passes, flops_per_step=flops, params=sum(p.numel() for p in model.parameters()))
@@ -388,6 +395,41 @@ def _cuda_time(fn, repeats: int, warmup: int = 3) -> float:
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def check_norm(dim: int, *, batch: int = 4, tokens: int = 256, device=None) -> dict:
+    """Relative errors of the fused gated residual + LayerNorm + modulate (``models.triton_norm``)
+    against the block's own maths: x1, h and the gradients of x, a and the adaLN vector, with every
+    input in float32 (< 1e-5) and with a, the adaLN vector and h in bf16 on a float32 stream (< 2e-2).
+    Raises AssertionError past those bounds; returns the worst errors."""
+    from mdtzoo.models import triton_norm as tn
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x0 = (torch.randn(batch, tokens, dim, generator=g) * 3 + 1).to(dev)
+    a0 = torch.randn(batch, tokens, dim, generator=g).to(dev)
+    ada0 = torch.randn(batch, 6 * dim, generator=g).to(dev)
+
+    def run(fn, dtype):
+        x = x0.clone().requires_grad_(True)
+        a = a0.to(dtype).clone().requires_grad_(True)
+        ada = ada0.to(dtype).clone().requires_grad_(True)
+        _, _, gate, shift, scale, _ = ada.chunk(6, dim=1)  # strided views, as the block's adaLN chunks
+        x1, h = fn(x, a, gate, shift, scale, 1e-6)
+        (x1.square().sum() + h.float().square().sum()).backward()
+        return [x1, h.float(), x.grad, a.grad.float(), ada.grad.float()]
+
+    worst = {}
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        ref = run(tn.reference, torch.float32)
+        got = run(lambda *t: tn._norm_fwd(*t)[:2], dtype)
+        key = str(dtype)[6:]
+        for name, a, b in zip(("x1", "h", "dx", "da", "dadaLN"), got, ref):
+            err = ((a - b).norm() / b.norm()).item()
+            worst[key] = max(worst.get(key, 0.0), err)
+            if not err < tol:
+                raise AssertionError(f"fused norm {key} {name}: relative error {err:.2e} >= {tol}")
+    return worst
 
 
 def check_attention(impl: str, *, batch: int = 4, heads: int = 6, grid: int = 16, keep: int = 179,

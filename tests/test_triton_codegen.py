@@ -92,3 +92,36 @@ def test_xl_kernels_move_16_bytes_at_a_time_and_use_wgmma(xl_launches):
         assert not narrow, f"{name}: {len(narrow)} 2-byte global accesses, e.g. {narrow[0]}"
         if name != "_delta_kernel":  # delta is a row sum, no matrix product
             assert "wgmma.mma_async" in ptx, name
+
+
+@pytest.fixture(scope="module")
+def norm_launches():
+    """The fused gated-residual + LayerNorm kernels' launches (models/triton_norm.py) at MDT-XL/2's
+    width, bf16 under autocast: a float32 stream, bf16 attention output and adaLN chunks."""
+    from mdtzoo.models import triton_norm as tn
+
+    names = ("_fwd_kernel", "_bwd_kernel")
+    saved = {name: getattr(tn, name) for name in names}
+    recorders = {name: _Recorder(saved[name]) for name in names}
+    try:
+        for name in names:
+            setattr(tn, name, recorders[name])
+        g = torch.Generator().manual_seed(0)
+        x, a = torch.randn(2, 256, 1152, generator=g), torch.randn(2, 256, 1152, generator=g).bfloat16()
+        _, _, gate, shift, scale, _ = torch.randn(2, 6 * 1152, generator=g).bfloat16().chunk(6, dim=1)
+        mean, rstd = torch.zeros(512), torch.ones(512)
+        tn._norm_fwd(x, a, gate, shift, scale, 1e-6)
+        tn._norm_bwd(x, a, gate, scale, mean, rstd, a.clone(), x.clone())
+    finally:
+        for name in names:
+            setattr(tn, name, saved[name])
+    return [(name, saved[name], *call) for name in names for call in recorders[name].calls]
+
+
+def test_xl_norm_kernels_move_16_bytes_at_a_time(norm_launches):
+    assert sorted(launch[0] for launch in norm_launches) == ["_bwd_kernel", "_fwd_kernel"]
+    for name, fn, args, kwargs in norm_launches:
+        ptx = _ptx(fn, args, dict(kwargs))
+        narrow = [line.strip() for line in ptx.splitlines() if "ld.global.b16" in line or "st.global.b16" in line]
+        assert not narrow, f"{name}: {len(narrow)} 2-byte global accesses, e.g. {narrow[0]}"
+        assert "ld.global.v4.b32" in ptx or "ld.global.nc.v4.b32" in ptx, name  # 16-byte row loads

@@ -2,6 +2,7 @@
 
     python experiments/bench/block_parts.py --model dit_xl2 --batch 64
     python experiments/bench/block_parts.py --model dit_xl2 --batch 64 --variant persist
+    python experiments/bench/block_parts.py --model dit_xl2 --batch 64 --norm-impl triton   # our fused norm kernels
     TORCH_LOGS=output_code python experiments/bench/block_parts.py 2> code.log   # + inductor's kernels
 
 Builds one block of the model's size (no relative-position bias: the DiT block, whose elementwise
@@ -25,8 +26,8 @@ import statistics
 
 import torch
 
-from mdtzoo.bench import persistent_rows
-from mdtzoo.models.blocks import Block
+from mdtzoo.bench import check_norm, persistent_rows
+from mdtzoo.models.blocks import NORM_IMPLS, Block
 from mdtzoo.models.presets import SIZES
 
 TOKENS = 256  # 32x32 latents, patch 2
@@ -40,10 +41,10 @@ def size_of(model: str) -> str:
     return m.group(1)
 
 
-def make(model: str, batch: int, seed: int = 0):
+def make(model: str, batch: int, seed: int = 0, norm_impl: str = "torch"):
     _, dim, heads = SIZES[size_of(model)]
     torch.manual_seed(seed)
-    block = Block(dim, heads).cuda()
+    block = Block(dim, heads, norm_impl=norm_impl).cuda()
     for p in block.parameters():  # adaLN-Zero starts at zero: random weights so every path carries signal
         torch.nn.init.normal_(p, std=0.02)
     x = torch.randn(batch, TOKENS, dim, device="cuda", requires_grad=True)
@@ -124,18 +125,22 @@ def main(argv=None):
     p.add_argument("--model", default="dit_xl2")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--norm-impl", default="torch", choices=NORM_IMPLS,
+                   help="the block's gated residual + LayerNorm 2: inductor's kernels or ours (checked first)")
     p.add_argument("--variant", default="base", help="base | persist (rows up to 2048 kept in registers) | multikernel")
     args = p.parse_args(argv)
     stack = contextlib.ExitStack()
     apply_variant(args.variant, stack)
-    block, x, c, dy = make(args.model, args.batch)
+    if args.norm_impl == "triton":
+        print("fused norm checked against the block's maths:", check_norm(SIZES[size_of(args.model)][1]))
+    block, x, c, dy = make(args.model, args.batch, norm_impl=args.norm_impl)
     block.compile(dynamic=False)
     run = lambda: call(block, x, c, dy)  # noqa: E731
     ms = time_ms(run)
     rows = kernels(run)
     busy = sum(r[1] for r in rows) / 1e3
     floor = matmul_floor(args.model, args.batch)
-    print(f"{args.model} block ({args.variant}), batch {args.batch}: {ms:.3f} ms per forward + backward "
+    print(f"{args.model} block ({args.variant}, norm {args.norm_impl}), batch {args.batch}: {ms:.3f} ms per forward + backward "
           f"(GPU busy {busy:.3f} ms); its matrix products alone {floor:.3f} ms")
     print("| kernel | µs per call | launches |\n|---|---|---|")
     for name, us, n in rows[: args.top]:

@@ -41,6 +41,7 @@
 #   bash experiments/bench/gpu_bench.sh packed    # attention kernels checked at XL/2 shapes; MDT-XL/2 and S/2 steps with the previous commit's code (OLD) / packed qkv, alternating; MDT-XL/2 with rows2048
 #   bash experiments/bench/gpu_bench.sh packed2   # the packed kernels checked against the explicit maths at XL/2 shapes, then the MDT-S/2 step new / OLD / new
 #   bash experiments/bench/gpu_bench.sh packed3   # the MDT-B/2 step, packed qkv / the previous commit's code (OLD)
+#   bash experiments/bench/gpu_bench.sh norm      # the fused gated residual + LayerNorm kernels (models/triton_norm.py): one XL block torch / triton, then DiT-XL/2 and MDT-XL/2 steps alternating (each checked first)
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -453,6 +454,18 @@ packed2)  # packed's check (longer limit: compiling the timed paths) and its S/2
 packed3)
   step step_mdt_b2_new 110 mdt_b2 256 --compile
   old_step step_mdt_b2_old 110 mdt_b2 256 --compile
+  ;;
+norm)  # --norm-impl triton against inductor's kernels: block, then steps, alternating
+  for impl in torch triton; do
+    echo "== block_dit_xl2_$impl" >&2
+    timeout 120 "$py" experiments/bench/block_parts.py --model dit_xl2 --batch 64 --norm-impl "$impl" \
+      > "$OUT/block_dit_xl2_$impl.log" 2>&1 || echo "!! block_dit_xl2_$impl failed (rc $?)" >&2
+    grep "checked\|block (" "$OUT/block_dit_xl2_$impl.log" >&2
+  done
+  for spec in "dit_xl2 torch" "dit_xl2 triton" "mdt_xl2 triton" "mdt_xl2 torch"; do
+    set -- $spec
+    step "step_$1_$2" 110 "$1" 64 --compile --norm-impl "$2"
+  done
   ;;
 s2prof)  # where the S/2 steps' time goes now: GPU time by kind and the idle line
   profile mdt_s2 256 110 24

@@ -14,10 +14,11 @@ import argparse
 import json
 import sys
 
-# = mdtzoo.training.objective.COMPILE_MODES and mdtzoo.models.attention.IMPLS (tests keep them equal),
-# spelled here so `mdtzoo --help` stays torch-free
+# = mdtzoo.training.objective.COMPILE_MODES, mdtzoo.models.attention.IMPLS and
+# mdtzoo.models.blocks.NORM_IMPLS (tests keep them equal), spelled here so `mdtzoo --help` stays torch-free
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTN_IMPLS = ("auto", "sdpa", "explicit", "flex", "triton")
+NORM_IMPLS = ("torch", "triton")
 
 
 def run_train_step(args) -> int:
@@ -28,7 +29,7 @@ def run_train_step(args) -> int:
     result = bench_train_step(
         args.model, args.batch, compile=args.compile_mode or args.compile, precision=args.precision, passes=args.passes,
         steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops, device=args.device,
-        seed=args.seed, attn_impl=args.attn, separate_passes=not args.joint_backward,
+        seed=args.seed, attn_impl=args.attn, norm_impl=args.norm_impl, separate_passes=not args.joint_backward,
         activation_checkpointing=args.activation_checkpointing, profile=args.profile, flex_options=args.flex_options,
         triton_options=args.triton_options, inductor_options=args.inductor_options, update=args.update,
         hold_grads=not args.no_hold_grads, log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
@@ -141,6 +142,9 @@ def add_parser(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--attn", default="auto", choices=ATTN_IMPLS,
                    help="attention path with the relative-position bias (explicit = the slow reference)")
+    t.add_argument("--norm-impl", default="torch", choices=NORM_IMPLS,
+                   help="the blocks' gated residual + LayerNorm + modulate: inductor's kernels (torch) or ours "
+                        "(triton, models/triton_norm.py; CUDA)")
     t.add_argument("--joint-backward", action="store_true",
                    help="one backward of full + masked loss (default: the two passes in turn, less memory)")
     t.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")

@@ -15,6 +15,14 @@ from torch.utils.checkpoint import checkpoint
 
 from mdtzoo.models.attention import attention, check_impl
 
+NORM_IMPLS = ("torch", "triton")
+
+
+def check_norm_impl(impl: str) -> str:
+    if impl not in NORM_IMPLS:
+        raise ValueError(f"unknown norm_impl {impl!r}; valid: {', '.join(repr(i) for i in NORM_IMPLS)}")
+    return impl
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation. x: (B, N, D); shift, scale: (B, D)."""
@@ -51,7 +59,9 @@ class Block(nn.Module):
 
     x: (B, N, D), c: (B, D), skip: (B, N, D) or None -> (B, N, D).
     With ``skip_linear``: x <- Linear(2D -> D)([x, skip]) before the block (U-ViT long skips,
-    MDT v2 dense input skips).
+    MDT v2 dense input skips). ``norm_impl``: 'torch' (the maths below, compiled by inductor) or
+    'triton' (the attention's gated residual and the second LayerNorm + modulate as one kernel each
+    way, ``models.triton_norm``; the same maths, on CUDA only -- elsewhere 'torch').
     """
 
     def __init__(
@@ -62,8 +72,10 @@ class Block(nn.Module):
         rel_pos_bias: nn.Module | None = None,
         skip: bool = False,
         attn_impl: str = "auto",
+        norm_impl: str = "torch",
     ):
         super().__init__()
+        self.norm_impl = check_norm_impl(norm_impl)
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, rel_pos_bias=rel_pos_bias, impl=attn_impl)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -83,9 +95,15 @@ class Block(nn.Module):
                 raise ValueError("this block fuses a skip input (skip_linear) but got none")
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        a = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep)
+        if self.norm_impl == "triton":
+            from mdtzoo.models.triton_norm import gated_residual_norm
+
+            x, h = gated_residual_norm(x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
+        else:
+            x = x + gate_msa.unsqueeze(1) * a
+            h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(h)
 
 
 class FinalLayer(nn.Module):

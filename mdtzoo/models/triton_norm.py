@@ -1,0 +1,208 @@
+"""The adaLN block's gated residual and its second LayerNorm + modulate as one Triton kernel each way.
+
+In a DiT/MDT block the attention's output ``a`` joins the residual stream and is normalised for the
+MLP at once::
+
+    x1 = x + gate * a                                  # (B, N, D), float32 stream
+    h = LayerNorm(x1) * (1 + scale) + shift            # the MLP's input
+
+``gate``, ``shift`` and ``scale`` are per-sample (B, D) vectors (views of the adaLN projection).
+Compiled by inductor, the backward of these two lines is a LayerNorm backward that loops over each
+row twice and writes the normalised row in float32 to read it back, plus separate kernels for the
+per-sample column sums that give the gradients of gate, shift and scale -- each reading the same
+(B, N, D) tensors again (docs/performance.md, session 9). Here one program takes a few rows of one
+sample and does all of it in one pass: the row statistics, dx, da, and the three column sums, which
+it accumulates in registers over its rows and writes once; the partial sums of a sample's programs
+are added afterwards (a (B, programs, 3, D) tensor, small).
+
+The forward keeps each row in registers (the whole row is one tile; D is a compile-time constant)
+and saves the rows' mean and 1 / std; the backward recomputes x1 from x, a and gate rather than
+saving it (the same bytes read, no (B, N, D) float32 tensor kept per block).
+
+``gated_residual_norm`` is the entry point: these kernels on CUDA (and under ``TRITON_INTERPRET=1``),
+the same maths in torch elsewhere (``reference``). The MLP input h comes in ``a``'s dtype (bf16
+under autocast, where torch's LayerNorm would give float32 for the MLP to cast to bf16).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU path needs none of this
+    triton = None
+
+CONFIG = {"fwd_rows": 2, "fwd_warps": 8, "bwd_rows": 2, "bwd_warps": 8, "bwd_chunk": 16}
+
+
+def reference(x, a, gate, shift, scale, eps: float = 1e-6):
+    """The block's own maths: (x1, h) = (x + gate a, LayerNorm(x1) (1 + scale) + shift)."""
+    x1 = x + gate.unsqueeze(1) * a
+    h = F.layer_norm(x1, x1.shape[-1:], eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return x1, h
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels run for ``x``: CUDA with triton, or the interpreter on the CPU."""
+    if triton is None:
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def gated_residual_norm(x, a, gate, shift, scale, eps: float = 1e-6):
+    """(x1, h) as ``reference``; one Triton kernel each way where ``usable``."""
+    if not usable(x):
+        return reference(x, a, gate, shift, scale, eps)
+    x1, h, _, _ = _norm_fwd(x, a, gate, shift, scale, float(eps))
+    return x1, h
+
+
+if triton is not None:
+    @triton.jit
+    def _fwd_kernel(X, A, G, SH, SC, X1, H, MEAN, RSTD, T, N, sg, ssh, ssc, eps,
+                    D: tl.constexpr, BD: tl.constexpr, ROWS: tl.constexpr):
+        """ROWS token rows per program: x1 = x + g a, its mean and 1/std, h = x̂ (1 + sc) + sh."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BD)
+        r_ok = rows < T
+        ok = r_ok[:, None] & (cols < D)[None, :]
+        b = rows // N
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+        a = tl.load(A + offs, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(G + b[:, None] * sg + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        x1 = x + g * a
+        tl.store(X1 + offs, x1.to(X1.dtype.element_ty), mask=ok)
+        mean = tl.sum(x1, 1) / D
+        diff = tl.where(ok, x1 - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, 1) / D + eps)
+        sh = tl.load(SH + b[:, None] * ssh + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        sc = tl.load(SC + b[:, None] * ssc + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        h = diff * rstd[:, None] * (1.0 + sc) + sh
+        tl.store(H + offs, h.to(H.dtype.element_ty), mask=ok)
+        tl.store(MEAN + rows, mean, mask=r_ok)
+        tl.store(RSTD + rows, rstd, mask=r_ok)
+
+    @triton.jit
+    def _bwd_kernel(X, A, G, SC, MEAN, RSTD, DH, DX1, DX, DA, PART, N, R, CH, sg, ssc,
+                    D: tl.constexpr, BD: tl.constexpr, ROWS: tl.constexpr):
+        """Rows [c R, (c + 1) R) of sample b (program (b, c)): dx = dx1 + the LayerNorm backward of
+        dh (1 + sc), da = dx g, and the rows' column sums of dx a, dh and dh x̂ into PART[b, c]."""
+        b = tl.program_id(0)
+        c = tl.program_id(1)
+        cols = tl.arange(0, BD)
+        c_ok = cols < D
+        g = tl.load(G + b * sg + cols, mask=c_ok, other=0.0).to(tl.float32)
+        sc1 = 1.0 + tl.load(SC + b * ssc + cols, mask=c_ok, other=0.0).to(tl.float32)
+        acc_g = tl.zeros([BD], tl.float32)
+        acc_sh = tl.zeros([BD], tl.float32)
+        acc_sc = tl.zeros([BD], tl.float32)
+        end = tl.minimum((c + 1) * R, N)
+        for start in range(c * R, end, ROWS):
+            r = start + tl.arange(0, ROWS)
+            r_ok = r < end
+            ok = r_ok[:, None] & c_ok[None, :]
+            rows = b * N + r
+            offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+            x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+            a = tl.load(A + offs, mask=ok, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + rows, mask=r_ok, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=r_ok, other=0.0)
+            xhat = tl.where(ok, (x + g[None, :] * a - mean[:, None]) * rstd[:, None], 0.0)
+            dh = tl.load(DH + offs, mask=ok, other=0.0).to(tl.float32)
+            dxhat = dh * sc1[None, :]
+            m1 = tl.sum(dxhat, 1) / D
+            m2 = tl.sum(dxhat * xhat, 1) / D
+            dx = tl.load(DX1 + offs, mask=ok, other=0.0).to(tl.float32)
+            dx += tl.where(ok, rstd[:, None] * (dxhat - m1[:, None] - xhat * m2[:, None]), 0.0)
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
+            tl.store(DA + offs, (dx * g[None, :]).to(DA.dtype.element_ty), mask=ok)
+            acc_g += tl.sum(dx * a, 0)
+            acc_sh += tl.sum(dh, 0)
+            acc_sc += tl.sum(dh * xhat, 0)
+        part = PART + ((b * CH + c) * 3).to(tl.int64) * D
+        tl.store(part + cols, acc_g, mask=c_ok)
+        tl.store(part + D + cols, acc_sh, mask=c_ok)
+        tl.store(part + 2 * D + cols, acc_sc, mask=c_ok)
+
+
+def _vector(t: torch.Tensor) -> torch.Tensor:
+    """A (B, D) per-sample vector with unit column stride (the adaLN chunks are such views)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _tile(d: int) -> int:
+    return max(16, 1 << (d - 1).bit_length())
+
+
+@torch.library.custom_op("mdtzoo::gated_residual_norm", mutates_args=())
+def _norm_fwd(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> x1 (x's dtype), h (a's dtype), and each row's mean and 1/std (B * N, float32)."""
+    b, n, d = x.shape
+    x, a = x.contiguous(), a.contiguous()
+    gate, shift, scale = _vector(gate), _vector(shift), _vector(scale)
+    x1, h = torch.empty_like(x), torch.empty_like(a)
+    mean = torch.empty(b * n, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    rows = CONFIG["fwd_rows"]
+    _fwd_kernel[(triton.cdiv(b * n, rows),)](
+        x, a, gate, shift, scale, x1, h, mean, rstd, b * n, n, gate.stride(0), shift.stride(0), scale.stride(0),
+        eps, D=d, BD=_tile(d), ROWS=rows, num_warps=CONFIG["fwd_warps"])
+    return x1, h, mean, rstd
+
+
+@_norm_fwd.register_fake
+def _(x, a, gate, shift, scale, eps):
+    b, n, _ = x.shape
+    mean = x.new_empty(b * n, dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), \
+        torch.empty_like(a, memory_format=torch.contiguous_format), mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("mdtzoo::gated_residual_norm_bwd", mutates_args=())
+def _norm_bwd(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+              rstd: torch.Tensor, dh: torch.Tensor, dx1: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dx, da, dgate, dshift, dscale, each in its input's dtype (the column sums in float32 first)."""
+    b, n, d = x.shape
+    x, a, dh, dx1 = x.contiguous(), a.contiguous(), dh.contiguous(), dx1.contiguous()
+    gate, scale = _vector(gate), _vector(scale)
+    chunk = CONFIG["bwd_chunk"]
+    ch = triton.cdiv(n, chunk)
+    dx, da = torch.empty_like(x), torch.empty_like(a)
+    part = torch.empty((b, ch, 3, d), device=x.device, dtype=torch.float32)
+    _bwd_kernel[(b, ch)](x, a, gate, scale, mean, rstd, dh, dx1, dx, da, part, n, chunk, ch,
+                         gate.stride(0), scale.stride(0), D=d, BD=_tile(d), ROWS=CONFIG["bwd_rows"],
+                         num_warps=CONFIG["bwd_warps"])
+    dgate, dshift, dscale = part.sum(1).unbind(1)  # views of one tensor: copied apart (outputs may not alias)
+    return dx, da, dgate.to(gate.dtype, copy=True), dshift.to(gate.dtype, copy=True), dscale.to(scale.dtype, copy=True)
+
+
+@_norm_bwd.register_fake
+def _(x, a, gate, scale, mean, rstd, dh, dx1):
+    b, _, d = x.shape
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(a, memory_format=torch.contiguous_format),
+            gate.new_empty((b, d)), gate.new_empty((b, d)), scale.new_empty((b, d)))
+
+
+def _setup(ctx, inputs, output):
+    x, a, gate, shift, scale, _ = inputs
+    _, _, mean, rstd = output
+    ctx.save_for_backward(x, a, gate, scale, mean, rstd)
+    ctx.shift_dtype = shift.dtype
+
+
+def _backward(ctx, dx1, dh, _dmean, _drstd):
+    x, a, gate, scale, mean, rstd = ctx.saved_tensors
+    dx, da, dgate, dshift, dscale = _norm_bwd(x, a, gate, scale, mean, rstd, dh, dx1)
+    return dx, da, dgate, dshift.to(ctx.shift_dtype), dscale, None
+
+
+_norm_fwd.register_autograd(_backward, setup_context=_setup)

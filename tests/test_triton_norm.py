@@ -1,0 +1,136 @@
+"""The fused gated-residual + LayerNorm + modulate kernels (models/triton_norm.py) against the block's
+own maths, forward and every gradient, in Triton's CPU interpreter; the block's switch between them."""
+
+import pytest
+import torch
+
+CHECK = """
+import torch
+from mdtzoo.models import triton_norm as tn
+torch.manual_seed(0)
+
+
+def rel(a, b):  # relative error; NaN counts as the worst
+    e = ((a.double() - b.double()).norm() / b.double().norm()).item()
+    return e if e == e else float("inf")
+
+
+def run(fn, x, a, six, dtype):
+    x = x.clone().requires_grad_(True)
+    a = a.to(dtype).clone().requires_grad_(True)
+    ada = six.to(dtype).clone().requires_grad_(True)  # (B, 6D), chunked as the block chunks it: strided views
+    _, _, gate, shift, scale, _ = ada.chunk(6, dim=1)
+    x1, h = fn(x, a, gate, shift, scale, 1e-6)
+    w1, wh = torch.linspace(-1, 1, x1.numel()).reshape(x1.shape), torch.linspace(1, -2, h.numel()).reshape(h.shape)
+    ((x1 * w1).sum() + (h.float() * wh).sum()).backward()
+    return [x1, h.float(), x.grad, a.grad.float(), ada.grad.float()]
+
+
+worst = {}
+# D 40: a row tile of 64 with 24 columns masked; N 13 with chunks of 4 rows: a short last chunk, and
+# rows odd against ROWS 2; D 64: no masking; one sample with one chunk.
+for (b, n, d, chunk) in ((3, 13, 40, 4), (2, 16, 64, 16), (1, 5, 24, 16)):
+    tn.CONFIG["bwd_chunk"] = chunk
+    x = torch.randn(b, n, d) * 3 + 1
+    a = torch.randn(b, n, d)
+    six = torch.randn(b, 6 * d)
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = run(tn.reference, x, a, six, dtype)
+        got = run(lambda *t: tn._norm_fwd(*t)[:2], x, a, six, dtype)
+        key = str(dtype)[6:]
+        worst[key] = max([worst.get(key, 0.0)] + [rel(g, r) for g, r in zip(got, ref)])
+        assert got[1].dtype == torch.float32 and ref[2].dtype == torch.float32
+# the ops' fake kernels describe the real outputs (strided adaLN chunks, bf16 with a float32 stream)
+six = torch.randn(2, 6 * 40).bfloat16()
+_, _, gate, shift, scale, _ = six.chunk(6, dim=1)
+x, a = torch.randn(2, 7, 40), torch.randn(2, 7, 40).bfloat16()
+torch.library.opcheck(torch.ops.mdtzoo.gated_residual_norm.default, (x, a, gate, shift, scale, 1e-6),
+                      test_utils=("test_schema", "test_faketensor"))
+x1, h, mean, rstd = tn._norm_fwd(x, a, gate, shift, scale, 1e-6)
+torch.library.opcheck(torch.ops.mdtzoo.gated_residual_norm_bwd.default,
+                      (x, a, gate, scale, mean, rstd, torch.randn_like(h), torch.randn_like(x1)),
+                      test_utils=("test_schema", "test_faketensor"))
+print("WORST", worst["float32"], worst["bfloat16"])
+"""
+
+
+def test_fused_norm_kernels_match_the_block_maths_forward_and_gradients(triton_interpreter):
+    out = triton_interpreter(CHECK).split("WORST")[-1].split()
+    f32, bf16 = float(out[0]), float(out[1])
+    assert f32 < 1e-5, f32  # same maths, another summation order
+    assert bf16 < 1e-2, bf16  # a, gate, shift, scale and h in bf16 (the float32 stream kept)
+
+
+def test_gated_residual_norm_is_the_reference_off_cuda():
+    from mdtzoo.models import triton_norm as tn
+
+    x, a = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    gate, shift, scale = torch.randn(3, 2, 8).unbind(0)
+    x1, h = tn.gated_residual_norm(x, a, gate, shift, scale)
+    assert not tn.usable(x)
+    torch.testing.assert_close(x1, x + gate[:, None] * a)
+    xn = (x1 - x1.mean(-1, keepdim=True)) / (x1.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(h, xn * (1 + scale[:, None]) + shift[:, None], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_block_norm_impl_option_and_its_check(impl):
+    from mdtzoo.models.blocks import Block
+
+    block = Block(16, 2, norm_impl=impl)
+    x, c = torch.randn(2, 4, 16), torch.randn(2, 16)
+    assert block(x, c).shape == (2, 4, 16)  # on the CPU both are the block's own maths
+    with pytest.raises(ValueError, match="unknown norm_impl 'fast'; valid: 'torch', 'triton'"):
+        Block(16, 2, norm_impl="fast")
+
+
+def test_block_with_triton_norm_matches_torch_norm_in_the_interpreter(triton_interpreter):
+    script = """
+import torch
+from mdtzoo.models.blocks import Block
+torch.manual_seed(0)
+res = []
+for impl, compiled in (("torch", False), ("triton", False), ("triton", True)):
+    torch.manual_seed(1)
+    block = Block(24, 2, norm_impl=impl)
+    if compiled:  # the ops inside a compiled block: fake kernels, autograd, no graph break
+        block.compile(dynamic=False, fullgraph=True)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 6, 24, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    c = torch.randn(2, 24, generator=torch.Generator().manual_seed(3))
+    y = block(x, c)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    res.append([y, x.grad] + [p.grad for p in block.parameters()])
+print("WORST", max(((a - b).norm() / b.norm()).item() for r in res[1:] for a, b in zip(r, res[0])))
+"""
+    assert float(triton_interpreter(script).split("WORST")[-1]) < 1e-5
+
+
+def test_bench_cli_offers_every_norm_impl_and_the_model_refuses_unknown_ones():
+    from mdtzoo.launch.bench_cmd import NORM_IMPLS
+    from mdtzoo.models import build_model
+    from mdtzoo.models.blocks import NORM_IMPLS as impls
+
+    assert NORM_IMPLS == impls
+    assert all(b.norm_impl == "triton" for b in build_model("mdt_xs2", norm_impl="triton").all_blocks())
+    with pytest.raises(ValueError, match="unknown norm_impl 'fused'; valid: 'torch', 'triton'"):
+        build_model("dit_xs2", norm_impl="fused")
+
+
+def test_bench_check_norm_passes_the_kernels_and_fails_a_wrong_one(triton_interpreter):
+    """What `bench train-step --norm-impl triton` runs on the GPU before timing, here in the interpreter."""
+    script = """
+from mdtzoo.bench import check_norm
+from mdtzoo.models import triton_norm as tn
+worst = check_norm(40, batch=2, tokens=13, device="cpu")
+assert worst["float32"] < 1e-5 and worst["bfloat16"] < 2e-2, worst
+right = tn._norm_fwd
+tn._norm_fwd = lambda x, a, g, sh, sc, eps: right(x, a, g, sh, sc * 1.001, eps)  # scale slightly off
+try:
+    check_norm(40, batch=2, tokens=13, device="cpu")
+except AssertionError as err:
+    print("REFUSED", err)
+"""
+    out = triton_interpreter(script)
+    assert "REFUSED fused norm float32 h: relative error" in out, out
