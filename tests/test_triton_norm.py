@@ -61,13 +61,15 @@ def test_fused_norm_kernels_match_the_block_maths_forward_and_gradients(triton_i
     assert bf16 < 1e-2, bf16  # a, gate, shift, scale and h in bf16 (the float32 stream kept)
 
 
-def test_gated_residual_norm_is_the_reference_off_cuda():
+def test_gated_residual_norm_is_the_reference_off_cuda(monkeypatch):
     from mdtzoo.models import triton_norm as tn
 
     x, a = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     gate, shift, scale = torch.randn(3, 2, 8).unbind(0)
     x1, h = tn.gated_residual_norm(x, a, gate, shift, scale)
     assert not tn.usable(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter would run them, but never for float64
+    assert tn.usable(x, a) and not tn.usable(x.double(), a.double()) and not tn.usable(torch.zeros(1, 1, 9000))
     torch.testing.assert_close(x1, x + gate[:, None] * a)
     xn = (x1 - x1.mean(-1, keepdim=True)) / (x1.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
     torch.testing.assert_close(h, xn * (1 + scale[:, None]) + shift[:, None], rtol=1e-5, atol=1e-5)

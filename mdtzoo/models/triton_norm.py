@@ -47,16 +47,23 @@ def reference(x, a, gate, shift, scale, eps: float = 1e-6):
     return x1, h
 
 
-def usable(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels run for ``x``: CUDA with triton, or the interpreter on the CPU."""
-    if triton is None:
+MAX_WIDTH = 8192  # a row is one register tile; wider rows take the torch maths
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)  # the kernels compute in float32: no float64
+
+
+def usable(x: torch.Tensor, a: torch.Tensor | None = None) -> bool:
+    """Whether the Triton kernels run for ``x`` (and ``a``): CUDA with triton, or the interpreter on the
+    CPU; 16- or 32-bit floats; rows of at most ``MAX_WIDTH``."""
+    if triton is None or x.shape[-1] > MAX_WIDTH:
+        return False
+    if x.dtype not in FLOATS or (a is not None and a.dtype not in FLOATS):
         return False
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def gated_residual_norm(x, a, gate, shift, scale, eps: float = 1e-6):
     """(x1, h) as ``reference``; one Triton kernel each way where ``usable``."""
-    if not usable(x):
+    if not usable(x, a):
         return reference(x, a, gate, shift, scale, eps)
     x1, h, _, _ = _norm_fwd(x, a, gate, shift, scale, float(eps))
     return x1, h
