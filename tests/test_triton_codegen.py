@@ -1,5 +1,5 @@
-"""Our attention kernels compiled for an H100 (sm_90) on the CPU: what the GPU would run, read from
-the PTX, with no GPU.
+"""Our attention kernels (and the fused norm kernels, at the end) compiled for an H100 (sm_90) on the
+CPU: what the GPU would run, read from the PTX, with no GPU.
 
 The launches are the ops' own (recorded, not run) at MDT-XL/2's shapes: head dim 72, whose strides
 are not multiples of 16 -- the only alignment Triton detects by itself -- and the masked pass's 179
@@ -11,6 +11,8 @@ tensor cores (wgmma).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -26,6 +28,23 @@ class _Recorder:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+@contextlib.contextmanager
+def _recording(module, names):
+    """Inside, ``module``'s kernels ``names`` record their launches instead of running; yields the
+    list of (name, kernel, args, kwargs) the launches fill in, in ``names`` order, once it closes."""
+    saved = {name: getattr(module, name) for name in names}
+    recorders = {name: _Recorder(saved[name]) for name in names}
+    launches = []
+    try:
+        for name in names:
+            setattr(module, name, recorders[name])
+        yield launches
+    finally:
+        for name in names:
+            setattr(module, name, saved[name])
+    launches += [(name, saved[name], *call) for name in names for call in recorders[name].calls]
 
 
 def _ptx(fn, args, kwargs) -> str:
@@ -61,12 +80,7 @@ def xl_launches():
     """Every kernel launch of one forward + backward of MDT-XL/2's full and masked pass (batch 2)."""
     from mdtzoo.models import triton_attention as ta
 
-    names = ("_fwd_kernel", "_delta_kernel", "_bwd_kernel", "_dq_kernel")
-    saved = {name: getattr(ta, name) for name in names}
-    recorders = {name: _Recorder(saved[name]) for name in names}
-    try:
-        for name in names:
-            setattr(ta, name, recorders[name])
+    with _recording(ta, ("_fwd_kernel", "_delta_kernel", "_bwd_kernel", "_dq_kernel")) as launches:
         g = torch.Generator().manual_seed(0)
         for n in (256, 179):
             qkv = torch.randn(2, n, 3, 16, 72, generator=g).bfloat16()
@@ -75,10 +89,7 @@ def xl_launches():
                                                      for _ in range(2)]).int()
             o, lse = ta._flash_fwd(qkv, full, pos)  # packed, as Attention passes it
             ta._flash_bwd(qkv, full, pos, o, lse, torch.randn(o.shape, generator=g).bfloat16())
-    finally:
-        for name in names:
-            setattr(ta, name, saved[name])
-    return [(name, saved[name], *call) for name in names for call in recorders[name].calls]
+    return launches
 
 
 def test_xl_kernels_move_16_bytes_at_a_time_and_use_wgmma(xl_launches):
@@ -100,22 +111,14 @@ def norm_launches():
     width, bf16 under autocast: a float32 stream, bf16 attention output and adaLN chunks."""
     from mdtzoo.models import triton_norm as tn
 
-    names = ("_fwd_kernel", "_bwd_kernel")
-    saved = {name: getattr(tn, name) for name in names}
-    recorders = {name: _Recorder(saved[name]) for name in names}
-    try:
-        for name in names:
-            setattr(tn, name, recorders[name])
+    with _recording(tn, ("_fwd_kernel", "_bwd_kernel")) as launches:
         g = torch.Generator().manual_seed(0)
         x, a = torch.randn(2, 256, 1152, generator=g), torch.randn(2, 256, 1152, generator=g).bfloat16()
         _, _, gate, shift, scale, _ = torch.randn(2, 6 * 1152, generator=g).bfloat16().chunk(6, dim=1)
         mean, rstd = torch.zeros(512), torch.ones(512)
         tn._norm_fwd(x, a, gate, shift, scale, 1e-6)
         tn._norm_bwd(x, a, gate, scale, mean, rstd, a.clone(), x.clone())
-    finally:
-        for name in names:
-            setattr(tn, name, saved[name])
-    return [(name, saved[name], *call) for name in names for call in recorders[name].calls]
+    return launches
 
 
 def test_xl_norm_kernels_move_16_bytes_at_a_time(norm_launches):

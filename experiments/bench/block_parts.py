@@ -22,11 +22,10 @@ import argparse
 import collections
 import contextlib
 import re
-import statistics
 
 import torch
 
-from mdtzoo.bench import check_norm, persistent_rows
+from mdtzoo.bench import _cuda_time, check_norm, persistent_rows
 from mdtzoo.models.blocks import NORM_IMPLS, Block
 from mdtzoo.models.presets import SIZES
 
@@ -62,17 +61,8 @@ def call(block, x, c, dy):
 
 
 def time_ms(fn, repeats: int = 30, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median ms of ``fn()`` (CUDA events, ``bench._cuda_time``)."""
+    return _cuda_time(fn, repeats, warmup) * 1e3
 
 
 def kernels(fn, iters: int = 5) -> list[tuple[str, float, int]]:
