@@ -191,7 +191,8 @@ def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto", qkv
 
     q, k, v: (B, H, N, d); ``qkv``: optionally the (B, N, 3, H, d) tensor they are views of (as
     ``qkv.permute(2, 0, 3, 1, 4)``), which our Triton kernel then reads directly: its output is
-    then a (B, H, N, d) view of a (B, N, H, d) tensor, and the gradient reaches ``qkv`` in one piece. rel_pos_bias: a module with ``full() -> (H, G, G)`` over the whole
+    then a (B, H, N, d) view of a (B, N, H, d) tensor, and the gradient reaches ``qkv`` in one
+    piece (other paths ignore it). rel_pos_bias: a module with ``full() -> (H, G, G)`` over the whole
     grid (every fast path reads only that) and optionally ``table_gather(ids_keep)`` (the naive
     per-sample gather, the reference); a module with neither is called as ``module(ids_keep)``
     and used with the explicit maths. ``ids_keep`` (B, N) are the grid positions of the N
