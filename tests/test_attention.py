@@ -214,6 +214,13 @@ CONFIG["grad_programs"] = programs
 padded = torch.cat([ds, torch.full((3, 2, 17, 7), float("nan"))], -1)  # the backward's dS: rows padded to 24
 worst = max(worst, rel(kept_grad(padded, ids, 30), ref))  # the padding never read
 torch.library.opcheck(kept_grad, (ds, ids, 30), test_utils=("test_schema", "test_faketensor"))
+# The full pass's bias gradient summed over the batch by our kernel (CONFIG["sum_kernel"]): padding
+# never read; 11 samples against 8 a step (a short last step); a width of 20 against a tile of 32.
+from mdtzoo.models.triton_attention import batch_sum
+ds = torch.randn(11, 2, 20, 20)
+padded = torch.cat([ds, torch.full((11, 2, 20, 4), float("nan"))], -1)
+worst = max(worst, rel(batch_sum(padded, 20), ds.sum(0)))
+torch.library.opcheck(batch_sum, (padded, 20), test_utils=("test_schema", "test_faketensor"))
 print("WORST", worst)
 """
 

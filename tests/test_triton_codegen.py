@@ -80,7 +80,7 @@ def xl_launches():
     """Every kernel launch of one forward + backward of MDT-XL/2's full and masked pass (batch 2)."""
     from mdtzoo.models import triton_attention as ta
 
-    with _recording(ta, ("_fwd_kernel", "_delta_kernel", "_bwd_kernel", "_dq_kernel")) as launches:
+    with _recording(ta, ("_fwd_kernel", "_delta_kernel", "_bwd_kernel", "_dq_kernel", "_batch_sum_kernel")) as launches:
         g = torch.Generator().manual_seed(0)
         for n in (256, 179):
             qkv = torch.randn(2, n, 3, 16, 72, generator=g).bfloat16()
@@ -89,19 +89,20 @@ def xl_launches():
                                                      for _ in range(2)]).int()
             o, lse = ta._flash_fwd(qkv, full, pos)  # packed, as Attention passes it
             ta._flash_bwd(qkv, full, pos, o, lse, torch.randn(o.shape, generator=g).bfloat16())
+        ta.batch_sum(torch.zeros(2, 16, 256, 256).bfloat16(), 256)  # the full pass's dS summed over the batch
     return launches
 
 
 def test_xl_kernels_move_16_bytes_at_a_time_and_use_wgmma(xl_launches):
-    assert sorted({launch[0] for launch in xl_launches}) == ["_bwd_kernel", "_delta_kernel", "_dq_kernel",
-                                                             "_fwd_kernel"]
-    assert len(xl_launches) == 8  # four kernels, full and masked pass
+    assert sorted({launch[0] for launch in xl_launches}) == ["_batch_sum_kernel", "_bwd_kernel", "_delta_kernel",
+                                                             "_dq_kernel", "_fwd_kernel"]
+    assert len(xl_launches) == 9  # four kernels, full and masked pass; the batch sum
     for name, fn, args, kwargs in xl_launches:
         assert kwargs["AL"] == 8, name  # every stride divides by 8 elements at head dim 72
         ptx = _ptx(fn, args, dict(kwargs))
         narrow = [line.strip() for line in ptx.splitlines() if "ld.global.b16" in line or "st.global.b16" in line]
         assert not narrow, f"{name}: {len(narrow)} 2-byte global accesses, e.g. {narrow[0]}"
-        if name != "_delta_kernel":  # delta is a row sum, no matrix product
+        if name not in ("_delta_kernel", "_batch_sum_kernel"):  # sums, no matrix product
             assert "wgmma.mma_async" in ptx, name
 
 

@@ -41,7 +41,7 @@
 #   bash experiments/bench/gpu_bench.sh packed    # attention kernels checked at XL/2 shapes; MDT-XL/2 and S/2 steps with the previous commit's code (OLD) / packed qkv, alternating; MDT-XL/2 with rows2048
 #   bash experiments/bench/gpu_bench.sh packed2   # the packed kernels checked against the explicit maths at XL/2 shapes, then the MDT-S/2 step new / OLD / new
 #   bash experiments/bench/gpu_bench.sh packed3   # the MDT-B/2 step, packed qkv / the previous commit's code (OLD)
-#   bash experiments/bench/gpu_bench.sh norm      # the fused gated residual + LayerNorm kernels (models/triton_norm.py): one XL block torch / triton, then DiT-XL/2 and MDT-XL/2 steps alternating (each checked first)
+#   bash experiments/bench/gpu_bench.sh norm      # the fused gated residual + LayerNorm kernels (models/triton_norm.py): one XL block torch / triton, then DiT-XL/2 and MDT-XL/2 steps alternating (each checked first); MDT-XL/2 with the batch-sum kernel (sum_kernel=true)
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -466,6 +466,7 @@ norm)  # --norm-impl triton against inductor's kernels: block, then steps, alter
     set -- $spec
     step "step_$1_$2" 110 "$1" 64 --compile --norm-impl "$2"
   done
+  step step_mdt_xl2_sum 110 mdt_xl2 64 --compile --triton-options sum_kernel=true  # the batch-sum kernel too
   ;;
 s2prof)  # where the S/2 steps' time goes now: GPU time by kind and the idle line
   profile mdt_s2 256 110 24

@@ -255,6 +255,41 @@ def _kept_grad_kernel(DS, INV, OUT, B, K, KP, G, CHUNK, H: tl.constexpr, BP: tl.
              mask=p_ok[:, None] & q_ok[None, :])
 
 
+@triton.jit
+def _batch_sum_kernel(DS, OUT, B, N, NP, BB: tl.constexpr, BJ: tl.constexpr, AL: tl.constexpr):
+    """OUT[h, i, :N] = the sum over b of DS[b, h, i, :N] in float32, DS (B, H, N, NP * AL) with rows
+    padded: one program per (h, i) row, BB samples a step, in a fixed order (deterministic)."""
+    row = tl.program_id(0)  # h * N + i
+    rows = tl.num_programs(0)  # H * N
+    j = tl.arange(0, BJ)
+    j_ok = j < N
+    acc = tl.zeros([BJ], tl.float32)
+    for b0 in range(0, B, BB):
+        bs = b0 + tl.arange(0, BB)
+        t = tl.load(DS + ((bs[:, None].to(tl.int64) * rows + row) * NP) * AL + j[None, :],
+                    mask=(bs < B)[:, None] & j_ok[None, :], other=0.0)
+        acc += tl.sum(t.to(tl.float32), 0)
+    tl.store(OUT + row.to(tl.int64) * N + j, acc, mask=j_ok)
+
+
+@torch.library.custom_op("mdtzoo::batch_sum", mutates_args=())
+def batch_sum(ds: torch.Tensor, n: int) -> torch.Tensor:
+    """dS (B, H, N, P) with rows padded (P >= N; the padding never read) -> the full pass's bias
+    gradient, its sum over the batch, (H, N, N) in float32: one Triton kernel, deterministic."""
+    b, h, _, p = ds.shape
+    ds = ds.contiguous()
+    out = torch.empty((h, n, n), device=ds.device, dtype=torch.float32)
+    al = next(a for a in (ALIGN, 4, 2, 1) if p % a == 0)
+    _batch_sum_kernel[(h * n,)](ds, out, b, n, p // al, BB=CONFIG["sum_bb"], BJ=triton.next_power_of_2(n), AL=al,
+                                num_warps=CONFIG["sum_warps"])
+    return out
+
+
+@batch_sum.register_fake
+def _(ds, n):
+    return ds.new_empty((ds.shape[1], n, n), dtype=torch.float32)
+
+
 @torch.library.custom_op("mdtzoo::kept_grad", mutates_args=())
 def kept_grad(ds: torch.Tensor, ids_keep: torch.Tensor, grid: int) -> torch.Tensor:
     """(B, H, K, K) gradient at the kept positions (B, K) of a grid of ``grid`` tokens ->
@@ -286,10 +321,13 @@ def _(ds, ids_keep, grid):
 # ``split_head``: a head dim that is not a power of two runs as two tiles (72 = 64 + 16) instead of
 # one padded to the next power of two (128).
 # ``grad_programs``: ``kept_grad`` splits the batch into chunks until about this many programs run.
+# ``sum_kernel``: the full pass's bias gradient summed over the batch by ``batch_sum`` (our kernel)
+# instead of inductor's reduction (not yet timed on a GPU: off; docs/performance.md, session 9).
 CONFIG = {"fwd_bm": 64, "fwd_bn": 32, "fwd_warps": 4, "fwd_stages": 2,
           "bwd_bm": 64, "bwd_bn": 64, "bwd_warps": 4, "bwd_stages": 1, "grad_bp": 32, "grad_bq": 64, "grad_warps": 4,
           "grad_programs": 2048,
-          "dq_bm": 128, "dq_bn": 64, "dq_warps": 8, "delta_bm": 64, "split_head": True}
+          "dq_bm": 128, "dq_bn": 64, "dq_warps": 8, "delta_bm": 64, "split_head": True,
+          "sum_kernel": False, "sum_bb": 8, "sum_warps": 4}
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -431,6 +469,8 @@ def _backward(ctx, do, _dlse):
     n = qkv.shape[1]
     if pos is not None:  # the same sums either way
         dfull = kept_grad(ds, pos, g) if ds.is_cuda else _reference_kept_grad(ds[..., :n], pos, g)
+    elif ds.is_cuda and CONFIG["sum_kernel"] and ds.dtype != torch.float64:
+        dfull = batch_sum(ds, n)
     else:
         dfull = ds[..., :n].sum(0, dtype=torch.float32 if ds.dtype in (torch.float16, torch.bfloat16) else ds.dtype)
     return dqkv, dfull.to(full.dtype), None
