@@ -398,9 +398,11 @@ def _cuda_time(fn, repeats: int, warmup: int = 3) -> float:
 
 
 def check_norm(dim: int, *, batch: int = 4, tokens: int = 256, device=None) -> dict:
-    """Relative errors of the fused gated residual + LayerNorm + modulate (``models.triton_norm``)
-    against the block's own maths: x1, h and the gradients of x, a and the adaLN vector, with every
-    input in float32 (< 1e-5) and with a, the adaLN vector and h in bf16 on a float32 stream (< 2e-2).
+    """Relative errors of the fused LayerNorm + modulate kernels (``models.triton_norm``: the first
+    LayerNorm with x forked into the residual, the second with the attention's gated residual)
+    against the block's own maths: h1, x1, h and the gradients of x, a and the adaLN vector, with
+    every input in float32 (< 1e-5) and with a, the adaLN vector, h1 and h in bf16 on a float32
+    stream (< 2e-2).
     Raises AssertionError past those bounds; returns the worst errors."""
     from mdtzoo.models import triton_norm as tn
 
@@ -410,21 +412,22 @@ def check_norm(dim: int, *, batch: int = 4, tokens: int = 256, device=None) -> d
     a0 = torch.randn(batch, tokens, dim, generator=g).to(dev)
     ada0 = torch.randn(batch, 6 * dim, generator=g).to(dev)
 
-    def run(fn, dtype):
+    def run(fork, gated, dtype):  # both LayerNorms of a block, as Block chains them
         x = x0.clone().requires_grad_(True)
         a = a0.to(dtype).clone().requires_grad_(True)
         ada = ada0.to(dtype).clone().requires_grad_(True)
-        _, _, gate, shift, scale, _ = ada.chunk(6, dim=1)  # strided views, as the block's adaLN chunks
-        x1, h = fn(x, a, gate, shift, scale, 1e-6)
-        (x1.square().sum() + h.float().square().sum()).backward()
-        return [x1, h.float(), x.grad, a.grad.float(), ada.grad.float()]
+        shift1, scale1, gate, shift, scale, _ = ada.chunk(6, dim=1)  # strided views, as the block's adaLN chunks
+        res, h1 = fork(x, shift1, scale1, 1e-6)
+        x1, h = gated(res, a, gate, shift, scale, 1e-6)
+        (x1.square().sum() + h.float().square().sum() + (h1.float() * a0).sum()).backward()
+        return [h1.float(), x1, h.float(), x.grad, a.grad.float(), ada.grad.float()]
 
     worst = {}
+    ref = run(lambda x, sh, sc, eps: (x, tn.reference_norm(x, sh, sc, eps)), tn.reference, torch.float32)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        ref = run(tn.reference, torch.float32)
-        got = run(lambda *t: tn._norm_fwd(*t)[:2], dtype)
+        got = run(tn._NormFork.apply, lambda *t: tn._norm_fwd(*t)[:2], dtype)
         key = str(dtype)[6:]
-        for name, a, b in zip(("x1", "h", "dx", "da", "dadaLN"), got, ref):
+        for name, a, b in zip(("h1", "x1", "h", "dx", "da", "dadaLN"), got, ref):
             err = ((a - b).norm() / b.norm()).item()
             worst[key] = max(worst.get(key, 0.0), err)
             if not err < tol:

@@ -119,11 +119,13 @@ def norm_launches():
         mean, rstd = torch.zeros(512), torch.ones(512)
         tn._norm_fwd(x, a, gate, shift, scale, 1e-6)
         tn._norm_bwd(x, a, gate, scale, mean, rstd, a.clone(), x.clone())
+        tn._ln_fwd(x, shift, scale, 1e-6)  # the first LayerNorm: the same kernels without the residual
+        tn._ln_bwd(x, scale, mean, rstd, a.clone(), x.clone())
     return launches
 
 
 def test_xl_norm_kernels_move_16_bytes_at_a_time(norm_launches):
-    assert sorted(launch[0] for launch in norm_launches) == ["_bwd_kernel", "_fwd_kernel"]
+    assert sorted(launch[0] for launch in norm_launches) == ["_bwd_kernel", "_bwd_kernel", "_fwd_kernel", "_fwd_kernel"]
     for name, fn, args, kwargs in norm_launches:
         ptx = _ptx(fn, args, dict(kwargs))
         narrow = [line.strip() for line in ptx.splitlines() if "ld.global.b16" in line or "st.global.b16" in line]

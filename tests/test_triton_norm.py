@@ -26,6 +26,16 @@ def run(fn, x, a, six, dtype):
     return [x1, h.float(), x.grad, a.grad.float(), ada.grad.float()]
 
 
+def run_fork(fn, x, six, dtype):
+    x = x.clone().requires_grad_(True)
+    ada = six.to(dtype).clone().requires_grad_(True)
+    shift, scale, _, _, _, _ = ada.chunk(6, dim=1)
+    res, h = fn(x, shift, scale, 1e-6)
+    w1, wh = torch.linspace(-1, 1, res.numel()).reshape(res.shape), torch.linspace(1, -2, h.numel()).reshape(h.shape)
+    ((res * w1).sum() + (h.float() * wh).sum()).backward()
+    return [h.float(), x.grad, ada.grad.float()]
+
+
 worst = {}
 # D 40: a row tile of 64 with 24 columns masked; N 13 with chunks of 4 rows: a short last chunk, and
 # rows odd against ROWS 2; D 64: no masking; one sample with one chunk.
@@ -40,6 +50,10 @@ for (b, n, d, chunk) in ((3, 13, 40, 4), (2, 16, 64, 16), (1, 5, 24, 16)):
         key = str(dtype)[6:]
         worst[key] = max([worst.get(key, 0.0)] + [rel(g, r) for g, r in zip(got, ref)])
         assert got[1].dtype == torch.float32 and ref[2].dtype == torch.float32
+        # LayerNorm 1 with x forked into the residual: both of x's gradients summed in its backward
+        ref = run_fork(lambda x, sh, sc, eps: (x, tn.reference_norm(x, sh, sc, eps)), x, six, dtype)
+        got = run_fork(tn._NormFork.apply, x, six, dtype)
+        worst[key] = max([worst[key]] + [rel(g, r) for g, r in zip(got, ref)])
 # the ops' fake kernels describe the real outputs (strided adaLN chunks, bf16 with a float32 stream)
 six = torch.randn(2, 6 * 40).bfloat16()
 _, _, gate, shift, scale, _ = six.chunk(6, dim=1)
@@ -49,6 +63,12 @@ torch.library.opcheck(torch.ops.mdtzoo.gated_residual_norm.default, (x, a, gate,
 x1, h, mean, rstd = tn._norm_fwd(x, a, gate, shift, scale, 1e-6)
 torch.library.opcheck(torch.ops.mdtzoo.gated_residual_norm_bwd.default,
                       (x, a, gate, scale, mean, rstd, torch.randn_like(h), torch.randn_like(x1)),
+                      test_utils=("test_schema", "test_faketensor"))
+h, mean, rstd = tn._ln_fwd(x, shift, scale, 1e-6)
+torch.library.opcheck(torch.ops.mdtzoo.norm_modulate.default, (x, shift, scale, 1e-6),
+                      test_utils=("test_schema", "test_faketensor"))
+torch.library.opcheck(torch.ops.mdtzoo.norm_modulate_bwd.default,
+                      (x, scale, mean, rstd, torch.randn_like(h), torch.randn_like(x)),
                       test_utils=("test_schema", "test_faketensor"))
 print("WORST", worst["float32"], worst["bfloat16"])
 """

@@ -143,8 +143,8 @@ def add_parser(sub) -> None:
     t.add_argument("--attn", default="auto", choices=ATTN_IMPLS,
                    help="attention path with the relative-position bias (explicit = the slow reference)")
     t.add_argument("--norm-impl", default="torch", choices=NORM_IMPLS,
-                   help="the blocks' gated residual + LayerNorm + modulate: inductor's kernels (torch) or ours "
-                        "(triton, models/triton_norm.py; CUDA)")
+                   help="the blocks' LayerNorm + modulate steps (and the attention's gated residual): "
+                        "inductor's kernels (torch) or ours (triton, models/triton_norm.py; CUDA)")
     t.add_argument("--joint-backward", action="store_true",
                    help="one backward of full + masked loss (default: the two passes in turn, less memory)")
     t.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")

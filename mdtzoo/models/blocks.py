@@ -60,8 +60,8 @@ class Block(nn.Module):
     x: (B, N, D), c: (B, D), skip: (B, N, D) or None -> (B, N, D).
     With ``skip_linear``: x <- Linear(2D -> D)([x, skip]) before the block (U-ViT long skips,
     MDT v2 dense input skips). ``norm_impl``: 'torch' (the maths below, compiled by inductor) or
-    'triton' (the attention's gated residual and the second LayerNorm + modulate as one kernel each
-    way, ``models.triton_norm``; the same maths, on CUDA only -- elsewhere 'torch').
+    'triton' (both LayerNorm + modulate steps, the second with the attention's gated residual, as
+    one kernel each way, ``models.triton_norm``; the same maths, on CUDA only -- elsewhere 'torch').
     """
 
     def __init__(
@@ -95,13 +95,13 @@ class Block(nn.Module):
                 raise ValueError("this block fuses a skip input (skip_linear) but got none")
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        a = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep)
         if self.norm_impl == "triton":
-            from mdtzoo.models.triton_norm import gated_residual_norm
+            from mdtzoo.models.triton_norm import gated_residual_norm, norm_fork
 
-            x, h = gated_residual_norm(x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
+            x, h = norm_fork(x, shift_msa, scale_msa, self.norm1.eps)
+            x, h = gated_residual_norm(x, self.attn(h, ids_keep), gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
         else:
-            x = x + gate_msa.unsqueeze(1) * a
+            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep)
             h = modulate(self.norm2(x), shift_mlp, scale_mlp)
         return x + gate_mlp.unsqueeze(1) * self.mlp(h)
 

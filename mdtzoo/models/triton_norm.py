@@ -1,13 +1,15 @@
-"""The adaLN block's gated residual and its second LayerNorm + modulate as one Triton kernel each way.
+"""The adaLN block's LayerNorm + modulate steps, the second with the attention's gated residual, as
+one Triton kernel each way.
 
-In a DiT/MDT block the attention's output ``a`` joins the residual stream and is normalised for the
-MLP at once::
+A DiT/MDT block normalises its input for the attention, then the attention's output ``a`` joins the
+residual stream and is normalised for the MLP at once::
 
+    h1 = LayerNorm(x) * (1 + scale1) + shift1          # the attention's input (``norm_fork``)
     x1 = x + gate * a                                  # (B, N, D), float32 stream
-    h = LayerNorm(x1) * (1 + scale) + shift            # the MLP's input
+    h = LayerNorm(x1) * (1 + scale) + shift            # the MLP's input (``gated_residual_norm``)
 
 ``gate``, ``shift`` and ``scale`` are per-sample (B, D) vectors (views of the adaLN projection).
-Compiled by inductor, the backward of these two lines is a LayerNorm backward that loops over each
+Compiled by inductor, the backward of the last two lines is a LayerNorm backward that loops over each
 row twice and writes the normalised row in float32 to read it back, plus separate kernels for the
 per-sample column sums that give the gradients of gate, shift and scale -- each reading the same
 (B, N, D) tensors again (docs/performance.md, session 9). Here one program takes a few rows of one
@@ -19,9 +21,14 @@ The forward keeps each row in registers (the whole row is one tile; D is a compi
 and saves the rows' mean and 1 / std; the backward recomputes x1 from x, a and gate rather than
 saving it (the same bytes read, no (B, N, D) float32 tensor kept per block).
 
-``gated_residual_norm`` is the entry point: these kernels on CUDA (and under ``TRITON_INTERPRET=1``),
-the same maths in torch elsewhere (``reference``). The MLP input h comes in ``a``'s dtype (bf16
-under autocast, where torch's LayerNorm would give float32 for the MLP to cast to bf16).
+x reaches both the first LayerNorm and the residual, so its gradient is the sum of two; ``norm_fork``
+passes x on as the residual through its own autograd node, whose backward then adds the residual's
+gradient and the LayerNorm's in one kernel (left to autograd, the sum would be a kernel of its own).
+
+``norm_fork`` and ``gated_residual_norm`` are the entry points: these kernels on CUDA (and under
+``TRITON_INTERPRET=1``), the same maths in torch elsewhere (``reference_norm``, ``reference``). h1
+comes in shift1's dtype and h in ``a``'s (bf16 under autocast, where torch's LayerNorm would give
+float32 for the next matmul to cast to bf16).
 """
 
 from __future__ import annotations
@@ -72,19 +79,21 @@ def gated_residual_norm(x, a, gate, shift, scale, eps: float = 1e-6):
 if triton is not None:
     @triton.jit
     def _fwd_kernel(X, A, G, SH, SC, X1, H, MEAN, RSTD, T, N, sg, ssh, ssc, eps,
-                    D: tl.constexpr, BD: tl.constexpr, ROWS: tl.constexpr):
-        """ROWS token rows per program: x1 = x + g a, its mean and 1/std, h = x̂ (1 + sc) + sh."""
+                    D: tl.constexpr, BD: tl.constexpr, ROWS: tl.constexpr, RES: tl.constexpr):
+        """ROWS token rows per program: with RES, x1 = x + g a (stored), else x1 = x; x1's mean and
+        1/std, h = x̂ (1 + sc) + sh."""
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BD)
         r_ok = rows < T
         ok = r_ok[:, None] & (cols < D)[None, :]
         b = rows // N
         offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
-        a = tl.load(A + offs, mask=ok, other=0.0).to(tl.float32)
-        g = tl.load(G + b[:, None] * sg + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        x1 = x + g * a
-        tl.store(X1 + offs, x1.to(X1.dtype.element_ty), mask=ok)
+        x1 = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+        if RES:
+            a = tl.load(A + offs, mask=ok, other=0.0).to(tl.float32)
+            g = tl.load(G + b[:, None] * sg + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            x1 += g * a
+            tl.store(X1 + offs, x1.to(X1.dtype.element_ty), mask=ok)
         mean = tl.sum(x1, 1) / D
         diff = tl.where(ok, x1 - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, 1) / D + eps)
@@ -97,15 +106,17 @@ if triton is not None:
 
     @triton.jit
     def _bwd_kernel(X, A, G, SC, MEAN, RSTD, DH, DX1, DX, DA, PART, N, R, CH, sg, ssc,
-                    D: tl.constexpr, BD: tl.constexpr, ROWS: tl.constexpr):
+                    D: tl.constexpr, BD: tl.constexpr, ROWS: tl.constexpr, RES: tl.constexpr):
         """Rows [c R, (c + 1) R) of sample b (program (b, c)): dx = dx1 + the LayerNorm backward of
-        dh (1 + sc), da = dx g, and the rows' column sums of dx a, dh and dh x̂ into PART[b, c]."""
+        dh (1 + sc), and the rows' column sums of dh and dh x̂ into PART[b, c, 1:]; with RES, x1 =
+        x + g a (recomputed), da = dx g and the column sums of dx a into PART[b, c, 0]."""
         b = tl.program_id(0)
         c = tl.program_id(1)
         cols = tl.arange(0, BD)
         c_ok = cols < D
-        g = tl.load(G + b * sg + cols, mask=c_ok, other=0.0).to(tl.float32)
         sc1 = 1.0 + tl.load(SC + b * ssc + cols, mask=c_ok, other=0.0).to(tl.float32)
+        if RES:
+            g = tl.load(G + b * sg + cols, mask=c_ok, other=0.0).to(tl.float32)
         acc_g = tl.zeros([BD], tl.float32)
         acc_sh = tl.zeros([BD], tl.float32)
         acc_sc = tl.zeros([BD], tl.float32)
@@ -116,11 +127,13 @@ if triton is not None:
             ok = r_ok[:, None] & c_ok[None, :]
             rows = b * N + r
             offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-            x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
-            a = tl.load(A + offs, mask=ok, other=0.0).to(tl.float32)
+            x1 = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+            if RES:
+                a = tl.load(A + offs, mask=ok, other=0.0).to(tl.float32)
+                x1 += g[None, :] * a
             mean = tl.load(MEAN + rows, mask=r_ok, other=0.0)
             rstd = tl.load(RSTD + rows, mask=r_ok, other=0.0)
-            xhat = tl.where(ok, (x + g[None, :] * a - mean[:, None]) * rstd[:, None], 0.0)
+            xhat = tl.where(ok, (x1 - mean[:, None]) * rstd[:, None], 0.0)
             dh = tl.load(DH + offs, mask=ok, other=0.0).to(tl.float32)
             dxhat = dh * sc1[None, :]
             m1 = tl.sum(dxhat, 1) / D
@@ -128,12 +141,13 @@ if triton is not None:
             dx = tl.load(DX1 + offs, mask=ok, other=0.0).to(tl.float32)
             dx += tl.where(ok, rstd[:, None] * (dxhat - m1[:, None] - xhat * m2[:, None]), 0.0)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
-            tl.store(DA + offs, (dx * g[None, :]).to(DA.dtype.element_ty), mask=ok)
-            acc_g += tl.sum(dx * a, 0)
+            if RES:
+                tl.store(DA + offs, (dx * g[None, :]).to(DA.dtype.element_ty), mask=ok)
+                acc_g += tl.sum(dx * a, 0)
             acc_sh += tl.sum(dh, 0)
             acc_sc += tl.sum(dh * xhat, 0)
         part = PART + ((b * CH + c) * 3).to(tl.int64) * D
-        tl.store(part + cols, acc_g, mask=c_ok)
+        tl.store(part + cols, acc_g, mask=c_ok)  # zeros without RES (never read)
         tl.store(part + D + cols, acc_sh, mask=c_ok)
         tl.store(part + 2 * D + cols, acc_sc, mask=c_ok)
 
@@ -160,7 +174,7 @@ def _norm_fwd(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, shift: torch
     rows = CONFIG["fwd_rows"]
     _fwd_kernel[(triton.cdiv(b * n, rows),)](
         x, a, gate, shift, scale, x1, h, mean, rstd, b * n, n, gate.stride(0), shift.stride(0), scale.stride(0),
-        eps, D=d, BD=_tile(d), ROWS=rows, num_warps=CONFIG["fwd_warps"])
+        eps, D=d, BD=_tile(d), ROWS=rows, RES=True, num_warps=CONFIG["fwd_warps"])
     return x1, h, mean, rstd
 
 
@@ -185,7 +199,7 @@ def _norm_bwd(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, scale: torch
     dx, da = torch.empty_like(x), torch.empty_like(a)
     part = torch.empty((b, ch, 3, d), device=x.device, dtype=torch.float32)
     _bwd_kernel[(b, ch)](x, a, gate, scale, mean, rstd, dh, dx1, dx, da, part, n, chunk, ch,
-                         gate.stride(0), scale.stride(0), D=d, BD=_tile(d), ROWS=CONFIG["bwd_rows"],
+                         gate.stride(0), scale.stride(0), D=d, BD=_tile(d), ROWS=CONFIG["bwd_rows"], RES=True,
                          num_warps=CONFIG["bwd_warps"])
     dgate, dshift, dscale = part.sum(1).unbind(1)  # views of one tensor: copied apart (outputs may not alias)
     return dx, da, dgate.to(gate.dtype, copy=True), dshift.to(gate.dtype, copy=True), dscale.to(scale.dtype, copy=True)
@@ -213,3 +227,85 @@ def _backward(ctx, dx1, dh, _dmean, _drstd):
 
 
 _norm_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+# LayerNorm 1: h = LayerNorm(x) (1 + scale) + shift at the block's input. x also continues as the
+# residual; ``norm_fork`` passes it through, so that the residual's gradient reaches this backward
+# and is added in the same kernel as the LayerNorm's (the sum autograd would otherwise make apart).
+
+@torch.library.custom_op("mdtzoo::norm_modulate", mutates_args=())
+def _ln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> h (shift's dtype), and each row's mean and 1/std (B * N, float32)."""
+    b, n, d = x.shape
+    x = x.contiguous()
+    shift, scale = _vector(shift), _vector(scale)
+    h = torch.empty(x.shape, device=x.device, dtype=shift.dtype)
+    mean = torch.empty(b * n, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    rows = CONFIG["fwd_rows"]
+    _fwd_kernel[(triton.cdiv(b * n, rows),)](
+        x, x, shift, shift, scale, x, h, mean, rstd, b * n, n, shift.stride(0), shift.stride(0), scale.stride(0),
+        eps, D=d, BD=_tile(d), ROWS=rows, RES=False, num_warps=CONFIG["fwd_warps"])  # A, G, X1 unused
+    return h, mean, rstd
+
+
+@_ln_fwd.register_fake
+def _(x, shift, scale, eps):
+    b, n, _ = x.shape
+    mean = x.new_empty(b * n, dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=shift.dtype), mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("mdtzoo::norm_modulate_bwd", mutates_args=())
+def _ln_bwd(x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dh: torch.Tensor,
+            dx_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dx = dx_in + the LayerNorm backward of dh (1 + scale), dshift, dscale (in scale's dtype)."""
+    b, n, d = x.shape
+    x, dh, dx_in = x.contiguous(), dh.contiguous(), dx_in.contiguous()
+    scale = _vector(scale)
+    chunk = CONFIG["bwd_chunk"]
+    ch = triton.cdiv(n, chunk)
+    dx = torch.empty_like(x)
+    part = torch.empty((b, ch, 3, d), device=x.device, dtype=torch.float32)
+    _bwd_kernel[(b, ch)](x, x, scale, scale, mean, rstd, dh, dx_in, dx, dx, part, n, chunk, ch,
+                         scale.stride(0), scale.stride(0), D=d, BD=_tile(d), ROWS=CONFIG["bwd_rows"], RES=False,
+                         num_warps=CONFIG["bwd_warps"])  # A, G, DA unused
+    sums = part[:, :, 1:].sum(1)
+    return dx, sums[:, 0].to(scale.dtype, copy=True), sums[:, 1].to(scale.dtype, copy=True)
+
+
+@_ln_bwd.register_fake
+def _(x, scale, mean, rstd, dh, dx_in):
+    b, _, d = x.shape
+    return torch.empty_like(x, memory_format=torch.contiguous_format), scale.new_empty((b, d)), \
+        scale.new_empty((b, d))
+
+
+class _NormFork(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shift, scale, eps):
+        h, mean, rstd = _ln_fwd(x, shift, scale, eps)
+        ctx.save_for_backward(x, scale, mean, rstd)
+        ctx.shift_dtype = shift.dtype
+        return x.view_as(x), h
+
+    @staticmethod
+    def backward(ctx, dx_out, dh):
+        x, scale, mean, rstd = ctx.saved_tensors
+        dx, dshift, dscale = _ln_bwd(x, scale, mean, rstd, dh, dx_out)
+        return dx, dshift.to(ctx.shift_dtype), dscale, None
+
+
+def reference_norm(x, shift, scale, eps: float = 1e-6):
+    """The block's first LayerNorm + modulate: LayerNorm(x) (1 + scale) + shift."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def norm_fork(x, shift, scale, eps: float = 1e-6):
+    """(x, h = ``reference_norm``): x passed on as the residual, h the attention's input; one Triton
+    kernel each way where ``usable`` (the backward adds the residual's gradient and LayerNorm's in
+    one pass and sums the shift and scale gradients over the tokens)."""
+    if not usable(x, shift):
+        return x, reference_norm(x, shift, scale, eps)
+    return _NormFork.apply(x, shift, scale, float(eps))
