@@ -3,10 +3,11 @@
     python experiments/bench/block_parts.py --model dit_xl2 --batch 64
     python experiments/bench/block_parts.py --model dit_xl2 --batch 64 --variant persist
     python experiments/bench/block_parts.py --model dit_xl2 --batch 64 --norm-impl triton   # our fused norm kernels
+    python experiments/bench/block_parts.py --model mdt_xl2 --batch 64 --kept 179   # MDT's masked pass
     TORCH_LOGS=output_code python experiments/bench/block_parts.py 2> code.log   # + inductor's kernels
 
-Builds one block of the model's size (no relative-position bias: the DiT block, whose elementwise
-work MDT's blocks share), compiles it as the trainer does (``Block.compile(dynamic=False)``), and
+Builds one block of the model's size (an MDT preset's with the relative-position bias, read by our
+Triton attention; ``--kept K``: its masked pass on K tokens), compiles it as the trainer does (``Block.compile(dynamic=False)``), and
 runs forward + backward under bf16 autocast on a float32 residual stream (B, N, D) -- as in the
 model, where the patch embedding plus the float32 positional table makes the stream float32.
 Prints the median time of a block call (CUDA events), the device time by kernel (torch.profiler),
@@ -28,6 +29,7 @@ import torch
 from mdtzoo.bench import _cuda_time, check_norm, persistent_rows
 from mdtzoo.models.blocks import NORM_IMPLS, Block
 from mdtzoo.models.presets import SIZES
+from mdtzoo.posenc.relbias import RelativePositionBias
 
 TOKENS = 256  # 32x32 latents, patch 2
 
@@ -40,23 +42,30 @@ def size_of(model: str) -> str:
     return m.group(1)
 
 
-def make(model: str, batch: int, seed: int = 0, norm_impl: str = "torch"):
+def make(model: str, batch: int, seed: int = 0, norm_impl: str = "torch", kept: int = 0):
+    """The block, its inputs and output gradient. MDT presets get the relative-position bias (our
+    Triton attention); ``kept`` > 0: the masked pass, that many tokens at random grid positions."""
     _, dim, heads = SIZES[size_of(model)]
     torch.manual_seed(seed)
-    block = Block(dim, heads, norm_impl=norm_impl).cuda()
+    grid = int(TOKENS ** 0.5)
+    bias = RelativePositionBias((grid, grid), heads) if model.startswith("mdt") else None
+    block = Block(dim, heads, rel_pos_bias=bias, norm_impl=norm_impl).cuda()
     for p in block.parameters():  # adaLN-Zero starts at zero: random weights so every path carries signal
         torch.nn.init.normal_(p, std=0.02)
-    x = torch.randn(batch, TOKENS, dim, device="cuda", requires_grad=True)
+    n = kept or TOKENS
+    ids = torch.rand(batch, TOKENS, device="cuda").argsort(1)[:, :n].sort(1).values if kept else None
+    x = torch.randn(batch, n, dim, device="cuda", requires_grad=True)
     c = torch.randn(batch, dim, device="cuda", requires_grad=True)
-    dy = torch.randn(batch, TOKENS, dim, device="cuda")
-    return block, x, c, dy
+    dy = torch.randn(batch, n, dim, device="cuda")
+    return block, (x, c, ids), dy
 
 
-def call(block, x, c, dy):
+def call(block, inputs, dy):
+    x, c, ids = inputs
     for t in (x, c, *block.parameters()):  # one backward's gradients, as a training step makes them
         t.grad = None
     with torch.autocast("cuda", torch.bfloat16):
-        y = block(x, c)
+        y = block(x, c, ids_keep=ids)
     y.backward(dy)
 
 
@@ -83,10 +92,10 @@ def kernels(fn, iters: int = 5) -> list[tuple[str, float, int]]:
     return sorted(((n, t / iters, count[n] // iters) for n, t in total.items()), key=lambda r: -r[1])
 
 
-def matmul_floor(model: str, batch: int) -> float:
+def matmul_floor(model: str, batch: int, tokens: int = TOKENS) -> float:
     """ms of the block's forward + backward matrix products alone (bf16 cuBLAS)."""
     dim = SIZES[size_of(model)][1]
-    t = batch * TOKENS
+    t = batch * tokens
     shapes = [(dim, 3 * dim), (dim, dim), (dim, 4 * dim), (4 * dim, dim)]
     mats = [(torch.randn(t, i, device="cuda", dtype=torch.bfloat16), torch.randn(i, o, device="cuda", dtype=torch.bfloat16),
              torch.randn(t, o, device="cuda", dtype=torch.bfloat16)) for i, o in shapes]
@@ -115,6 +124,7 @@ def main(argv=None):
     p.add_argument("--model", default="dit_xl2")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--kept", type=int, default=0, help="MDT presets: the masked pass with this many kept tokens")
     p.add_argument("--norm-impl", default="torch", choices=NORM_IMPLS,
                    help="the block's gated residual + LayerNorm 2: inductor's kernels or ours (checked first)")
     p.add_argument("--variant", default="base", help="base | persist (rows up to 2048 kept in registers) | multikernel")
@@ -123,14 +133,16 @@ def main(argv=None):
     apply_variant(args.variant, stack)
     if args.norm_impl == "triton":
         print("fused norm checked against the block's maths:", check_norm(SIZES[size_of(args.model)][1]))
-    block, x, c, dy = make(args.model, args.batch, norm_impl=args.norm_impl)
+    if args.kept > TOKENS or (args.kept and not args.model.startswith("mdt")):
+        raise SystemExit(f"--kept takes 1..{TOKENS} kept tokens of an MDT preset (the masked pass); got {args.kept}")
+    block, inputs, dy = make(args.model, args.batch, norm_impl=args.norm_impl, kept=args.kept)
     block.compile(dynamic=False)
-    run = lambda: call(block, x, c, dy)  # noqa: E731
+    run = lambda: call(block, inputs, dy)  # noqa: E731
     ms = time_ms(run)
     rows = kernels(run)
     busy = sum(r[1] for r in rows) / 1e3
-    floor = matmul_floor(args.model, args.batch)
-    print(f"{args.model} block ({args.variant}, norm {args.norm_impl}), batch {args.batch}: {ms:.3f} ms per forward + backward "
+    floor = matmul_floor(args.model, args.batch, args.kept or TOKENS)
+    print(f"{args.model} block ({args.variant}, norm {args.norm_impl}{f', {args.kept} kept' if args.kept else ''}), batch {args.batch}: {ms:.3f} ms per forward + backward "
           f"(GPU busy {busy:.3f} ms); its matrix products alone {floor:.3f} ms")
     print("| kernel | µs per call | launches |\n|---|---|---|")
     for name, us, n in rows[: args.top]:
