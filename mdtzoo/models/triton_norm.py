@@ -47,11 +47,15 @@ except ImportError:  # the CPU path needs none of this
 CONFIG = {"fwd_rows": 2, "fwd_warps": 8, "bwd_rows": 2, "bwd_warps": 8, "bwd_chunk": 16}
 
 
+def reference_norm(x, shift, scale, eps: float = 1e-6):
+    """The block's LayerNorm + modulate: LayerNorm(x) (1 + scale) + shift."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
 def reference(x, a, gate, shift, scale, eps: float = 1e-6):
-    """The block's own maths: (x1, h) = (x + gate a, LayerNorm(x1) (1 + scale) + shift)."""
+    """The block's own maths: (x1, h) = (x + gate a, ``reference_norm(x1)``)."""
     x1 = x + gate.unsqueeze(1) * a
-    h = F.layer_norm(x1, x1.shape[-1:], eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-    return x1, h
+    return x1, reference_norm(x1, shift, scale, eps)
 
 
 MAX_WIDTH = 8192  # a row is one register tile; wider rows take the torch maths
@@ -161,21 +165,46 @@ def _tile(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
-@torch.library.custom_op("mdtzoo::gated_residual_norm", mutates_args=())
-def _norm_fwd(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> x1 (x's dtype), h (a's dtype), and each row's mean and 1/std (B * N, float32)."""
+def _launch_fwd(x, a, gate, shift, scale, eps: float, h_dtype: torch.dtype):
+    """The forward kernel -> (x1, or None without a residual (a None), h, mean, rstd)."""
     b, n, d = x.shape
-    x, a = x.contiguous(), a.contiguous()
-    gate, shift, scale = _vector(gate), _vector(shift), _vector(scale)
-    x1, h = torch.empty_like(x), torch.empty_like(a)
+    res = a is not None
+    x, shift, scale = x.contiguous(), _vector(shift), _vector(scale)
+    a, gate = (a.contiguous(), _vector(gate)) if res else (x, shift)  # without RES never read
+    x1 = torch.empty_like(x) if res else None
+    h = torch.empty(x.shape, device=x.device, dtype=h_dtype)
     mean = torch.empty(b * n, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     rows = CONFIG["fwd_rows"]
     _fwd_kernel[(triton.cdiv(b * n, rows),)](
-        x, a, gate, shift, scale, x1, h, mean, rstd, b * n, n, gate.stride(0), shift.stride(0), scale.stride(0),
-        eps, D=d, BD=_tile(d), ROWS=rows, RES=True, num_warps=CONFIG["fwd_warps"])
+        x, a, gate, shift, scale, x1 if res else x, h, mean, rstd, b * n, n, gate.stride(0), shift.stride(0),
+        scale.stride(0), eps, D=d, BD=_tile(d), ROWS=rows, RES=res, num_warps=CONFIG["fwd_warps"])
     return x1, h, mean, rstd
+
+
+def _launch_bwd(x, a, gate, scale, mean, rstd, dh, dx_in):
+    """The backward kernel -> (dx, da or None without a residual (a None), the column sums (B, 3, D):
+    of dx a (zeros without a residual), dh and dh x̂, float32)."""
+    b, n, d = x.shape
+    res = a is not None
+    x, dh, dx_in, scale = x.contiguous(), dh.contiguous(), dx_in.contiguous(), _vector(scale)
+    a, gate = (a.contiguous(), _vector(gate)) if res else (x, scale)  # without RES never read
+    chunk = CONFIG["bwd_chunk"]
+    ch = triton.cdiv(n, chunk)
+    dx = torch.empty_like(x)
+    da = torch.empty_like(a) if res else None
+    part = torch.empty((b, ch, 3, d), device=x.device, dtype=torch.float32)
+    _bwd_kernel[(b, ch)](x, a, gate, scale, mean, rstd, dh, dx_in, dx, da if res else dx, part, n, chunk, ch,
+                         gate.stride(0), scale.stride(0), D=d, BD=_tile(d), ROWS=CONFIG["bwd_rows"], RES=res,
+                         num_warps=CONFIG["bwd_warps"])
+    return dx, da, part.sum(1)
+
+
+@torch.library.custom_op("mdtzoo::gated_residual_norm", mutates_args=())
+def _norm_fwd(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> x1 (x's dtype), h (a's dtype), and each row's mean and 1/std (B * N, float32)."""
+    return _launch_fwd(x, a, gate, shift, scale, eps, a.dtype)
 
 
 @_norm_fwd.register_fake
@@ -191,17 +220,8 @@ def _norm_bwd(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, scale: torch
               rstd: torch.Tensor, dh: torch.Tensor, dx1: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx, da, dgate, dshift, dscale, each in its input's dtype (the column sums in float32 first)."""
-    b, n, d = x.shape
-    x, a, dh, dx1 = x.contiguous(), a.contiguous(), dh.contiguous(), dx1.contiguous()
-    gate, scale = _vector(gate), _vector(scale)
-    chunk = CONFIG["bwd_chunk"]
-    ch = triton.cdiv(n, chunk)
-    dx, da = torch.empty_like(x), torch.empty_like(a)
-    part = torch.empty((b, ch, 3, d), device=x.device, dtype=torch.float32)
-    _bwd_kernel[(b, ch)](x, a, gate, scale, mean, rstd, dh, dx1, dx, da, part, n, chunk, ch,
-                         gate.stride(0), scale.stride(0), D=d, BD=_tile(d), ROWS=CONFIG["bwd_rows"], RES=True,
-                         num_warps=CONFIG["bwd_warps"])
-    dgate, dshift, dscale = part.sum(1).unbind(1)  # views of one tensor: copied apart (outputs may not alias)
+    dx, da, sums = _launch_bwd(x, a, gate, scale, mean, rstd, dh, dx1)
+    dgate, dshift, dscale = sums.unbind(1)  # views of one tensor: copied apart (outputs may not alias)
     return dx, da, dgate.to(gate.dtype, copy=True), dshift.to(gate.dtype, copy=True), dscale.to(scale.dtype, copy=True)
 
 
@@ -237,17 +257,7 @@ _norm_fwd.register_autograd(_backward, setup_context=_setup)
 def _ln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> h (shift's dtype), and each row's mean and 1/std (B * N, float32)."""
-    b, n, d = x.shape
-    x = x.contiguous()
-    shift, scale = _vector(shift), _vector(scale)
-    h = torch.empty(x.shape, device=x.device, dtype=shift.dtype)
-    mean = torch.empty(b * n, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
-    rows = CONFIG["fwd_rows"]
-    _fwd_kernel[(triton.cdiv(b * n, rows),)](
-        x, x, shift, shift, scale, x, h, mean, rstd, b * n, n, shift.stride(0), shift.stride(0), scale.stride(0),
-        eps, D=d, BD=_tile(d), ROWS=rows, RES=False, num_warps=CONFIG["fwd_warps"])  # A, G, X1 unused
-    return h, mean, rstd
+    return _launch_fwd(x, None, None, shift, scale, eps, shift.dtype)[1:]
 
 
 @_ln_fwd.register_fake
@@ -261,18 +271,8 @@ def _(x, shift, scale, eps):
 def _ln_bwd(x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dh: torch.Tensor,
             dx_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx = dx_in + the LayerNorm backward of dh (1 + scale), dshift, dscale (in scale's dtype)."""
-    b, n, d = x.shape
-    x, dh, dx_in = x.contiguous(), dh.contiguous(), dx_in.contiguous()
-    scale = _vector(scale)
-    chunk = CONFIG["bwd_chunk"]
-    ch = triton.cdiv(n, chunk)
-    dx = torch.empty_like(x)
-    part = torch.empty((b, ch, 3, d), device=x.device, dtype=torch.float32)
-    _bwd_kernel[(b, ch)](x, x, scale, scale, mean, rstd, dh, dx_in, dx, dx, part, n, chunk, ch,
-                         scale.stride(0), scale.stride(0), D=d, BD=_tile(d), ROWS=CONFIG["bwd_rows"], RES=False,
-                         num_warps=CONFIG["bwd_warps"])  # A, G, DA unused
-    sums = part[:, :, 1:].sum(1)
-    return dx, sums[:, 0].to(scale.dtype, copy=True), sums[:, 1].to(scale.dtype, copy=True)
+    dx, _, sums = _launch_bwd(x, None, None, scale, mean, rstd, dh, dx_in)
+    return dx, sums[:, 1].to(scale.dtype, copy=True), sums[:, 2].to(scale.dtype, copy=True)
 
 
 @_ln_bwd.register_fake
@@ -295,11 +295,6 @@ class _NormFork(torch.autograd.Function):
         x, scale, mean, rstd = ctx.saved_tensors
         dx, dshift, dscale = _ln_bwd(x, scale, mean, rstd, dh, dx_out)
         return dx, dshift.to(ctx.shift_dtype), dscale, None
-
-
-def reference_norm(x, shift, scale, eps: float = 1e-6):
-    """The block's first LayerNorm + modulate: LayerNorm(x) (1 + scale) + shift."""
-    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 def norm_fork(x, shift, scale, eps: float = 1e-6):
