@@ -42,6 +42,7 @@
 #   bash experiments/bench/gpu_bench.sh packed2   # the packed kernels checked against the explicit maths at XL/2 shapes, then the MDT-S/2 step new / OLD / new
 #   bash experiments/bench/gpu_bench.sh packed3   # the MDT-B/2 step, packed qkv / the previous commit's code (OLD)
 #   bash experiments/bench/gpu_bench.sh norm      # the fused gated residual + LayerNorm kernels (models/triton_norm.py): one XL block torch / triton, then DiT-XL/2 and MDT-XL/2 steps alternating (each checked first); MDT-XL/2 with the batch-sum kernel (sum_kernel=true)
+#   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -467,6 +468,12 @@ norm)  # --norm-impl triton against inductor's kernels: block, then steps, alter
     step "step_$1_$2" 110 "$1" 64 --compile --norm-impl "$2"
   done
   step step_mdt_xl2_sum 110 mdt_xl2 64 --compile --triton-options sum_kernel=true  # the batch-sum kernel too
+  ;;
+norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
+  for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do
+    set -- $spec
+    step "step_$1_$2" 90 "$1" 256 --steps 20 --compile --norm-impl "$2"
+  done
   ;;
 s2prof)  # where the S/2 steps' time goes now: GPU time by kind and the idle line
   profile mdt_s2 256 110 24
