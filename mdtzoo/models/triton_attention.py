@@ -27,7 +27,7 @@ Written for the GPU; under ``TRITON_INTERPRET=1`` it also runs on the CPU (tests
 
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import triton
@@ -280,7 +280,7 @@ def batch_sum(ds: torch.Tensor, n: int) -> torch.Tensor:
     ds = ds.contiguous()
     out = torch.empty((h, n, n), device=ds.device, dtype=torch.float32)
     al = next(a for a in (ALIGN, 4, 2, 1) if p % a == 0)
-    _batch_sum_kernel[(h * n,)](ds, out, b, n, p // al, BB=CONFIG["sum_bb"], BJ=triton.next_power_of_2(n), AL=al,
+    _batch_sum_kernel[(h * n,)](ds, out, b, n, p // al, BB=CONFIG["sum_bb"], BJ=_pow2(n), AL=al,
                                 num_warps=CONFIG["sum_warps"])
     return out
 
@@ -345,20 +345,19 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 ALIGN = 8  # elements: the widest alignment the kernels are told of (16 bytes of 16-bit data)
 
 
-def _aligned(*tensors: torch.Tensor | torch.Size) -> tuple[int, list[int]]:
-    """(AL, the batch/head/token strides of the tensors divided by AL; a shape stands for a
-    contiguous tensor of that shape): AL is the largest power of two up to ``ALIGN`` elements dividing
-    every stride. The kernels multiply the strides back by the constant AL, which tells the compiler each
-    row starts AL-aligned (16 bytes for 16-bit data with AL = 8) -- given a plain stride of 72 it
-    assumes nothing and loads one element at a time."""
-    strides = []
-    for t in tensors:
-        if isinstance(t, torch.Size):  # contiguous: each stride the product of the later sizes
-            strides += [math.prod(t[i + 1:]) for i in range(3)]
-        else:
-            strides += t.stride()[:3]
+def _aligned(*tensors: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    """(AL, the batch/head/token strides of the tensors divided by AL): AL is the largest power of two
+    up to ``ALIGN`` elements dividing every stride. The kernels multiply the strides back by the
+    constant AL, which tells the compiler each row starts AL-aligned (16 bytes for 16-bit data with
+    AL = 8) -- given a plain stride of 72 it assumes nothing and loads one element at a time."""
+    return _divided(tuple(st for t in tensors for st in t.stride()[:3]))
+
+
+@functools.lru_cache(maxsize=1024)
+def _divided(strides: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """``_aligned``'s arithmetic, cached: a step launches the same few layouts over and over."""
     al = next(a for a in (ALIGN, 4, 2, 1) if all(st % a == 0 for st in strides))
-    return al, [st // al for st in strides]
+    return al, tuple(st // al for st in strides)
 
 
 def _ds_cols(n: int) -> int:
@@ -367,15 +366,22 @@ def _ds_cols(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), in plain Python (``triton.next_power_of_2`` is a
+    Triton function: slow to call from the host once per launch)."""
+    return 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=64)
 def head_blocks(d: int, split: bool = True) -> tuple[int, int]:
     """(BD0, BD1): the head dim's tiles. One power-of-two tile >= 16 covering d, or with ``split``
     two tiles when that pads less: the largest power of two <= d, then the rest padded to a power
     of two >= 16 (72 -> 64 + 16 = 80 columns of work instead of 128)."""
-    single = max(16, triton.next_power_of_2(d))
+    single = max(16, _pow2(d))
     if not split or single == d or d <= 16:
         return single, 0
     first = max(16, 1 << (d.bit_length() - 1))
-    second = max(16, triton.next_power_of_2(d - first)) if d > first else 0
+    second = max(16, _pow2(d - first)) if d > first else 0
     return (first, second) if first + second < single else (single, 0)
 
 
