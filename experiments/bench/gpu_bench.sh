@@ -36,7 +36,7 @@
 #   bash experiments/bench/gpu_bench.sh final5    # the table's five steps (session 8's code), then MDT-XL/2 with the previous commit's code (OLD, its own inductor cache)
 #   bash experiments/bench/gpu_bench.sh s2sweep   # attn_sweep.py at S/2 shapes (head dim 64), then the MDT-S/2 step with its BEST settings against the defaults, alternating
 #   bash experiments/bench/gpu_bench.sh prof8     # session 8's MDT-XL/2 step: its GPU time by kernel kind, then with CUDA graphs
-#   bash experiments/bench/gpu_bench.sh blocks    # one block's forward + backward kernel by kernel with inductor's GB/s (block_parts.py) at XL/2 and S/2; DiT-XL/2 and MDT-XL/2 step profiles
+#   bash experiments/bench/gpu_bench.sh blocks    # one block's forward + backward kernel by kernel (block_parts.py) at XL/2 and S/2; DiT-XL/2 and MDT-XL/2 step profiles
 #   bash experiments/bench/gpu_bench.sh blocks2   # block_parts.py variants (inductor's persistent rows at XL's width, multi-kernel), each in its own compile cache; the base block's generated code
 #   bash experiments/bench/gpu_bench.sh packed    # attention kernels checked at XL/2 shapes; MDT-XL/2 and S/2 steps with the previous commit's code (OLD) / packed qkv, alternating; MDT-XL/2 with rows2048
 #   bash experiments/bench/gpu_bench.sh packed2   # the packed kernels checked against the explicit maths at XL/2 shapes, then the MDT-S/2 step new / OLD / new
@@ -94,6 +94,14 @@ old_new_steps() {  # old_new_steps "MODEL BATCH STEPS"...: each compiled step wi
     old_step "step_$1_old" 110 "$1" "$2" --steps "$3" --compile
     step "step_$1_new" 110 "$1" "$2" --steps "$3" --compile
   done
+}
+block() {  # block NAME LIMIT ARGS...: experiments/bench/block_parts.py ARGS; its table in $OUT/NAME.log,
+  # its stderr (inductor's generated code under TORCH_LOGS=output_code) in $OUT/NAME.err
+  local name=$1 limit=$2; shift 2
+  echo "== $name: block_parts.py $*" >&2
+  timeout "$limit" "$py" experiments/bench/block_parts.py "$@" > "$OUT/$name.log" 2> "$OUT/$name.err" \
+    || echo "!! $name failed (rc $?)" >&2
+  grep "checked\|block (" "$OUT/$name.log" >&2
 }
 variant() {  # variant FLAG VALUE: "FLAG VALUE" as two arguments, nothing for the value '-' (the default)
   [ "$2" != - ] && printf '%s\n%s\n' "$1" "$2"
@@ -413,14 +421,9 @@ keptgrad2)  # the MDT-S/2 step with split and unsplit kept_grad, alternating (g1
     step "step_mdt_s2_$opt" 100 mdt_s2 256 --steps 30 --compile $(variant --triton-options "$opt")
   done
   ;;
-blocks)  # where one block's time goes (elementwise kernels' achieved bandwidth), then whole-step profiles
-  for spec in "dit_xl2 64" "dit_s2 256"; do
-    set -- $spec
-    echo "== block_$1" >&2
-    timeout 150 "$py" experiments/bench/block_parts.py --model "$1" --batch "$2" --bandwidth > "$OUT/block_$1.log" 2>&1 \
-      || echo "!! block_$1 failed (rc $?)" >&2
-    head -n 1 "$OUT/block_$1.log" >&2
-  done
+blocks)  # where one block's time goes, kernel by kernel, then whole-step profiles
+  block block_dit_xl2 150 --model dit_xl2 --batch 64
+  block block_dit_s2 150 --model dit_s2 --batch 256
   profile dit_xl2 64 150 40
   profile mdt_xl2 64 170 40
   ;;
@@ -428,12 +431,9 @@ blocks2)  # one block's forward + backward under inductor code-generation varian
   i=0
   for spec in "dit_xl2 64 base" "dit_xl2 64 persist" "dit_xl2 64 multikernel" "dit_s2 256 multikernel" "dit_xl2 64 base"; do
     set -- $spec
-    i=$((i + 1)); name=block${i}_$1_$3
-    echo "== $name" >&2
-    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$3 TORCH_LOGS=output_code timeout 150 "$py" experiments/bench/block_parts.py \
-      --model "$1" --batch "$2" --variant "$3" > "$OUT/$name.log" 2> "$OUT/code_$name.log" \
-      || echo "!! $name failed (rc $?)" >&2
-    head -n 1 "$OUT/$name.log" >&2
+    i=$((i + 1))
+    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$3 TORCH_LOGS=output_code block "block${i}_$1_$3" 150 \
+      --model "$1" --batch "$2" --variant "$3"
   done
   ;;
 packed)  # q, k, v read packed and the gradient written packed, against the previous code (OLD)
@@ -458,10 +458,7 @@ packed3)
   ;;
 norm)  # --norm-impl triton against inductor's kernels: block, then steps, alternating
   for impl in torch triton; do
-    echo "== block_dit_xl2_$impl" >&2
-    timeout 120 "$py" experiments/bench/block_parts.py --model dit_xl2 --batch 64 --norm-impl "$impl" \
-      > "$OUT/block_dit_xl2_$impl.log" 2>&1 || echo "!! block_dit_xl2_$impl failed (rc $?)" >&2
-    grep "checked\|block (" "$OUT/block_dit_xl2_$impl.log" >&2
+    block "block_dit_xl2_$impl" 120 --model dit_xl2 --batch 64 --norm-impl "$impl"
   done
   for spec in "dit_xl2 torch" "dit_xl2 triton" "mdt_xl2 triton" "mdt_xl2 torch"; do
     set -- $spec

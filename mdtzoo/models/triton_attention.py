@@ -279,8 +279,8 @@ def batch_sum(ds: torch.Tensor, n: int) -> torch.Tensor:
     b, h, _, p = ds.shape
     ds = ds.contiguous()
     out = torch.empty((h, n, n), device=ds.device, dtype=torch.float32)
-    al = next(a for a in (ALIGN, 4, 2, 1) if p % a == 0)
-    _batch_sum_kernel[(h * n,)](ds, out, b, n, p // al, BB=CONFIG["sum_bb"], BJ=_pow2(n), AL=al,
+    al, (row,) = _divided((p,))
+    _batch_sum_kernel[(h * n,)](ds, out, b, n, row, BB=CONFIG["sum_bb"], BJ=_pow2(n), AL=al,
                                 num_warps=CONFIG["sum_warps"])
     return out
 
