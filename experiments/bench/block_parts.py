@@ -92,6 +92,35 @@ def kernels(fn, iters: int = 5) -> list[tuple[str, float, int]]:
     return sorted(((n, t / iters, count[n] // iters) for n, t in total.items()), key=lambda r: -r[1])
 
 
+def host_time(fn, iters: int = 8, top: int = 25) -> tuple[float, str]:
+    """ms of host (Python) time per ``fn()`` -- the calls launched back to back, unsynchronised, so
+    the host never waits for the GPU while the launch queue has room -- and cProfile's slowest
+    functions of the same calls by own time (profiled separately: cProfile slows the host)."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    host = (time.perf_counter() - t0) / iters * 1e3
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(iters):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return host, text.getvalue()
+
+
 def matmul_floor(model: str, batch: int, tokens: int = TOKENS) -> float:
     """ms of the block's forward + backward matrix products alone (bf16 cuBLAS)."""
     dim = SIZES[size_of(model)][1]
@@ -127,6 +156,8 @@ def main(argv=None):
     p.add_argument("--kept", type=int, default=0, help="MDT presets: the masked pass with this many kept tokens")
     p.add_argument("--norm-impl", default="torch", choices=NORM_IMPLS,
                    help="the block's gated residual + LayerNorm 2: inductor's kernels or ours (checked first)")
+    p.add_argument("--host", action="store_true",
+                   help="also the host time per call (launches unsynchronised) and cProfile's slowest functions")
     p.add_argument("--variant", default="base", help="base | persist (rows up to 2048 kept in registers) | multikernel")
     args = p.parse_args(argv)
     stack = contextlib.ExitStack()
@@ -144,9 +175,14 @@ def main(argv=None):
     floor = matmul_floor(args.model, args.batch, args.kept or TOKENS)
     print(f"{args.model} block ({args.variant}, norm {args.norm_impl}{f', {args.kept} kept' if args.kept else ''}), batch {args.batch}: {ms:.3f} ms per forward + backward "
           f"(GPU busy {busy:.3f} ms); its matrix products alone {floor:.3f} ms")
+    if args.host:
+        host, stats = host_time(run)
+        print(f"host time {host:.3f} ms per forward + backward (launched back to back)")
     print("| kernel | µs per call | launches |\n|---|---|---|")
     for name, us, n in rows[: args.top]:
         print(f"| {name[:110]} | {us:.1f} | {n} |")
+    if args.host:
+        print(stats)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@
 #   bash experiments/bench/gpu_bench.sh packed2   # the packed kernels checked against the explicit maths at XL/2 shapes, then the MDT-S/2 step new / OLD / new
 #   bash experiments/bench/gpu_bench.sh packed3   # the MDT-B/2 step, packed qkv / the previous commit's code (OLD)
 #   bash experiments/bench/gpu_bench.sh norm      # the fused gated residual + LayerNorm kernels (models/triton_norm.py): one XL block torch / triton, then DiT-XL/2 and MDT-XL/2 steps alternating (each checked first); MDT-XL/2 with the batch-sum kernel (sum_kernel=true)
+#   bash experiments/bench/gpu_bench.sh normhost  # one DiT-XL/2 block's host time per call and its cProfile, torch / triton norm; both DiT-XL/2 step profiles
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -465,6 +466,16 @@ norm)  # --norm-impl triton against inductor's kernels: block, then steps, alter
     step "step_$1_$2" 110 "$1" 64 --compile --norm-impl "$2"
   done
   step step_mdt_xl2_sum 110 mdt_xl2 64 --compile --triton-options sum_kernel=true  # the batch-sum kernel too
+  ;;
+normhost)  # why --norm-impl triton lost in (u1): each block's host time and cProfile, then both DiT-XL/2 step profiles
+  for impl in torch triton; do
+    block "host_dit_xl2_$impl" 150 --model dit_xl2 --batch 64 --norm-impl "$impl" --host
+    grep "host time" "$OUT/host_dit_xl2_$impl.log" >&2
+  done
+  for impl in triton torch; do
+    step "profile_dit_xl2_$impl" 130 dit_xl2 64 --compile --profile --norm-impl "$impl"
+    sed -n '/device time per step/,$p' "$OUT/profile_dit_xl2_$impl.log" | head -n 30 >&2
+  done
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do
