@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import json
 import statistics
 import time
@@ -173,7 +174,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                         norm_impl=norm_impl)
     if norm_impl == "triton" and cuda and model.hidden_size <= MAX_NORM_WIDTH:  # the kernels the blocks will run,
         # checked at the model's width before anything is timed (wider rows take the torch maths)
-        result["norm_errors"] = check_norm(model.hidden_size, device=dev)
+        result["norm_errors"] = check_norm(model.hidden_size, device=dev, compile=bool(compile))
         log(f"fused norm checked against the block's maths: {result['norm_errors']}")
     passes = resolve_passes(model, passes)
     flops = train_step_flops(model, batch, passes)
@@ -399,12 +400,13 @@ def _cuda_time(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def check_norm(dim: int, *, batch: int = 4, tokens: int = 256, device=None) -> dict:
+def check_norm(dim: int, *, batch: int = 4, tokens: int = 256, device=None, compile: bool = False) -> dict:
     """Relative errors of the fused LayerNorm + modulate kernels (``models.triton_norm``: the first
     LayerNorm with x forked into the residual, the second with the attention's gated residual)
     against the block's own maths: h1, x1, h and the gradients of x, a and the adaLN vector, with
     every input in float32 (< 1e-5) and with a, the adaLN vector, h1 and h in bf16 on a float32
-    stream (< 2e-2).
+    stream (< 2e-2). ``compile``: also both ops inside one torch.compile'd graph (where inductor
+    launches the kernels itself), its errors under ``compiled_float32`` / ``compiled_bfloat16``.
     Raises AssertionError past those bounds; returns the worst errors."""
     from mdtzoo.models import triton_norm as tn
 
@@ -414,21 +416,29 @@ def check_norm(dim: int, *, batch: int = 4, tokens: int = 256, device=None) -> d
     a0 = torch.randn(batch, tokens, dim, generator=g).to(dev)
     ada0 = torch.randn(batch, 6 * dim, generator=g).to(dev)
 
-    def run(fork, gated, dtype):  # both LayerNorms of a block, as Block chains them
+    def chain(fork, gated):  # both LayerNorms of a block, as Block chains them
+        def forward(x, a, ada):
+            shift1, scale1, gate, shift, scale, _ = ada.chunk(6, dim=1)  # strided views, as the block's adaLN chunks
+            res, h1 = fork(x, shift1, scale1, 1e-6)
+            x1, h = gated(res, a, gate, shift, scale, 1e-6)
+            return h1, x1, h
+        return forward
+
+    def run(forward, dtype):
         x = x0.clone().requires_grad_(True)
         a = a0.to(dtype).clone().requires_grad_(True)
         ada = ada0.to(dtype).clone().requires_grad_(True)
-        shift1, scale1, gate, shift, scale, _ = ada.chunk(6, dim=1)  # strided views, as the block's adaLN chunks
-        res, h1 = fork(x, shift1, scale1, 1e-6)
-        x1, h = gated(res, a, gate, shift, scale, 1e-6)
+        h1, x1, h = forward(x, a, ada)
         (x1.square().sum() + h.float().square().sum() + (h1.float() * a0).sum()).backward()
         return [h1.float(), x1, h.float(), x.grad, a.grad.float(), ada.grad.float()]
 
     worst = {}
-    ref = run(lambda x, sh, sc, eps: (x, tn.reference_norm(x, sh, sc, eps)), tn.reference, torch.float32)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        got = run(tn._NormFork.apply, lambda *t: tn._norm_fwd(*t)[:2], dtype)
-        key = str(dtype)[6:]
+    ref = run(chain(lambda x, sh, sc, eps: (x, tn.reference_norm(x, sh, sc, eps)), tn.reference), torch.float32)
+    fused = chain(tn._NormFork.apply, lambda *t: tn._norm_fwd(*t)[:2])
+    ways = [("", fused)] + ([("compiled_", torch.compile(fused, fullgraph=True, dynamic=False))] if compile else [])
+    for (way, forward), (dtype, tol) in itertools.product(ways, ((torch.float32, 1e-5), (torch.bfloat16, 2e-2))):
+        got = run(forward, dtype)
+        key = way + str(dtype)[6:]
         for name, a, b in zip(("h1", "x1", "h", "dx", "da", "dadaLN"), got, ref):
             err = ((a - b).norm() / b.norm()).item()
             worst[key] = max(worst.get(key, 0.0), err)

@@ -163,7 +163,7 @@ def main(argv=None):
     stack = contextlib.ExitStack()
     apply_variant(args.variant, stack)
     if args.norm_impl == "triton":
-        print("fused norm checked against the block's maths:", check_norm(SIZES[size_of(args.model)][1]))
+        print("fused norm checked against the block's maths:", check_norm(SIZES[size_of(args.model)][1], compile=True))
     if args.kept > TOKENS or (args.kept and not args.model.startswith("mdt")):
         raise SystemExit(f"--kept takes 1..{TOKENS} kept tokens of an MDT preset (the masked pass); got {args.kept}")
     block, inputs, dy = make(args.model, args.batch, norm_impl=args.norm_impl, kept=args.kept)

@@ -43,6 +43,7 @@
 #   bash experiments/bench/gpu_bench.sh packed3   # the MDT-B/2 step, packed qkv / the previous commit's code (OLD)
 #   bash experiments/bench/gpu_bench.sh norm      # the fused gated residual + LayerNorm kernels (models/triton_norm.py): one XL block torch / triton, then DiT-XL/2 and MDT-XL/2 steps alternating (each checked first); MDT-XL/2 with the batch-sum kernel (sum_kernel=true)
 #   bash experiments/bench/gpu_bench.sh normhost  # one DiT-XL/2 block's host time per call and its cProfile, torch / triton norm; both DiT-XL/2 step profiles
+#   bash experiments/bench/gpu_bench.sh ops       # the kernels as triton_ops checked compiled at XL/2 shapes; a DiT-XL/2 block's host time (triton norm); XL/2 steps torch / triton norm, MDT-XL/2 with opaque custom ops
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -476,6 +477,17 @@ normhost)  # why --norm-impl triton lost in (u1): each block's host time and cPr
     step "profile_dit_xl2_$impl" 130 dit_xl2 64 --compile --profile --norm-impl "$impl"
     sed -n '/device time per step/,$p' "$OUT/profile_dit_xl2_$impl.log" | head -n 30 >&2
   done
+  ;;
+ops)  # session 10: the kernels as torch.library.triton_op (inductor launches them), checked compiled first;
+  # the block's host time; steps alternating, MDT-XL/2 also with the ops opaque as before (MDTZOO_KERNEL_OPS=custom)
+  run attention_xl 150 bench attention --impl triton --batch 64 --heads 16 --dim 72 --json "$OUT/attention_xl.json"
+  block host_dit_xl2_triton 150 --model dit_xl2 --batch 64 --norm-impl triton --host
+  grep "host time" "$OUT/host_dit_xl2_triton.log" >&2
+  step step_mdt_xl2_triton 110 mdt_xl2 64 --compile --norm-impl triton
+  MDTZOO_KERNEL_OPS=custom step step_mdt_xl2_custom 110 mdt_xl2 64 --compile
+  step step_dit_xl2_triton 100 dit_xl2 64 --compile --norm-impl triton
+  step step_dit_xl2_torch 100 dit_xl2 64 --compile
+  step step_mdt_xl2_torch 110 mdt_xl2 64 --compile
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mdtzoo.models.kernel_ops import kernel_op, launch
+
 
 @triton.jit
 def _program(H: tl.constexpr, NQ, BLOCK: tl.constexpr):
@@ -153,12 +155,13 @@ def _delta_kernel(O, DO, DELTA, H: tl.constexpr, NQ, D: tl.constexpr, sob, soh, 
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DK, DV, DS, scale,
+def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DQKV, DS, scale,
                 H: tl.constexpr, NQ, G, D: tl.constexpr,
-                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, NP,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, SLOT, NP,
                 BM: tl.constexpr, BN: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_POS: tl.constexpr,
                 PREC: tl.constexpr, AL: tl.constexpr):
-    """dK, dV for one block of key rows of one (sample, head), and dS written to DS (B, H, NQ, NP * AL):
+    """dK, dV for one block of key rows of one (sample, head), written into their thirds of the packed
+    gradient DQKV (dK SLOT units of AL elements after its start, dV twice that; strides sg*), and dS written to DS (B, H, NQ, NP * AL):
     its rows padded with zeros to a multiple of AL elements, so that every row starts aligned and
     the stores (and the dQ kernel's loads) move 16 bytes at a time."""
     b, h, bh, offs_n, n_ok = _program(H, NQ, BN)
@@ -196,8 +199,9 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DK, DV, DS, scale,
             dk1 += tl.dot(dst, q1, input_precision=PREC).to(tl.float32)
         tl.store(DS + ds_base + offs_m[:, None] * (NP * AL) + offs_n[None, :], ds.to(DS.dtype.element_ty),
                  mask=m_ok[:, None] & (offs_n < NP * AL)[None, :])  # zeros in the padding: aligned stores
-    _store(DK, b * sgb + h * sgh, sgn, offs_n, n_ok, dk0 * scale, dk1 * scale, D, BD0, BD1, AL)
-    _store(DV, b * sgb + h * sgh, sgn, offs_n, n_ok, dv0, dv1, D, BD0, BD1, AL)
+    dk_base = b * sgb + h * sgh + SLOT  # in units of AL, as the strides
+    _store(DQKV, dk_base, sgn, offs_n, n_ok, dk0 * scale, dk1 * scale, D, BD0, BD1, AL)
+    _store(DQKV, dk_base + SLOT, sgn, offs_n, n_ok, dv0, dv1, D, BD0, BD1, AL)
 
 
 @triton.jit
@@ -272,7 +276,7 @@ def _batch_sum_kernel(DS, OUT, B, N, NP, BB: tl.constexpr, BJ: tl.constexpr, AL:
     tl.store(OUT + row.to(tl.int64) * N + j, acc, mask=j_ok)
 
 
-@torch.library.custom_op("mdtzoo::batch_sum", mutates_args=())
+@kernel_op("mdtzoo::batch_sum")
 def batch_sum(ds: torch.Tensor, n: int) -> torch.Tensor:
     """dS (B, H, N, P) with rows padded (P >= N; the padding never read) -> the full pass's bias
     gradient, its sum over the batch, (H, N, N) in float32: one Triton kernel, deterministic."""
@@ -280,17 +284,12 @@ def batch_sum(ds: torch.Tensor, n: int) -> torch.Tensor:
     ds = ds.contiguous()
     out = torch.empty((h, n, n), device=ds.device, dtype=torch.float32)
     al, (row,) = _divided((p,))
-    _batch_sum_kernel[(h * n,)](ds, out, b, n, row, BB=CONFIG["sum_bb"], BJ=_pow2(n), AL=al,
-                                num_warps=CONFIG["sum_warps"])
+    launch(_batch_sum_kernel, (h * n,))(ds, out, b, n, row, BB=CONFIG["sum_bb"], BJ=_pow2(n), AL=al,
+                                        num_warps=CONFIG["sum_warps"])
     return out
 
 
-@batch_sum.register_fake
-def _(ds, n):
-    return ds.new_empty((ds.shape[1], n, n), dtype=torch.float32)
-
-
-@torch.library.custom_op("mdtzoo::kept_grad", mutates_args=())
+@kernel_op("mdtzoo::kept_grad")
 def kept_grad(ds: torch.Tensor, ids_keep: torch.Tensor, grid: int) -> torch.Tensor:
     """(B, H, K, K) gradient at the kept positions (B, K) of a grid of ``grid`` tokens ->
     (H, grid, grid) float32, summed over the batch (``attention.reduce_kept_grad`` on CUDA). ``ds``
@@ -306,14 +305,9 @@ def kept_grad(ds: torch.Tensor, ids_keep: torch.Tensor, grid: int) -> torch.Tens
     chunk = triton.cdiv(b, max(1, min(b, CONFIG["grad_programs"] // (tiles * h))))  # samples per program
     chunks = triton.cdiv(b, chunk)
     out = torch.empty((chunks, h, grid, grid), device=ds.device, dtype=torch.float32)
-    _kept_grad_kernel[(triton.cdiv(grid, bp), triton.cdiv(grid, bq), chunks * h)](
+    launch(_kept_grad_kernel, (triton.cdiv(grid, bp), triton.cdiv(grid, bq), chunks * h))(
         ds.contiguous(), inv, out, b, k, kp, grid, chunk, h, BP=bp, BQ=bq, num_warps=CONFIG["grad_warps"])
     return out[0] if chunks == 1 else out.sum(0)
-
-
-@kept_grad.register_fake
-def _(ds, ids_keep, grid):
-    return ds.new_empty((ds.shape[1], grid, grid), dtype=torch.float32)
 
 
 # Block shapes and launch settings (H100-tuned: experiments/bench/attn_sweep.py kernel by kernel, then
@@ -394,7 +388,7 @@ def _heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # output as (B, N, H, d) and the gradient as one (B, N, 3, H, d) tensor: the kernels write straight
 # into the layouts the projections read, so neither pass copies to merge heads or to assemble the
 # three gradients (a (B, N, 3D) copy per block call, docs/performance.md, session 9).
-@torch.library.custom_op("mdtzoo::relbias_flash_fwd_packed", mutates_args=())
+@kernel_op("mdtzoo::relbias_flash_fwd_packed")
 def _flash_fwd(qkv: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> O (B, N, H, d) in qkv's dtype, and the rows' log-sum-exp (B * H, N) in float32."""
     b, n, _, h, d = qkv.shape
@@ -405,23 +399,17 @@ def _flash_fwd(qkv: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None) 
     o = qkv.new_empty((b, n, h, d))
     lse = torch.empty((b * h, n), device=qkv.device, dtype=torch.float32)
     al, strides = _aligned(q, k, v, o.transpose(1, 2))
-    _fwd_kernel[(triton.cdiv(n, bm), b * h)](
+    launch(_fwd_kernel, (triton.cdiv(n, bm), b * h))(
         q, k, v, full, pos if pos is not None else lse, o, lse, d ** -0.5, h, n, full.shape[-1], d, *strides,
         BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, PREC=_precision(q), AL=al,
         num_warps=CONFIG["fwd_warps"], num_stages=CONFIG["fwd_stages"])
     return o, lse
 
 
-@_flash_fwd.register_fake
-def _(qkv, full, pos):
-    b, n, _, h, d = qkv.shape
-    return qkv.new_empty((b, n, h, d)), qkv.new_empty((b * h, n), dtype=torch.float32)  # contiguous, as the kernel's
-
-
 # The op's name changes whenever its outputs' layout does (here: dS's padded rows, dQKV packed):
 # torch.compile's on-disk caches key on the traced graph, in which only the op's name appears, and
 # replayed code compiled for the old layout (assert_size_stride failed; docs/performance.md, session 8).
-@torch.library.custom_op("mdtzoo::relbias_flash_bwd_packed", mutates_args=())
+@kernel_op("mdtzoo::relbias_flash_bwd_packed")
 def _flash_bwd(qkv: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None, o: torch.Tensor,
                lse: torch.Tensor, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> dQKV (B, N, 3, H, d) and dS (B, H, N, ``_ds_cols(N)``), both in qkv's dtype; dS's rows
@@ -434,32 +422,29 @@ def _flash_bwd(qkv: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None, 
     bd0, bd1 = head_blocks(d, CONFIG["split_head"])
     prec = _precision(q)
     dqkv = qkv.new_empty(qkv.shape)  # contiguous (the fake's strides)
-    dq, dk, dv = _heads(dqkv)
+    # the kernels write into dqkv itself (dQ at its start, dK and dV one and two slots on), never into
+    # views of it, so that torch.compile sees one fresh tensor written (no copies to functionalise views)
+    dq, dk, _ = _heads(dqkv)
     al, strides = _aligned(q, k, v, do, o, dk, dq)  # dK and dV share their strides
+    slot = dqkv.stride(2) // al  # in units of AL: H d elements, d a multiple of AL (a head stride above)
     cols = _ds_cols(n)
     sq, sk, sv, sd, so, sg, sdq = (strides[i:i + 3] for i in range(0, 21, 3))
     np_units = cols // al
     delta = torch.empty((b * h, n), device=q.device, dtype=torch.float32)
-    _delta_kernel[(triton.cdiv(n, CONFIG["delta_bm"]), b * h)](o, do, delta, h, n, d, *so, *sd,
-                                                              BM=CONFIG["delta_bm"], BD0=bd0, BD1=bd1, AL=al)
+    launch(_delta_kernel, (triton.cdiv(n, CONFIG["delta_bm"]), b * h))(o, do, delta, h, n, d, *so, *sd,
+                                                                      BM=CONFIG["delta_bm"], BD0=bd0, BD1=bd1, AL=al)
     ds = torch.empty((b, h, n, cols), device=q.device, dtype=q.dtype)
     bm, bn = CONFIG["bwd_bm"], CONFIG["bwd_bn"]
     scale = d ** -0.5
-    _bwd_kernel[(triton.cdiv(n, bn), b * h)](
-        q, k, v, full, pos if pos is not None else lse, do, lse, delta, dk, dv, ds, scale, h, n, full.shape[-1], d,
-        *sq, *sk, *sv, *sd, *sg, np_units,
+    launch(_bwd_kernel, (triton.cdiv(n, bn), b * h))(
+        q, k, v, full, pos if pos is not None else lse, do, lse, delta, dqkv, ds, scale, h, n, full.shape[-1], d,
+        *sq, *sk, *sv, *sd, *sg, slot, np_units,
         BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, PREC=prec, AL=al, num_warps=CONFIG["bwd_warps"],
         num_stages=CONFIG["bwd_stages"])
-    _dq_kernel[(triton.cdiv(n, CONFIG["dq_bm"]), b * h)](
-        ds, k, dq, scale, h, n, d, *sk, *sdq, np_units,
+    launch(_dq_kernel, (triton.cdiv(n, CONFIG["dq_bm"]), b * h))(
+        ds, k, dqkv, scale, h, n, d, *sk, *sdq, np_units,
         BM=CONFIG["dq_bm"], BN=CONFIG["dq_bn"], BD0=bd0, BD1=bd1, PREC=prec, AL=al, num_warps=CONFIG["dq_warps"])
     return dqkv, ds
-
-
-@_flash_bwd.register_fake
-def _(qkv, full, pos, o, lse, do):
-    b, n, _, h, _ = qkv.shape
-    return qkv.new_empty(qkv.shape), qkv.new_empty((b, h, n, _ds_cols(n)))
 
 
 def _setup(ctx, inputs, output):

@@ -38,6 +38,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from mdtzoo.models.kernel_ops import kernel_op, launch
+
 try:
     import triton
     import triton.language as tl
@@ -171,13 +173,14 @@ def _launch_fwd(x, a, gate, shift, scale, eps: float, h_dtype: torch.dtype):
     res = a is not None
     x, shift, scale = x.contiguous(), _vector(shift), _vector(scale)
     a, gate = (a.contiguous(), _vector(gate)) if res else (x, shift)  # without RES never read
+    # without RES, X1 is never written: h stands in (an output, so that no input looks written to)
     x1 = torch.empty_like(x) if res else None
     h = torch.empty(x.shape, device=x.device, dtype=h_dtype)
     mean = torch.empty(b * n, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     rows = CONFIG["fwd_rows"]
-    _fwd_kernel[(triton.cdiv(b * n, rows),)](
-        x, a, gate, shift, scale, x1 if res else x, h, mean, rstd, b * n, n, gate.stride(0), shift.stride(0),
+    launch(_fwd_kernel, (triton.cdiv(b * n, rows),))(
+        x, a, gate, shift, scale, x1 if res else h, h, mean, rstd, b * n, n, gate.stride(0), shift.stride(0),
         scale.stride(0), eps, D=d, BD=_tile(d), ROWS=rows, RES=res, num_warps=CONFIG["fwd_warps"])
     return x1, h, mean, rstd
 
@@ -194,28 +197,20 @@ def _launch_bwd(x, a, gate, scale, mean, rstd, dh, dx_in):
     dx = torch.empty_like(x)
     da = torch.empty_like(a) if res else None
     part = torch.empty((b, ch, 3, d), device=x.device, dtype=torch.float32)
-    _bwd_kernel[(b, ch)](x, a, gate, scale, mean, rstd, dh, dx_in, dx, da if res else dx, part, n, chunk, ch,
-                         gate.stride(0), scale.stride(0), D=d, BD=_tile(d), ROWS=CONFIG["bwd_rows"], RES=res,
-                         num_warps=CONFIG["bwd_warps"])
+    launch(_bwd_kernel, (b, ch))(x, a, gate, scale, mean, rstd, dh, dx_in, dx, da if res else dx, part, n, chunk, ch,
+                                 gate.stride(0), scale.stride(0), D=d, BD=_tile(d), ROWS=CONFIG["bwd_rows"],
+                                 RES=res, num_warps=CONFIG["bwd_warps"])
     return dx, da, part.sum(1)
 
 
-@torch.library.custom_op("mdtzoo::gated_residual_norm", mutates_args=())
+@kernel_op("mdtzoo::gated_residual_norm")
 def _norm_fwd(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> x1 (x's dtype), h (a's dtype), and each row's mean and 1/std (B * N, float32)."""
     return _launch_fwd(x, a, gate, shift, scale, eps, a.dtype)
 
 
-@_norm_fwd.register_fake
-def _(x, a, gate, shift, scale, eps):
-    b, n, _ = x.shape
-    mean = x.new_empty(b * n, dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), \
-        torch.empty_like(a, memory_format=torch.contiguous_format), mean, torch.empty_like(mean)
-
-
-@torch.library.custom_op("mdtzoo::gated_residual_norm_bwd", mutates_args=())
+@kernel_op("mdtzoo::gated_residual_norm_bwd")
 def _norm_bwd(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
               rstd: torch.Tensor, dh: torch.Tensor, dx1: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -223,14 +218,6 @@ def _norm_bwd(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, scale: torch
     dx, da, sums = _launch_bwd(x, a, gate, scale, mean, rstd, dh, dx1)
     dgate, dshift, dscale = sums.unbind(1)  # views of one tensor: copied apart (outputs may not alias)
     return dx, da, dgate.to(gate.dtype, copy=True), dshift.to(gate.dtype, copy=True), dscale.to(scale.dtype, copy=True)
-
-
-@_norm_bwd.register_fake
-def _(x, a, gate, scale, mean, rstd, dh, dx1):
-    b, _, d = x.shape
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(a, memory_format=torch.contiguous_format),
-            gate.new_empty((b, d)), gate.new_empty((b, d)), scale.new_empty((b, d)))
 
 
 def _setup(ctx, inputs, output):
@@ -253,33 +240,19 @@ _norm_fwd.register_autograd(_backward, setup_context=_setup)
 # residual; ``norm_fork`` passes it through, so that the residual's gradient reaches this backward
 # and is added in the same kernel as the LayerNorm's (the sum autograd would otherwise make apart).
 
-@torch.library.custom_op("mdtzoo::norm_modulate", mutates_args=())
+@kernel_op("mdtzoo::norm_modulate")
 def _ln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> h (shift's dtype), and each row's mean and 1/std (B * N, float32)."""
     return _launch_fwd(x, None, None, shift, scale, eps, shift.dtype)[1:]
 
 
-@_ln_fwd.register_fake
-def _(x, shift, scale, eps):
-    b, n, _ = x.shape
-    mean = x.new_empty(b * n, dtype=torch.float32)
-    return x.new_empty(x.shape, dtype=shift.dtype), mean, torch.empty_like(mean)
-
-
-@torch.library.custom_op("mdtzoo::norm_modulate_bwd", mutates_args=())
+@kernel_op("mdtzoo::norm_modulate_bwd")
 def _ln_bwd(x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dh: torch.Tensor,
             dx_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx = dx_in + the LayerNorm backward of dh (1 + scale), dshift, dscale (in scale's dtype)."""
     dx, _, sums = _launch_bwd(x, None, None, scale, mean, rstd, dh, dx_in)
     return dx, sums[:, 1].to(scale.dtype, copy=True), sums[:, 2].to(scale.dtype, copy=True)
-
-
-@_ln_bwd.register_fake
-def _(x, scale, mean, rstd, dh, dx_in):
-    b, _, d = x.shape
-    return torch.empty_like(x, memory_format=torch.contiguous_format), scale.new_empty((b, d)), \
-        scale.new_empty((b, d))
 
 
 class _NormFork(torch.autograd.Function):
