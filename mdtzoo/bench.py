@@ -712,7 +712,7 @@ def bench_attention(impls=("explicit", "auto", "sdpa", "flex"), *, batch: int = 
     qkv0 = torch.randn(batch, n, 3, heads, dim, device=dev, dtype=torch.bfloat16)  # as the qkv projection makes it
     results = []
     for impl in (*impls, "no-bias"):
-        row = {"impl": impl, "compile": bool(compile and not impl.startswith(("flex", "triton"))), "batch": batch,
+        row = {"impl": impl, "compile": bool(compile and not impl.startswith("flex")), "batch": batch,
                "heads": heads, "tokens": n, "kept": keep}
         impl_name, _, variant = impl.partition(":")
         with contextlib.ExitStack() as variants:

@@ -44,6 +44,7 @@
 #   bash experiments/bench/gpu_bench.sh norm      # the fused gated residual + LayerNorm kernels (models/triton_norm.py): one XL block torch / triton, then DiT-XL/2 and MDT-XL/2 steps alternating (each checked first); MDT-XL/2 with the batch-sum kernel (sum_kernel=true)
 #   bash experiments/bench/gpu_bench.sh normhost  # one DiT-XL/2 block's host time per call and its cProfile, torch / triton norm; both DiT-XL/2 step profiles
 #   bash experiments/bench/gpu_bench.sh ops       # the kernels as triton_ops checked compiled at XL/2 shapes; a DiT-XL/2 block's host time (triton norm); XL/2 steps torch / triton norm, MDT-XL/2 with opaque custom ops
+#   bash experiments/bench/gpu_bench.sh ops2      # ops after the float64 fix: triton attention checked compiled at XL/2; MDT-XL/2 triton norm / custom ops / torch norm; MDT-S/2 triton norm / custom ops
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -488,6 +489,14 @@ ops)  # session 10: the kernels as torch.library.triton_op (inductor launches th
   step step_dit_xl2_triton 100 dit_xl2 64 --compile --norm-impl triton
   step step_dit_xl2_torch 100 dit_xl2 64 --compile
   step step_mdt_xl2_torch 110 mdt_xl2 64 --compile
+  ;;
+ops2)  # ops after the float64-scalar fix: triton attention checked compiled at XL/2 shapes; MDT steps triton_op / custom ops
+  run attention_xl 150 bench attention --impl triton --batch 64 --heads 16 --dim 72 --repeats 10 --json "$OUT/attention_xl.json"
+  step step_mdt_xl2_triton 110 mdt_xl2 64 --compile --norm-impl triton
+  MDTZOO_KERNEL_OPS=custom step step_mdt_xl2_custom 110 mdt_xl2 64 --compile
+  step step_mdt_xl2_torch 110 mdt_xl2 64 --compile
+  step step_mdt_s2_triton 90 mdt_s2 256 --steps 20 --compile --norm-impl triton
+  MDTZOO_KERNEL_OPS=custom step step_mdt_s2_custom 90 mdt_s2 256 --steps 20 --compile
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do

@@ -110,6 +110,7 @@ def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 BM: tl.constexpr, BN: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_POS: tl.constexpr,
                 PREC: tl.constexpr, AL: tl.constexpr):
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats to its launches as float64
     b, h, bh, offs_m, m_ok = _program(H, NQ, BM)
     q0, q1 = _load(Q, b * sqb + h * sqh, sqn, offs_m, m_ok, D, BD0, BD1, AL)
     pos_m = _positions(POS, b, NQ, offs_m, m_ok, HAS_POS)
@@ -164,6 +165,7 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DQKV, DS, scale,
     gradient DQKV (dK SLOT units of AL elements after its start, dV twice that; strides sg*), and dS written to DS (B, H, NQ, NP * AL):
     its rows padded with zeros to a multiple of AL elements, so that every row starts aligned and
     the stores (and the dQ kernel's loads) move 16 bytes at a time."""
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats to its launches as float64
     b, h, bh, offs_n, n_ok = _program(H, NQ, BN)
     k0, k1 = _load(K, b * skb + h * skh, skn, offs_n, n_ok, D, BD0, BD1, AL)
     v0, v1 = _load(V, b * svb + h * svh, svn, offs_n, n_ok, D, BD0, BD1, AL)
@@ -210,6 +212,7 @@ def _dq_kernel(DS, K, DQ, scale, H: tl.constexpr, NQ, D: tl.constexpr, skb, skh,
                AL: tl.constexpr):
     """dQ = scale * dS K for one block of query rows of one (sample, head): reads K's strided view
     and the dS just written (row stride NP * AL), no copies."""
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats to its launches as float64
     b, h, bh, offs_m, m_ok = _program(H, NQ, BM)
     dq0 = tl.zeros([BM, BD0], tl.float32)
     if BD1 > 0:

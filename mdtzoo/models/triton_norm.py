@@ -88,6 +88,7 @@ if triton is not None:
                     D: tl.constexpr, BD: tl.constexpr, ROWS: tl.constexpr, RES: tl.constexpr):
         """ROWS token rows per program: with RES, x1 = x + g a (stored), else x1 = x; x1's mean and
         1/std, h = x̂ (1 + sc) + sh."""
+        eps = tl.cast(eps, tl.float32)  # inductor passes Python floats to its launches as float64
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BD)
         r_ok = rows < T
