@@ -112,7 +112,7 @@ def _is_oom(err: BaseException) -> bool:
 def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: bool | str = False,
                      precision: str = "auto", passes: str = "auto", steps: int = 10, warmup: int = 3,
                      peak_tflops: float = DEFAULT_PEAK_TFLOPS, device: str | None = None,
-                     seed: int = 0, attn_impl: str = "auto", norm_impl: str = "torch", separate_passes: bool = True,
+                     seed: int = 0, attn_impl: str = "auto", norm_impl: str = "triton", separate_passes: bool = True,
                      activation_checkpointing: bool = False, profile: bool = False, flex_options: str | None = None,
                      triton_options: str | None = None, inductor_options: str | None = None,
                      update: str = "auto", hold_grads: bool = True, log=None) -> dict:

@@ -42,7 +42,7 @@ def size_of(model: str) -> str:
     return m.group(1)
 
 
-def make(model: str, batch: int, seed: int = 0, norm_impl: str = "torch", kept: int = 0):
+def make(model: str, batch: int, seed: int = 0, norm_impl: str = "triton", kept: int = 0):
     """The block, its inputs and output gradient. MDT presets get the relative-position bias (our
     Triton attention); ``kept`` > 0: the masked pass, that many tokens at random grid positions."""
     _, dim, heads = SIZES[size_of(model)]
@@ -154,7 +154,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--kept", type=int, default=0, help="MDT presets: the masked pass with this many kept tokens")
-    p.add_argument("--norm-impl", default="torch", choices=NORM_IMPLS,
+    p.add_argument("--norm-impl", default="triton", choices=NORM_IMPLS,
                    help="the block's gated residual + LayerNorm 2: inductor's kernels or ours (checked first)")
     p.add_argument("--host", action="store_true",
                    help="also the host time per call (launches unsynchronised) and cProfile's slowest functions")

@@ -142,7 +142,7 @@ def add_parser(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--attn", default="auto", choices=ATTN_IMPLS,
                    help="attention path with the relative-position bias (explicit = the slow reference)")
-    t.add_argument("--norm-impl", default="torch", choices=NORM_IMPLS,
+    t.add_argument("--norm-impl", default="triton", choices=NORM_IMPLS,
                    help="the blocks' LayerNorm + modulate steps (and the attention's gated residual): "
                         "inductor's kernels (torch) or ours (triton, models/triton_norm.py; CUDA)")
     t.add_argument("--joint-backward", action="store_true",

@@ -59,9 +59,10 @@ class Block(nn.Module):
 
     x: (B, N, D), c: (B, D), skip: (B, N, D) or None -> (B, N, D).
     With ``skip_linear``: x <- Linear(2D -> D)([x, skip]) before the block (U-ViT long skips,
-    MDT v2 dense input skips). ``norm_impl``: 'torch' (the maths below, compiled by inductor) or
-    'triton' (both LayerNorm + modulate steps, the second with the attention's gated residual, as
-    one kernel each way, ``models.triton_norm``; the same maths, on CUDA only -- elsewhere 'torch').
+    MDT v2 dense input skips). ``norm_impl``: 'triton' (default: both LayerNorm + modulate steps,
+    the second with the attention's gated residual, as one kernel each way, ``models.triton_norm``;
+    the same maths, on CUDA with rows of at most 8192 -- elsewhere the torch maths) or 'torch' (the
+    maths below, compiled by inductor; docs/performance.md, session 10).
     """
 
     def __init__(
@@ -72,7 +73,7 @@ class Block(nn.Module):
         rel_pos_bias: nn.Module | None = None,
         skip: bool = False,
         attn_impl: str = "auto",
-        norm_impl: str = "torch",
+        norm_impl: str = "triton",
     ):
         super().__init__()
         self.norm_impl = check_norm_impl(norm_impl)

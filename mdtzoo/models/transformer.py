@@ -59,7 +59,7 @@ class DiffusionTransformer(nn.Module):
         long_skips: bool = False,
         dense_skips: bool = False,
         attn_impl: str = "auto",
-        norm_impl: str = "torch",
+        norm_impl: str = "triton",
     ):
         super().__init__()
         if input_size % patch_size:

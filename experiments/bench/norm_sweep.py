@@ -1,0 +1,104 @@
+"""Launch settings of the fused LayerNorm kernels (models/triton_norm.py), swept at one block's shapes.
+
+    python experiments/bench/norm_sweep.py                      # DiT/MDT-XL/2: B 64, N 256, D 1152
+    python experiments/bench/norm_sweep.py --batch 256 --dim 384  # S/2
+
+Every setting is checked against the block's maths first (``bench.check_norm`` at the sweep's
+width), then each kernel is timed alone (CUDA events, median) for both forms -- the gated one
+(x + g a, then LayerNorm 2) and the plain one (LayerNorm 1) -- and reported with its effective
+bandwidth: the bytes it must move (float32 stream, bf16 a, dh and h) over its time. Prints one table
+per direction, fastest first, and the CONFIG to adopt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+from mdtzoo.bench import _cuda_time, check_norm
+from mdtzoo.models import triton_norm as tn
+
+FWD = {"fwd_rows": (1, 2, 4), "fwd_warps": (4, 8, 16)}
+BWD = {"bwd_rows": (1, 2, 4), "bwd_warps": (4, 8, 16), "bwd_chunk": (8, 16, 32, 64)}
+
+
+def traffic(b: int, n: int, d: int) -> dict[str, int]:
+    """Bytes each kernel must move: float32 x / x1 / dx, bf16 a / h / dh / da (the per-sample
+    vectors and row statistics are small and left out)."""
+    t = b * n * d
+    return {"fwd gated": t * (4 + 2 + 4 + 2), "fwd plain": t * (4 + 2),
+            "bwd gated": t * (4 + 2 + 2 + 4 + 4 + 2), "bwd plain": t * (4 + 2 + 4 + 4)}
+
+
+def inputs(b: int, n: int, d: int):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(b, n, d, generator=g).cuda()
+    a = torch.randn(b, n, d, generator=g).cuda().bfloat16()
+    ada = torch.randn(b, 6 * d, generator=g).cuda().bfloat16()
+    _, _, gate, shift, scale, _ = ada.chunk(6, dim=1)
+    dh = torch.randn(b, n, d, generator=g).cuda().bfloat16()
+    return x, a, gate, shift, scale, dh
+
+
+def time_kernels(b: int, n: int, d: int, repeats: int) -> dict[str, float]:
+    """µs per call of the four launches with the current CONFIG."""
+    x, a, gate, shift, scale, dh = inputs(b, n, d)
+    _, _, mean, rstd = tn._launch_fwd(x, a, gate, shift, scale, 1e-6, torch.bfloat16)
+    runs = {
+        "fwd gated": lambda: tn._launch_fwd(x, a, gate, shift, scale, 1e-6, torch.bfloat16),
+        "fwd plain": lambda: tn._launch_fwd(x, None, None, shift, scale, 1e-6, torch.bfloat16),
+        "bwd gated": lambda: tn._launch_bwd(x, a, gate, scale, mean, rstd, dh, x),
+        "bwd plain": lambda: tn._launch_bwd(x, None, None, scale, mean, rstd, dh, x),
+    }
+    return {name: _cuda_time(fn, repeats) * 1e6 for name, fn in runs.items()}
+
+
+def sweep(grid: dict, kinds: tuple[str, ...], args) -> list[tuple[dict, dict]]:
+    base = dict(tn.CONFIG)
+    rows = []
+    try:
+        for values in itertools.product(*grid.values()):
+            setting = dict(zip(grid, values))
+            tn.CONFIG.update(base | setting)
+            try:
+                check_norm(args.dim, batch=2, tokens=args.tokens)
+                us = time_kernels(args.batch, args.tokens, args.dim, args.repeats)
+            except Exception as err:  # a setting that fails to compile or to match is reported, not fatal
+                print(f"!! {setting}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+                continue
+            rows.append((setting, {k: us[k] for k in kinds}))
+    finally:
+        tn.CONFIG.clear()
+        tn.CONFIG.update(base)
+    return sorted(rows, key=lambda r: sum(r[1].values()))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--dim", type=int, default=1152)
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("norm_sweep.py times CUDA kernels: no GPU here")
+    bytes_ = traffic(args.batch, args.tokens, args.dim)
+    print(f"B {args.batch}, N {args.tokens}, D {args.dim}; defaults {tn.CONFIG}")
+    best = {}
+    for direction, grid in (("fwd", FWD), ("bwd", BWD)):
+        kinds = (f"{direction} gated", f"{direction} plain")
+        rows = sweep(grid, kinds, args)
+        print(f"\n| {' | '.join(grid)} | " + " | ".join(f"{k} µs (GB/s)" for k in kinds) + " |")
+        print("|" + "---|" * (len(grid) + len(kinds)))
+        for setting, us in rows:
+            cells = [f"{us[k]:.1f} ({bytes_[k] / us[k] / 1e3:,.0f})" for k in kinds]
+            print(f"| {' | '.join(str(v) for v in setting.values())} | {' | '.join(cells)} |")
+        if rows:
+            best.update(rows[0][0])
+    print(f"\nbest: CONFIG = {tn.CONFIG | best}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""How our Triton kernels become torch operators (models/kernel_ops.py): the mode chosen at import,
+its refusal of bad settings, and ``launch``'s handling of stand-ins and fake tensors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+PROBE = """
+from mdtzoo.models import kernel_ops, triton_attention, triton_norm
+import torch
+print("MODE", kernel_ops.MODE, torch.ops.mdtzoo.relbias_flash_fwd_packed.default is not None,
+      torch.ops.mdtzoo.gated_residual_norm_bwd.default is not None)
+"""
+
+
+def _probe(**env):
+    base = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MDTZOO_KERNEL_OPS")}
+    return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300,
+                          env={**base, **env})
+
+
+def test_mode_is_triton_op_with_compiled_kernels_and_custom_op_under_the_interpreter():
+    plain, interpreted, custom = _probe(), _probe(TRITON_INTERPRET="1"), _probe(MDTZOO_KERNEL_OPS="custom")
+    for proc in (plain, interpreted, custom):
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MODE triton True True" in plain.stdout
+    assert "MODE custom True True" in interpreted.stdout  # torch.compile cannot trace interpreted kernels
+    assert "MODE custom True True" in custom.stdout
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"MDTZOO_KERNEL_OPS": "fast"}, "MDTZOO_KERNEL_OPS='fast' is not a kernel-op mode; valid: 'triton', 'custom'"),
+    ({"MDTZOO_KERNEL_OPS": "triton", "TRITON_INTERPRET": "1"}, "under TRITON_INTERPRET=1 use 'custom'"),
+])
+def test_bad_modes_are_refused_at_import_with_what_is_valid(env, message):
+    proc = _probe(**env)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_launch_runs_stand_ins_directly_and_skips_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mdtzoo.models.kernel_ops import launch
+
+    calls = []
+
+    class StandIn:  # anything indexable by a grid that is not a JITFunction
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
+
+    x = torch.zeros(3)
+    launch(StandIn(), (2, 1))(x, 5, BLOCK=16)
+    assert calls == [((2, 1), (x, 5), {"BLOCK": 16})]
+    with FakeTensorMode() as mode:  # an op's fake kernel runs its body: shapes only, no launch
+        launch(StandIn(), (2,))(mode.from_tensor(x), 5)
+    assert len(calls) == 1
