@@ -13,6 +13,7 @@ tensor cores (wgmma).
 from __future__ import annotations
 
 import contextlib
+import re
 
 import pytest
 import torch
@@ -47,8 +48,9 @@ def _recording(module, names):
     launches += [(name, saved[name], *call) for name in names for call in recorders[name].calls]
 
 
-def _ptx(fn, args, kwargs) -> str:
-    """The PTX of ``fn`` compiled for sm_90 as the JIT would specialise this launch."""
+def _ptx(fn, args, kwargs, floats: str = "fp32") -> str:
+    """The PTX of ``fn`` compiled for sm_90 as the JIT would specialise this launch (Python floats
+    typed ``floats``: Triton's JIT passes them as fp32, inductor's launcher as fp64)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -65,7 +67,7 @@ def _ptx(fn, args, kwargs) -> str:
             if value.data_ptr() % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
-            signature[name] = "fp32"
+            signature[name] = floats
         else:
             signature[name] = "i32"
             if value % 16 == 0:
@@ -131,3 +133,25 @@ def test_xl_norm_kernels_move_16_bytes_at_a_time(norm_launches):
         narrow = [line.strip() for line in ptx.splitlines() if "ld.global.b16" in line or "st.global.b16" in line]
         assert not narrow, f"{name}: {len(narrow)} 2-byte global accesses, e.g. {narrow[0]}"
         assert "ld.global.v4.b32" in ptx or "ld.global.nc.v4.b32" in ptx, name  # 16-byte row loads
+
+
+
+F64_MATH = re.compile(r"\b(add|sub|mul|fma|div|sqrt|rsqrt|max|min|setp\.\w+)\.(rn\.)?f64\b")
+
+
+def test_kernels_compile_with_float_arguments_as_inductor_passes_them(xl_launches, norm_launches):
+    """Inside a compiled graph inductor launches our kernels itself (``kernel_ops``: triton_op), with
+    Python floats typed fp64. The kernels cast them to fp32 first -- session 10: the attention's
+    running max turned fp64 inside its loop and the forward failed to compile -- so they compile,
+    and no fp64 arithmetic is left (the LayerNorm's 1/std would be computed in fp64)."""
+    with_floats = [(name, fn, args, kwargs) for name, fn, args, kwargs in (*xl_launches, *norm_launches)
+                   if any(isinstance(a, float) for a in args)]
+    names = sorted(f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{name}" for name, fn, _, _ in with_floats)
+    assert names == ["triton_attention._bwd_kernel", "triton_attention._bwd_kernel", "triton_attention._dq_kernel",
+                     "triton_attention._dq_kernel", "triton_attention._fwd_kernel", "triton_attention._fwd_kernel",
+                     "triton_norm._fwd_kernel", "triton_norm._fwd_kernel"]  # scale and eps, both passes / forms
+    for name, fn, args, kwargs in with_floats:
+        ptx = _ptx(fn, args, dict(kwargs), floats="fp64")
+        assert "cvt.rn.f32.f64" in ptx, name  # the argument narrowed once
+        math = F64_MATH.findall(ptx)
+        assert not math, f"{name}: fp64 arithmetic left: {math[:3]}"
