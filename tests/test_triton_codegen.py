@@ -12,7 +12,6 @@ tensor cores (wgmma).
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import pytest
@@ -20,61 +19,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-
-class _Recorder:
-    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records the call."""
-
-    def __init__(self, fn):
-        self.fn, self.calls = fn, []
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+from mdtzoo.models import kernel_codegen  # noqa: E402  (after the skip: it compiles with Triton)
 
 
-@contextlib.contextmanager
-def _recording(module, names):
-    """Inside, ``module``'s kernels ``names`` record their launches instead of running; yields the
-    list of (name, kernel, args, kwargs) the launches fill in, in ``names`` order, once it closes."""
-    saved = {name: getattr(module, name) for name in names}
-    recorders = {name: _Recorder(saved[name]) for name in names}
-    launches = []
-    try:
-        for name in names:
-            setattr(module, name, recorders[name])
-        yield launches
-    finally:
-        for name in names:
-            setattr(module, name, saved[name])
-    launches += [(name, saved[name], *call) for name in names for call in recorders[name].calls]
-
-
-def _ptx(fn, args, kwargs, floats: str = "fp32") -> str:
-    """The PTX of ``fn`` compiled for sm_90 as the JIT would specialise this launch (Python floats
-    typed ``floats``: Triton's JIT passes them as fp32, inductor's launcher as fp64)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
-    values = dict(zip(fn.arg_names, args)) | kwargs
-    types = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32"}
-    signature, constexprs, attrs = {}, {}, {}
-    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
-        value = values[name]
-        if param.is_constexpr:
-            signature[name], constexprs[name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = types[value.dtype]
-            if value.data_ptr() % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[name] = floats
-        else:
-            signature[name] = "i32"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=options)
-    return compiled.asm["ptx"]
+_recording = kernel_codegen.recording
+_ptx = kernel_codegen.sm90_ptx
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +104,19 @@ def test_kernels_compile_with_float_arguments_as_inductor_passes_them(xl_launche
         assert "cvt.rn.f32.f64" in ptx, name  # the argument narrowed once
         math = F64_MATH.findall(ptx)
         assert not math, f"{name}: fp64 arithmetic left: {math[:3]}"
+
+
+def test_resident_warps_follow_the_register_file():
+    # 65536 registers per SM, allocated per warp in units of 256, whole programs only
+    assert kernel_codegen.warps_per_sm(151, 8) == 8  # 19 * 256 per warp: one program of 8 warps
+    assert kernel_codegen.warps_per_sm(56, 16) == 32  # 7 * 256 per warp: two programs of 16
+    assert kernel_codegen.warps_per_sm(32, 4) == 64  # 16 programs, the SM's 64-warp limit
+    assert kernel_codegen.warps_per_sm(255, 4) == 8
+
+
+def test_norm_kernels_do_not_spill_at_xl_width(norm_launches):
+    """ptxas's report of the fused norm kernels as launched at MDT-XL/2's width with the default
+    CONFIG: registers within sm_90's 255 per thread and no spills to local memory."""
+    for name, fn, args, kwargs in norm_launches:
+        use = kernel_codegen.ptxas_usage(_ptx(fn, args, kwargs))
+        assert 0 < use["registers"] <= 255 and use["spill_bytes"] == 0, (name, use)

@@ -2,12 +2,16 @@
 
     python experiments/bench/norm_sweep.py                      # DiT/MDT-XL/2: B 64, N 256, D 1152
     python experiments/bench/norm_sweep.py --batch 256 --dim 384  # S/2
+    python experiments/bench/norm_sweep.py --registers            # no GPU: each setting's registers (ptxas, sm_90)
 
 Every setting is checked against the block's maths first (``bench.check_norm`` at the sweep's
 width), then each kernel is timed alone (CUDA events, median) for both forms -- the gated one
 (x + g a, then LayerNorm 2) and the plain one (LayerNorm 1) -- and reported with its effective
 bandwidth: the bytes it must move (float32 stream, bf16 a, dh and h) over its time. Prints one table
-per direction, fastest first, and the CONFIG to adopt.
+per direction, fastest first, and the CONFIG to adopt. ``--registers`` instead compiles every setting
+for sm_90 on the CPU (``models.kernel_codegen``) and prints ptxas's registers per thread, spills,
+and the warps that fit on an SM: a kernel that keeps one program of 8 warps per SM cannot hide its
+memory latency, whatever its launch grid.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import itertools
 import torch
 
 from mdtzoo.bench import _cuda_time, check_norm
+from mdtzoo.models import kernel_codegen as kc
 from mdtzoo.models import triton_norm as tn
 
 FWD = {"fwd_rows": (1, 2, 4), "fwd_warps": (4, 8, 16)}
@@ -75,13 +80,52 @@ def sweep(grid: dict, kinds: tuple[str, ...], args) -> list[tuple[dict, dict]]:
     return sorted(rows, key=lambda r: sum(r[1].values()))
 
 
+def registers(grid: dict, direction: str, dim: int) -> None:
+    """Print each setting's registers per thread, spill bytes and resident warps per SM, for the
+    gated and the plain kernel of ``direction`` at width ``dim`` (compiled for sm_90, nothing run)."""
+    base = dict(tn.CONFIG)
+    g = torch.Generator().manual_seed(0)
+    x, a = torch.randn(2, 16, dim, generator=g), torch.randn(2, 16, dim, generator=g).bfloat16()
+    _, _, gate, shift, scale, _ = torch.randn(2, 6 * dim, generator=g).bfloat16().chunk(6, dim=1)
+    mean, rstd = torch.zeros(32), torch.ones(32)
+    print(f"\n| {' | '.join(grid)} | gated: registers, spill bytes, warps/SM | plain: the same |")
+    print("|" + "---|" * (len(grid) + 2))
+    try:
+        for values in itertools.product(*grid.values()):
+            setting = dict(zip(grid, values))
+            tn.CONFIG.update(base | setting)
+            with kc.recording(tn, ("_fwd_kernel", "_bwd_kernel")) as launches:
+                if direction == "fwd":
+                    tn._launch_fwd(x, a, gate, shift, scale, 1e-6, torch.bfloat16)
+                    tn._launch_fwd(x, None, None, shift, scale, 1e-6, torch.bfloat16)
+                else:
+                    tn._launch_bwd(x, a, gate, scale, mean, rstd, a, x)
+                    tn._launch_bwd(x, None, None, scale, mean, rstd, a, x)
+            cells = []
+            for _, fn, args, kwargs in launches:
+                use = kc.ptxas_usage(kc.sm90_ptx(fn, args, kwargs))
+                cells.append(f"{use['registers']}, {use['spill_bytes']}, "
+                             f"{kc.warps_per_sm(use['registers'], kwargs['num_warps'])}")
+            print(f"| {' | '.join(str(v) for v in values)} | {' | '.join(cells)} |")
+    finally:
+        tn.CONFIG.clear()
+        tn.CONFIG.update(base)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--dim", type=int, default=1152)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--registers", action="store_true",
+                   help="compile every setting for sm_90 here (no GPU) and print registers, spills, warps per SM")
     args = p.parse_args(argv)
+    if args.registers:
+        print(f"D {args.dim}, sm_90; defaults {tn.CONFIG}")
+        registers(FWD, "fwd", args.dim)
+        registers(BWD, "bwd", args.dim)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("norm_sweep.py times CUDA kernels: no GPU here")
     bytes_ = traffic(args.batch, args.tokens, args.dim)
