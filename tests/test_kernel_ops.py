@@ -10,12 +10,18 @@ import torch
 
 pytest.importorskip("triton")
 
+# which of our Triton ops torch.compile decomposes into their kernels (a triton_op registers its body
+# for functionalisation) -- all eight, or none where they stay opaque custom ops
 PROBE = """
+from torch._library.custom_ops import OPDEFS
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 from mdtzoo.models import kernel_ops, triton_attention, triton_norm
-import torch
-print("MODE", kernel_ops.MODE, torch.ops.mdtzoo.relbias_flash_fwd_packed.default is not None,
-      torch.ops.mdtzoo.gated_residual_norm_bwd.default is not None)
+traced = sorted(n for n in kernel_ops.OPS if FunctionalTensorMode in OPDEFS[n]._torch_dispatch_fns)
+print("MODE", kernel_ops.MODE, sorted(kernel_ops.OPS), "TRACED", traced)
 """
+OPS = ["mdtzoo::batch_sum", "mdtzoo::gated_residual_norm", "mdtzoo::gated_residual_norm_bwd", "mdtzoo::kept_grad",
+       "mdtzoo::norm_modulate", "mdtzoo::norm_modulate_bwd", "mdtzoo::relbias_flash_bwd_packed",
+       "mdtzoo::relbias_flash_fwd_packed"]
 
 
 def _probe(**env):
@@ -28,9 +34,9 @@ def test_mode_is_triton_op_with_compiled_kernels_and_custom_op_under_the_interpr
     plain, interpreted, custom = _probe(), _probe(TRITON_INTERPRET="1"), _probe(MDTZOO_KERNEL_OPS="custom")
     for proc in (plain, interpreted, custom):
         assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "MODE triton True True" in plain.stdout
-    assert "MODE custom True True" in interpreted.stdout  # torch.compile cannot trace interpreted kernels
-    assert "MODE custom True True" in custom.stdout
+    assert f"MODE triton {OPS} TRACED {OPS}" in plain.stdout, plain.stdout
+    assert f"MODE custom {OPS} TRACED []" in interpreted.stdout, interpreted.stdout  # the interpreter: opaque
+    assert f"MODE custom {OPS} TRACED []" in custom.stdout, custom.stdout
 
 
 @pytest.mark.parametrize("env, message", [

@@ -51,9 +51,13 @@ def launch(kernel, grid):
     return torch.library.wrap_triton(kernel)[grid]
 
 
+OPS: list[str] = []  # every operator made by ``kernel_op``, in the order made
+
+
 def kernel_op(name: str):
     """Decorator: the function as the torch operator ``name`` (no argument mutated), in ``MODE``."""
     def wrap(fn):
+        OPS.append(name)
         if MODE == "triton":
             return torch.library.triton_op(name, mutates_args=())(fn)
 

@@ -162,9 +162,9 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DQKV, DS, scale,
                 BM: tl.constexpr, BN: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_POS: tl.constexpr,
                 PREC: tl.constexpr, AL: tl.constexpr):
     """dK, dV for one block of key rows of one (sample, head), written into their thirds of the packed
-    gradient DQKV (dK SLOT units of AL elements after its start, dV twice that; strides sg*), and dS written to DS (B, H, NQ, NP * AL):
-    its rows padded with zeros to a multiple of AL elements, so that every row starts aligned and
-    the stores (and the dQ kernel's loads) move 16 bytes at a time."""
+    gradient DQKV (dK SLOT units of AL elements after its start, dV twice that; strides sg*), and dS
+    written to DS (B, H, NQ, NP * AL): its rows padded with zeros to a multiple of AL elements, so
+    that every row starts aligned and the stores (and the dQ kernel's loads) move 16 bytes at a time."""
     scale = tl.cast(scale, tl.float32)  # inductor passes Python floats to its launches as float64
     b, h, bh, offs_n, n_ok = _program(H, NQ, BN)
     k0, k1 = _load(K, b * skb + h * skh, skn, offs_n, n_ok, D, BD0, BD1, AL)
