@@ -765,8 +765,9 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
     """Time ``batch`` images of ``steps``-step DDPM sampling (VAE excluded) at ImageNet latent shape.
 
     With ``check`` > 0, first samples ``check`` images with the fast settings and with the
-    unoptimised path (fp32, explicit attention, no compile) from the same seed (random weights
-    scaled so the network's output matters) and reports their differences. ``compile``: True,
+    unoptimised path (``unoptimised``: fp32, explicit attention, the torch LayerNorm maths, no
+    compile) from the same seed (random weights scaled so the network's output matters) and reports
+    their differences. ``compile``: True,
     False or a torch.compile mode for the blocks ('reduce-overhead' replays CUDA graphs).
     ``profile``: the top kernels of 3 more sampling steps at the timed batch, in ``result['profile']``.
     ``flex_options``: a ``FLEX_VARIANTS`` name, FlexAttention's kernel options for this run;
@@ -803,11 +804,8 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
             torch.cuda.reset_peak_memory_stats(dev)
         kwargs = dict(labels="uniform", seed=seed, device=dev, num_classes=1000)
         if check:
-            for blk in model.all_blocks():
-                blk.attn.impl = "explicit"
-            ref, _ = _latents(generate, model, diffusion, guidance, check, "fp32", kwargs)
-            for blk in model.all_blocks():
-                blk.attn.impl = attn_impl
+            with unoptimised(model):
+                ref, _ = _latents(generate, model, diffusion, guidance, check, "fp32", kwargs)
         if mode:
             model.compile_blocks(mode)
         if check:
@@ -840,6 +838,21 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
         if cuda:
             result["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
         return result
+
+
+@contextlib.contextmanager
+def unoptimised(model):
+    """Inside, every block of ``model`` runs the reference maths: explicit attention and the torch
+    LayerNorm + modulate steps (no kernels of ours); the blocks' settings are restored after."""
+    blocks = list(model.all_blocks())
+    saved = [(blk.attn.impl, blk.norm_impl) for blk in blocks]
+    try:
+        for blk in blocks:
+            blk.attn.impl, blk.norm_impl = "explicit", "torch"
+        yield model
+    finally:
+        for blk, (attn, norm) in zip(blocks, saved):
+            blk.attn.impl, blk.norm_impl = attn, norm
 
 
 def _latents(generate, model, diffusion, guidance, num, precision, kwargs):

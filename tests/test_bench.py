@@ -125,6 +125,19 @@ def test_bench_sample_on_cpu_checks_profiles_and_refuses_bad_modes(tmp_path, cap
         bench_sample("mdt_xs2", 2, compile="fast", device="cpu")
 
 
+def test_the_sample_check_reference_runs_every_block_on_the_reference_maths_then_restores():
+    from mdtzoo.bench import unoptimised
+
+    model = build_model("mdt_xs2", attn_impl="flex", norm_impl="triton")
+    blocks = list(model.all_blocks())
+    with unoptimised(model):
+        assert {(b.attn.impl, b.norm_impl) for b in blocks} == {("explicit", "torch")}
+    assert {(b.attn.impl, b.norm_impl) for b in blocks} == {("flex", "triton")}
+    with pytest.raises(RuntimeError), unoptimised(model):  # restored on errors too
+        raise RuntimeError
+    assert {(b.attn.impl, b.norm_impl) for b in blocks} == {("flex", "triton")}
+
+
 def test_flex_variants_apply_inside_and_restore_and_unknown_ones_are_named(tmp_path, capsys):
     from mdtzoo.bench import FLEX_VARIANTS, bench_sample, bench_train_step, flex_variant
     from mdtzoo.models import attention as attn_mod
