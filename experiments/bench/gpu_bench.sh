@@ -34,7 +34,8 @@
 #   bash experiments/bench/gpu_bench.sh kern      # ncu of our attention kernels at XL/2 shapes, a sweep of their launch settings (attn_sweep.py), the MDT-S/2 step
 #   bash experiments/bench/gpu_bench.sh steps8    # the MDT-S/2 step: previous commit's code (OLD) / this one / with the sweep's settings (sw8), alternating; MDT-XL/2 old / sw8
 #   bash experiments/bench/gpu_bench.sh final5    # the table's five steps (session 8's code), then MDT-XL/2 with the previous commit's code (OLD, its own inductor cache)
-#   bash experiments/bench/gpu_bench.sh final6    # session 10's defaults: the table's five steps, MDT-XL/2 with CUDA graphs, 250-step sampling (checked)
+#   bash experiments/bench/gpu_bench.sh final6    # session 10's defaults: the table's five steps, MDT-S/2 with CUDA graphs
+#   bash experiments/bench/gpu_bench.sh final7    # MDT-XL/2 without / with CUDA graphs, 250-step sampling (checked against the reference maths)
 #   bash experiments/bench/gpu_bench.sh s2sweep   # attn_sweep.py at S/2 shapes (head dim 64), then the MDT-S/2 step with its BEST settings against the defaults, alternating
 #   bash experiments/bench/gpu_bench.sh prof8     # session 8's MDT-XL/2 step: its GPU time by kernel kind, then with CUDA graphs
 #   bash experiments/bench/gpu_bench.sh blocks    # one block's forward + backward kernel by kernel (block_parts.py) at XL/2 and S/2; DiT-XL/2 and MDT-XL/2 step profiles
@@ -406,12 +407,16 @@ final5)
   old_step step_old_mdt_xl2 150 mdt_xl2 64 --compile
   "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
   ;;
-final6)  # session 10's defaults (triton_op kernels, fused norm): the table's five steps, MDT-XL/2 with CUDA
-  # graphs (the XL step's host time is now about its GPU time), then 250-step sampling checked against the plain loop
+final6)  # session 10's defaults (triton_op kernels, fused norm): the table's five steps, then MDT-S/2 with CUDA graphs
   table_steps
+  step step_graphs_mdt_s2 100 mdt_s2 256 --steps 20 --compile-mode reduce-overhead
+  "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
+  ;;
+final7)  # MDT-XL/2 with CUDA graphs (its host time is now about its GPU time), then 250-step sampling checked
+  # against the reference maths (bench.unoptimised) -- the fused norm's first sampling run
+  step step_mdt_xl2_b64 110 mdt_xl2 64 --compile
   step step_graphs_mdt_xl2 150 mdt_xl2 64 --compile-mode reduce-overhead
   sample_xl2 220
-  "$py" -m mdtzoo bench table "$OUT"/step_*.json >&2
   ;;
 s2sweep)
   echo "== sweep s2" >&2
