@@ -24,9 +24,9 @@ OPS = ["mdtzoo::batch_sum", "mdtzoo::gated_residual_norm", "mdtzoo::gated_residu
        "mdtzoo::relbias_flash_fwd_packed"]
 
 
-def _probe(**env):
+def _probe(script=PROBE, **env):
     base = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MDTZOO_KERNEL_OPS")}
-    return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**base, **env})
 
 
@@ -46,6 +46,13 @@ def test_mode_is_triton_op_with_compiled_kernels_and_custom_op_under_the_interpr
 def test_bad_modes_are_refused_at_import_with_what_is_valid(env, message):
     proc = _probe(**env)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_torch_without_triton_op_takes_custom_ops_and_refuses_triton_mode():
+    probe = "import torch\ndel torch.library.triton_op\n" + PROBE  # as torch < 2.6
+    old, forced = _probe(probe), _probe(probe, MDTZOO_KERNEL_OPS="triton")
+    assert old.returncode == 0 and f"MODE custom {OPS} TRACED []" in old.stdout, old.stderr[-2000:]
+    assert forced.returncode != 0 and "needs torch.library.triton_op (torch >= 2.6)" in forced.stderr
 
 
 def test_launch_runs_stand_ins_directly_and_skips_fake_tensors():

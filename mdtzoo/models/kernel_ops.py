@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 
 import torch
-from torch._library.triton import set_wrap_triton_enabled
 from torch._subclasses.fake_tensor import is_fake
 
 try:
@@ -32,26 +31,30 @@ except ImportError:  # no Triton: no kernels to launch (the ops' callers take th
 
 MODES = ("triton", "custom")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-MODE = os.environ.get("MDTZOO_KERNEL_OPS", "custom" if INTERPRETED else "triton")
+HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")  # torch >= 2.6
+MODE = os.environ.get("MDTZOO_KERNEL_OPS", "custom" if INTERPRETED or not HAS_TRITON_OP else "triton")
 if MODE not in MODES:
     raise ValueError(f"MDTZOO_KERNEL_OPS={MODE!r} is not a kernel-op mode; valid: {', '.join(map(repr, MODES))}")
 if MODE == "triton" and INTERPRETED:
     raise ValueError("MDTZOO_KERNEL_OPS='triton' needs compiled Triton kernels; under TRITON_INTERPRET=1 use 'custom'")
+if MODE == "triton" and not HAS_TRITON_OP:
+    raise ValueError(f"MDTZOO_KERNEL_OPS='triton' needs torch.library.triton_op (torch >= 2.6); this is torch "
+                     f"{torch.__version__}: use 'custom'")
+
+OPS: list[str] = []  # every operator made by ``kernel_op``, in the order made
 
 
 def launch(kernel, grid):
-    """``kernel[grid]`` as a traceable call (``torch.library.wrap_triton``). Anything else that
-    takes a grid -- the interpreter's kernels, a test's stand-in -- runs directly, and not at all on
-    fake tensors (the op's fake kernel: shapes only)."""
-    if not isinstance(kernel, JITFunction):
-        def run(*args, **kwargs):
-            if not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
-                kernel[grid](*args, **kwargs)
-        return run
-    return torch.library.wrap_triton(kernel)[grid]
+    """``kernel[grid]``: in 'triton' mode a traceable call (``torch.library.wrap_triton``) that
+    torch.compile records in its graph. Otherwise -- 'custom' mode, the interpreter's kernels, a
+    test's stand-in -- a direct launch, skipped on fake tensors (the op's fake kernel: shapes only)."""
+    if MODE == "triton" and isinstance(kernel, JITFunction):
+        return torch.library.wrap_triton(kernel)[grid]
 
-
-OPS: list[str] = []  # every operator made by ``kernel_op``, in the order made
+    def run(*args, **kwargs):
+        if not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+            kernel[grid](*args, **kwargs)
+    return run
 
 
 def kernel_op(name: str):
@@ -60,13 +63,7 @@ def kernel_op(name: str):
         OPS.append(name)
         if MODE == "triton":
             return torch.library.triton_op(name, mutates_args=())(fn)
-
-        def run(*args, **kwargs):  # launched directly, as triton_op's own eager path does
-            with set_wrap_triton_enabled(False):
-                return fn(*args, **kwargs)
-
-        run.__name__, run.__doc__ = fn.__name__, fn.__doc__
-        op = torch.library.custom_op(name, run, mutates_args=(), schema=torch.library.infer_schema(fn, mutates_args=()))
-        op.register_fake(fn)  # traceable body: the kernels' launches do nothing on fake tensors
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)  # the body: its launches do nothing on fake tensors
         return op
     return wrap
