@@ -9,7 +9,8 @@ The alternative, ``MDTZOO_KERNEL_OPS=custom`` in the environment before import, 
 ``torch.library.custom_op``: inductor calls it through the dispatcher and its Python body runs at
 every call (the ops' form up to session 9, kept as the benchmarks' baseline; docs/performance.md,
 session 10). It is also the mode under Triton's CPU interpreter (``TRITON_INTERPRET=1``), whose
-kernels torch.compile cannot trace: there a compiled graph calls the op, which runs the interpreter.
+kernels torch.compile cannot trace: there a compiled graph calls the op, which runs the interpreter;
+and with a torch older than 2.6, which has no ``triton_op``.
 
 An op's body must be traceable by torch.compile either way: shapes and strides read in Python (fixed
 under ``dynamic=False``), tensors allocated with torch, kernels launched through ``launch``. The
