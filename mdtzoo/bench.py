@@ -105,6 +105,16 @@ def train_step_flops(model: nn.Module, batch: int, passes: str = "auto") -> floa
 
 # -- the timed step ---------------------------------------------------------------------------
 
+def _kernel_ops_mode() -> str | None:
+    """How our Triton kernels reach the compiled graphs (``models.kernel_ops.MODE``), for the
+    results: 'triton' (traced, launched by inductor) or 'custom' (opaque ops); None without Triton."""
+    try:
+        from mdtzoo.models import kernel_ops
+    except ImportError:
+        return None
+    return kernel_ops.MODE if kernel_ops.JITFunction != () else None
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -163,7 +173,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         passes=passes,
         steps=steps, warmup=warmup, peak_tflops=peak_tflops, device=dev.type, world=info.world,
         attn_impl=attn_impl, norm_impl=norm_impl, flex_options=flex_options, triton_options=triton_options,
-        inductor_options=inductor_options, separate_passes=bool(separate_passes),
+        inductor_options=inductor_options, separate_passes=bool(separate_passes), kernel_ops=_kernel_ops_mode(),
         activation_checkpointing=bool(activation_checkpointing),
         card=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,
         date=datetime.date.today().isoformat(), status="ok",
@@ -795,7 +805,7 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
         flops = sample_flops(model, steps, guided)
         result = dict(model=model_name, batch=batch, steps=steps, guidance=guidance, precision=precision,
                       compile=mode or False, attn_impl=attn_impl, flex_options=flex_options,
-                      triton_options=triton_options, device=dev.type,
+                      triton_options=triton_options, kernel_ops=_kernel_ops_mode(), device=dev.type,
                       card=torch.cuda.get_device_name(dev) if cuda else "cpu",
                       torch=torch.__version__, date=datetime.date.today().isoformat(), flops_per_image=flops,
                       peak_tflops=peak_tflops, status="ok")

@@ -79,6 +79,7 @@ def test_bench_train_step_command_on_cpu(tmp_path, capsys):
     r = json.loads(out.read_text())
     assert r["status"] == "ok" and r["model"] == "mdt_xs2" and r["passes"] == "both"
     assert r["precision"] == "fp32" and r["batch"] == 4 and r["steps"] == 2
+    assert r["norm_impl"] == "triton" and r["kernel_ops"] == "triton"  # the defaults, recorded with the result
     assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["tflops"] > 0
     assert r["flops_per_step"] == pytest.approx(train_step_flops(build_model("mdt_xs2"), 4))
     assert r["peak_fraction"] == pytest.approx(r["tflops"] / 790.0)
