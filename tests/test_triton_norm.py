@@ -83,9 +83,11 @@ import torch
 from mdtzoo.models.blocks import Block
 torch.manual_seed(0)
 res = []
-for impl, compiled in (("torch", False), ("triton", False), ("triton", True)):
+for impl, compiled, checkpointed in (("torch", False, False), ("triton", False, False), ("triton", True, False),
+                                     ("triton", False, True)):
     torch.manual_seed(1)
     block = Block(24, 2, norm_impl=impl)
+    block.checkpoint_activations = checkpointed  # the forward recomputed in the backward (norm_fork again)
     if compiled:  # the ops inside a compiled block: fake kernels, autograd, no graph break
         block.compile(dynamic=False, fullgraph=True)
     for p in block.parameters():
