@@ -3,6 +3,7 @@
     python experiments/bench/attn_sweep.py --shape xl            # B 64, H 16, N 256, K 179, head dim 72
     python experiments/bench/attn_sweep.py --shape s2 --top 3    # B 256, H 6, head dim 64
     python experiments/bench/attn_sweep.py --shape xl --ncu      # one launch of each kernel, for ncu
+    python experiments/bench/attn_sweep.py --shape xl --registers  # no GPU: registers per setting (ptxas, sm_90)
 
 Inputs are made as the model makes them: q, k, v packed in one (B, N, 3, H, d) tensor in bf16, the (H, G, G) bias in float32, and for the masked pass K kept positions per sample
 in grid order. For every setting of ``triton_attention.CONFIG`` in the grid the forward kernel and
@@ -13,6 +14,9 @@ group over both passes as ``BEST key=value,...`` (what ``bench train-step --trit
 
 With ``--ncu`` it runs each kernel of the default setting a few times and nothing else, to be
 profiled: ``ncu --clock-control none -k regex:_kernel python experiments/bench/attn_sweep.py --ncu``.
+With ``--registers`` it needs no GPU: each kernel of the default setting, and the dK/dV/dS kernel
+over the backward grid, compiled for sm_90 here (``models.kernel_codegen``), with ptxas's registers
+per thread, spill bytes and the warps that fit on an SM.
 """
 
 from __future__ import annotations
@@ -76,13 +80,60 @@ def sweep(ta, shape: str, masked: bool, grid: list[dict], top: int):
     return rows
 
 
+BWD_GRID = [{"bwd_bm": bm, "bwd_bn": bn, "bwd_warps": w, "bwd_stages": s}
+            for bm, bn, w, s in itertools.product((32, 64), (64, 128), (4, 8), (1, 2, 3))]
+KERNELS = ("_fwd_kernel", "_delta_kernel", "_bwd_kernel", "_dq_kernel")
+
+
+def register_report(ta, shape: str, settings: list[dict], kernels=KERNELS) -> None:
+    """Print registers per thread, spill bytes and resident warps per SM of ``kernels`` for each
+    setting, full and masked pass, as compiled for sm_90 on this machine (the launches recorded from
+    the ops at the shape's head count and head dim; nothing runs)."""
+    from mdtzoo.models import kernel_codegen as kc
+
+    _, h, d = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    default = dict(ta.CONFIG)
+    print(f"\n| setting | pass | {' | '.join(kernels)} |\n|---|---|" + "---|" * len(kernels))
+    try:
+        for setting in settings:
+            ta.CONFIG.update(default | setting)
+            for masked in (False, True):
+                n = KEPT if masked else GRID
+                qkv = torch.randn(2, n, 3, h, d, generator=g).bfloat16()
+                full = torch.randn(h, GRID, GRID, generator=g)
+                pos = torch.stack([torch.randperm(GRID, generator=g)[:KEPT].sort().values for _ in range(2)]).int() \
+                    if masked else None
+                with kc.recording(ta, KERNELS) as launches:  # every launch recorded: none runs
+                    o, lse = ta._flash_fwd(qkv, full, pos)
+                    ta._flash_bwd(qkv, full, pos, o, lse, torch.randn(o.shape, generator=g).bfloat16())
+                cells = {}
+                for name, fn, args, kwargs in (launch for launch in launches if launch[0] in kernels):
+                    use = kc.ptxas_usage(kc.sm90_ptx(fn, args, kwargs))
+                    warps = kc.warps_per_sm(use["registers"], kwargs.get("num_warps", 4))
+                    cells[name] = f"{use['registers']}, {use['spill_bytes']}, {warps}"
+                row = " | ".join(cells.get(k, "-") for k in kernels)
+                print(f"| {setting or 'default'} | {'masked' if masked else 'full'} | {row} |")
+    finally:
+        ta.CONFIG.clear()
+        ta.CONFIG.update(default)
+    print("(each cell: registers per thread, spill bytes, warps per SM)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="xl")
     parser.add_argument("--top", type=int, default=6)
     parser.add_argument("--ncu", action="store_true", help="run the default setting's kernels 3 times, no timing")
+    parser.add_argument("--registers", action="store_true",
+                        help="no GPU: registers, spills and warps per SM of the default and the backward grid (sm_90)")
     args = parser.parse_args(argv)
     from mdtzoo.models import triton_attention as ta
+
+    if args.registers:
+        register_report(ta, args.shape, [{}])
+        register_report(ta, args.shape, BWD_GRID, kernels=("_bwd_kernel",))
+        return
 
     if args.ncu:
         for masked in (False, True):
@@ -95,8 +146,7 @@ def main(argv=None):
     fwd = [{"fwd_bm": bm, "fwd_bn": bn, "fwd_warps": w, "fwd_stages": s}
            for bm, bn, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3))
            if not (bm == 128 and w == 4)]
-    bwd = [{"bwd_bm": bm, "bwd_bn": bn, "bwd_warps": w, "bwd_stages": s}
-           for bm, bn, w, s in itertools.product((32, 64), (64, 128), (4, 8), (1, 2, 3))]
+    bwd = BWD_GRID
     dq = [{"dq_bm": bm, "dq_bn": bn, "dq_warps": w} for bm, bn, w in itertools.product((64, 128), (32, 64, 128), (4, 8))]
     best = {}
     for grid, key in ((fwd, 0), (bwd, 1), (dq, 1)):  # the forward grid judged by forward time, the others by backward
