@@ -108,11 +108,9 @@ def train_step_flops(model: nn.Module, batch: int, passes: str = "auto") -> floa
 def _kernel_ops_mode() -> str | None:
     """How our Triton kernels reach the compiled graphs (``models.kernel_ops.MODE``), for the
     results: 'triton' (traced, launched by inductor) or 'custom' (opaque ops); None without Triton."""
-    try:
-        from mdtzoo.models import kernel_ops
-    except ImportError:
-        return None
-    return kernel_ops.MODE if kernel_ops.JITFunction != () else None
+    from mdtzoo.models import kernel_ops
+
+    return kernel_ops.MODE if kernel_ops.HAS_TRITON else None
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -684,14 +682,10 @@ def triton_variant(name: str | None):
         yield
         return
     from mdtzoo.models import triton_attention
+    from mdtzoo.models.kernel_ops import overridden
 
-    saved = dict(triton_attention.CONFIG)
-    triton_attention.CONFIG.update(triton_settings(name))
-    try:
+    with overridden(triton_attention.CONFIG, triton_settings(name)):
         yield
-    finally:
-        triton_attention.CONFIG.clear()
-        triton_attention.CONFIG.update(saved)
 
 
 def bench_attention(impls=("explicit", "auto", "sdpa", "flex"), *, batch: int = 256, heads: int = 6,

@@ -72,3 +72,15 @@ def test_launch_runs_stand_ins_directly_and_skips_fake_tensors():
     with FakeTensorMode() as mode:  # an op's fake kernel runs its body: shapes only, no launch
         launch(StandIn(), (2,))(mode.from_tensor(x), 5)
     assert len(calls) == 1
+
+
+def test_overridden_applies_settings_inside_and_restores_the_config_even_after_an_error():
+    from mdtzoo.models.kernel_ops import overridden
+
+    config = {"warps": 4, "rows": 2}
+    with overridden(config, {"warps": 16}) as inside:
+        assert inside is config and config == {"warps": 16, "rows": 2}
+    assert config == {"warps": 4, "rows": 2}
+    with pytest.raises(RuntimeError), overridden(config, {"rows": 8, "new": 1}):
+        raise RuntimeError
+    assert config == {"warps": 4, "rows": 2}  # the added key gone too

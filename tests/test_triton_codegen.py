@@ -20,10 +20,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from mdtzoo.models import kernel_codegen  # noqa: E402  (after the skip: it compiles with Triton)
-
-
-_recording = kernel_codegen.recording
-_ptx = kernel_codegen.sm90_ptx
+from mdtzoo.models.kernel_codegen import recording as _recording, sm90_ptx as _ptx  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +47,7 @@ def test_xl_kernels_move_16_bytes_at_a_time_and_use_wgmma(xl_launches):
     assert len(xl_launches) == 9  # four kernels, full and masked pass; the batch sum
     for name, fn, args, kwargs in xl_launches:
         assert kwargs["AL"] == 8, name  # every stride divides by 8 elements at head dim 72
-        ptx = _ptx(fn, args, dict(kwargs))
+        ptx = _ptx(fn, args, kwargs)
         narrow = [line.strip() for line in ptx.splitlines() if "ld.global.b16" in line or "st.global.b16" in line]
         assert not narrow, f"{name}: {len(narrow)} 2-byte global accesses, e.g. {narrow[0]}"
         if name not in ("_delta_kernel", "_batch_sum_kernel"):  # sums, no matrix product
@@ -78,11 +75,10 @@ def norm_launches():
 def test_xl_norm_kernels_move_16_bytes_at_a_time(norm_launches):
     assert sorted(launch[0] for launch in norm_launches) == ["_bwd_kernel", "_bwd_kernel", "_fwd_kernel", "_fwd_kernel"]
     for name, fn, args, kwargs in norm_launches:
-        ptx = _ptx(fn, args, dict(kwargs))
+        ptx = _ptx(fn, args, kwargs)
         narrow = [line.strip() for line in ptx.splitlines() if "ld.global.b16" in line or "st.global.b16" in line]
         assert not narrow, f"{name}: {len(narrow)} 2-byte global accesses, e.g. {narrow[0]}"
         assert "ld.global.v4.b32" in ptx or "ld.global.nc.v4.b32" in ptx, name  # 16-byte row loads
-
 
 
 F64_MATH = re.compile(r"\b(add|sub|mul|fma|div|sqrt|rsqrt|max|min|setp\.\w+)\.(rn\.)?f64\b")
@@ -100,7 +96,7 @@ def test_kernels_compile_with_float_arguments_as_inductor_passes_them(xl_launche
                      "triton_attention._dq_kernel", "triton_attention._fwd_kernel", "triton_attention._fwd_kernel",
                      "triton_norm._fwd_kernel", "triton_norm._fwd_kernel"]  # scale and eps, both passes / forms
     for name, fn, args, kwargs in with_floats:
-        ptx = _ptx(fn, args, dict(kwargs), floats="fp64")
+        ptx = _ptx(fn, args, kwargs, floats="fp64")
         assert "cvt.rn.f32.f64" in ptx, name  # the argument narrowed once
         math = F64_MATH.findall(ptx)
         assert not math, f"{name}: fp64 arithmetic left: {math[:3]}"

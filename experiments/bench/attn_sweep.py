@@ -5,12 +5,13 @@
     python experiments/bench/attn_sweep.py --shape xl --ncu      # one launch of each kernel, for ncu
     python experiments/bench/attn_sweep.py --shape xl --registers  # no GPU: registers per setting (ptxas, sm_90)
 
-Inputs are made as the model makes them: q, k, v packed in one (B, N, 3, H, d) tensor in bf16, the (H, G, G) bias in float32, and for the masked pass K kept positions per sample
-in grid order. For every setting of ``triton_attention.CONFIG`` in the grid the forward kernel and
-the backward (delta, dK/dV/dS, dQ kernels) are timed apart (``triton.testing.do_bench``, ms), each
-output first compared with the default setting's (a wrong tiling shows as a difference, not a
-time). Prints one table per kernel group and pass, fastest first, and last the best setting of each
-group over both passes as ``BEST key=value,...`` (what ``bench train-step --triton-options`` takes).
+Inputs are made as the model makes them: q, k, v packed in one (B, N, 3, H, d) tensor in bf16, the
+(H, G, G) bias in float32, and for the masked pass K kept positions per sample in grid order. For
+every setting of ``triton_attention.CONFIG`` in the grid the forward kernel and the backward (delta,
+dK/dV/dS, dQ kernels) are timed apart (``triton.testing.do_bench``, ms), each output first compared
+with the default setting's (a wrong tiling shows as a difference, not a time). Prints one table per
+kernel group and pass, fastest first, and last the best setting of each group over both passes as
+``BEST key=value,...`` (what ``bench train-step --triton-options`` takes).
 
 With ``--ncu`` it runs each kernel of the default setting a few times and nothing else, to be
 profiled: ``ncu --clock-control none -k regex:_kernel python experiments/bench/attn_sweep.py --ncu``.
@@ -91,32 +92,26 @@ def register_report(ta, shape: str, settings: list[dict], kernels=KERNELS) -> No
     the ops at the shape's head count and head dim; nothing runs)."""
     from mdtzoo.models import kernel_codegen as kc
 
+    from mdtzoo.models.kernel_ops import overridden
+
     _, h, d = SHAPES[shape]
     g = torch.Generator().manual_seed(0)
-    default = dict(ta.CONFIG)
     print(f"\n| setting | pass | {' | '.join(kernels)} |\n|---|---|" + "---|" * len(kernels))
-    try:
-        for setting in settings:
-            ta.CONFIG.update(default | setting)
-            for masked in (False, True):
-                n = KEPT if masked else GRID
-                qkv = torch.randn(2, n, 3, h, d, generator=g).bfloat16()
-                full = torch.randn(h, GRID, GRID, generator=g)
-                pos = torch.stack([torch.randperm(GRID, generator=g)[:KEPT].sort().values for _ in range(2)]).int() \
-                    if masked else None
-                with kc.recording(ta, KERNELS) as launches:  # every launch recorded: none runs
-                    o, lse = ta._flash_fwd(qkv, full, pos)
-                    ta._flash_bwd(qkv, full, pos, o, lse, torch.randn(o.shape, generator=g).bfloat16())
-                cells = {}
-                for name, fn, args, kwargs in (launch for launch in launches if launch[0] in kernels):
-                    use = kc.ptxas_usage(kc.sm90_ptx(fn, args, kwargs))
-                    warps = kc.warps_per_sm(use["registers"], kwargs.get("num_warps", 4))
-                    cells[name] = f"{use['registers']}, {use['spill_bytes']}, {warps}"
-                row = " | ".join(cells.get(k, "-") for k in kernels)
-                print(f"| {setting or 'default'} | {'masked' if masked else 'full'} | {row} |")
-    finally:
-        ta.CONFIG.clear()
-        ta.CONFIG.update(default)
+    for setting in settings:
+        for masked in (False, True):
+            n = KEPT if masked else GRID
+            qkv = torch.randn(2, n, 3, h, d, generator=g).bfloat16()
+            full = torch.randn(h, GRID, GRID, generator=g)
+            pos = torch.stack([torch.randperm(GRID, generator=g)[:KEPT].sort().values for _ in range(2)]).int() \
+                if masked else None
+            # every launch recorded, so none runs
+            with overridden(ta.CONFIG, setting), kc.recording(ta, KERNELS) as launches:
+                o, lse = ta._flash_fwd(qkv, full, pos)
+                ta._flash_bwd(qkv, full, pos, o, lse, torch.randn(o.shape, generator=g).bfloat16())
+            cells = {name: ", ".join(str(v) for v in kc.launch_usage(fn, args, kwargs).values())
+                     for name, fn, args, kwargs in launches if name in kernels}
+            row = " | ".join(cells.get(k, "-") for k in kernels)
+            print(f"| {setting or 'default'} | {'masked' if masked else 'full'} | {row} |")
     print("(each cell: registers per thread, spill bytes, warps per SM)")
 
 

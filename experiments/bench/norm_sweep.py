@@ -24,6 +24,7 @@ import torch
 from mdtzoo.bench import _cuda_time, check_norm
 from mdtzoo.models import kernel_codegen as kc
 from mdtzoo.models import triton_norm as tn
+from mdtzoo.models.kernel_ops import overridden
 
 FWD = {"fwd_rows": (1, 2, 4), "fwd_warps": (4, 8, 16)}
 BWD = {"bwd_rows": (1, 2, 4), "bwd_warps": (4, 8, 16), "bwd_chunk": (8, 16, 32, 64)}
@@ -60,56 +61,45 @@ def time_kernels(b: int, n: int, d: int, repeats: int) -> dict[str, float]:
     return {name: _cuda_time(fn, repeats) * 1e6 for name, fn in runs.items()}
 
 
+def settings(grid: dict) -> list[dict]:
+    """Every combination of the grid's values, as CONFIG updates."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
 def sweep(grid: dict, kinds: tuple[str, ...], args) -> list[tuple[dict, dict]]:
-    base = dict(tn.CONFIG)
     rows = []
-    try:
-        for values in itertools.product(*grid.values()):
-            setting = dict(zip(grid, values))
-            tn.CONFIG.update(base | setting)
+    for setting in settings(grid):
+        with overridden(tn.CONFIG, setting):
             try:
                 check_norm(args.dim, batch=2, tokens=args.tokens)
                 us = time_kernels(args.batch, args.tokens, args.dim, args.repeats)
             except Exception as err:  # a setting that fails to compile or to match is reported, not fatal
                 print(f"!! {setting}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
                 continue
-            rows.append((setting, {k: us[k] for k in kinds}))
-    finally:
-        tn.CONFIG.clear()
-        tn.CONFIG.update(base)
+        rows.append((setting, {k: us[k] for k in kinds}))
     return sorted(rows, key=lambda r: sum(r[1].values()))
 
 
 def registers(grid: dict, direction: str, dim: int) -> None:
     """Print each setting's registers per thread, spill bytes and resident warps per SM, for the
     gated and the plain kernel of ``direction`` at width ``dim`` (compiled for sm_90, nothing run)."""
-    base = dict(tn.CONFIG)
     g = torch.Generator().manual_seed(0)
     x, a = torch.randn(2, 16, dim, generator=g), torch.randn(2, 16, dim, generator=g).bfloat16()
     _, _, gate, shift, scale, _ = torch.randn(2, 6 * dim, generator=g).bfloat16().chunk(6, dim=1)
     mean, rstd = torch.zeros(32), torch.ones(32)
     print(f"\n| {' | '.join(grid)} | gated: registers, spill bytes, warps/SM | plain: the same |")
     print("|" + "---|" * (len(grid) + 2))
-    try:
-        for values in itertools.product(*grid.values()):
-            setting = dict(zip(grid, values))
-            tn.CONFIG.update(base | setting)
-            with kc.recording(tn, ("_fwd_kernel", "_bwd_kernel")) as launches:
-                if direction == "fwd":
-                    tn._launch_fwd(x, a, gate, shift, scale, 1e-6, torch.bfloat16)
-                    tn._launch_fwd(x, None, None, shift, scale, 1e-6, torch.bfloat16)
-                else:
-                    tn._launch_bwd(x, a, gate, scale, mean, rstd, a, x)
-                    tn._launch_bwd(x, None, None, scale, mean, rstd, a, x)
-            cells = []
-            for _, fn, args, kwargs in launches:
-                use = kc.ptxas_usage(kc.sm90_ptx(fn, args, kwargs))
-                cells.append(f"{use['registers']}, {use['spill_bytes']}, "
-                             f"{kc.warps_per_sm(use['registers'], kwargs['num_warps'])}")
-            print(f"| {' | '.join(str(v) for v in values)} | {' | '.join(cells)} |")
-    finally:
-        tn.CONFIG.clear()
-        tn.CONFIG.update(base)
+    for setting in settings(grid):
+        with overridden(tn.CONFIG, setting), kc.recording(tn, ("_fwd_kernel", "_bwd_kernel")) as launches:
+            if direction == "fwd":
+                tn._launch_fwd(x, a, gate, shift, scale, 1e-6, torch.bfloat16)
+                tn._launch_fwd(x, None, None, shift, scale, 1e-6, torch.bfloat16)
+            else:
+                tn._launch_bwd(x, a, gate, scale, mean, rstd, a, x)
+                tn._launch_bwd(x, None, None, scale, mean, rstd, a, x)
+        cells = [", ".join(str(v) for v in kc.launch_usage(fn, args, kwargs).values())
+                 for _, fn, args, kwargs in launches]
+        print(f"| {' | '.join(str(v) for v in setting.values())} | {' | '.join(cells)} |")
 
 
 def main(argv=None):
@@ -121,6 +111,9 @@ def main(argv=None):
     p.add_argument("--registers", action="store_true",
                    help="compile every setting for sm_90 here (no GPU) and print registers, spills, warps per SM")
     args = p.parse_args(argv)
+    if args.dim > tn.MAX_WIDTH:
+        raise SystemExit(f"--dim {args.dim}: the fused kernels take rows of at most {tn.MAX_WIDTH} "
+                         "(wider rows run the torch maths)")
     if args.registers:
         print(f"D {args.dim}, sm_90; defaults {tn.CONFIG}")
         registers(FWD, "fwd", args.dim)

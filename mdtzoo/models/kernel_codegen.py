@@ -105,3 +105,10 @@ def warps_per_sm(registers: int, num_warps: int) -> int:
     per_warp = -(-registers * 32 // 256) * 256
     programs = REGISTERS_PER_SM // (per_warp * num_warps)
     return min(programs * num_warps, MAX_WARPS_PER_SM - MAX_WARPS_PER_SM % num_warps)
+
+
+def launch_usage(fn, args, kwargs) -> dict[str, int]:
+    """A recorded launch's ptxas report on sm_90 with its resident warps per SM added:
+    {'registers', 'spill_bytes', 'warps_per_sm'}."""
+    use = ptxas_usage(sm90_ptx(fn, args, kwargs))
+    return use | {"warps_per_sm": warps_per_sm(use["registers"], kwargs.get("num_warps", 4))}

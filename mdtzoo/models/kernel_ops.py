@@ -20,6 +20,7 @@ ones by construction.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -29,6 +30,7 @@ try:
     from triton.runtime.jit import JITFunction
 except ImportError:  # no Triton: no kernels to launch (the ops' callers take the torch maths)
     JITFunction = ()
+HAS_TRITON = JITFunction != ()
 
 MODES = ("triton", "custom")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -56,6 +58,19 @@ def launch(kernel, grid):
         if not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
             kernel[grid](*args, **kwargs)
     return run
+
+
+@contextlib.contextmanager
+def overridden(config: dict, settings: dict):
+    """Inside, a kernels' ``CONFIG`` dict with ``settings`` applied; the dict as it was afterwards
+    (also after an error)."""
+    saved = dict(config)
+    config.update(settings)
+    try:
+        yield config
+    finally:
+        config.clear()
+        config.update(saved)
 
 
 def kernel_op(name: str):
