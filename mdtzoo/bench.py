@@ -640,22 +640,25 @@ def persistent_rows(limit: int):
 def triton_settings(spec: str) -> dict:
     """The CONFIG updates a ``--triton-options`` value stands for: a ``TRITON_VARIANTS`` name, or
     ``key=value`` pairs joined by commas (``fwd_bn=32,bwd_stages=1``: integer values, ``true`` /
-    ``false`` for ``split_head``), keys from ``triton_attention.CONFIG``. Anything else is a
-    ValueError naming what is valid."""
+    ``false`` for ``split_head``), keys from ``triton_attention.CONFIG``, or from
+    ``triton_norm.CONFIG`` with a ``norm.`` prefix (``norm.bwd_rows=1,norm.bwd_warps=16``, kept
+    prefixed in the result). Anything else is a ValueError naming what is valid."""
     if spec in TRITON_VARIANTS:
         return dict(TRITON_VARIANTS[spec])
     if "=" not in spec:
         raise ValueError(f"unknown Triton variant {spec!r}; valid: {', '.join(TRITON_VARIANTS)}, "
-                         "or key=value settings such as fwd_bn=32,bwd_stages=1")
-    from mdtzoo.models.triton_attention import CONFIG
+                         "or key=value settings such as fwd_bn=32,bwd_stages=1 or norm.bwd_rows=1")
+    from mdtzoo.models import triton_attention, triton_norm
 
     settings = {}
     for pair in spec.split(","):
         key, _, value = pair.partition("=")
         key, value = key.strip(), value.strip().lower()
-        if key not in CONFIG:
-            raise ValueError(f"unknown Triton setting {key!r} in {spec!r}; valid: {', '.join(CONFIG)}")
-        if isinstance(CONFIG[key], bool):
+        config, name = (triton_norm.CONFIG, key[5:]) if key.startswith("norm.") else (triton_attention.CONFIG, key)
+        if name not in config:
+            valid = [*triton_attention.CONFIG, *(f"norm.{k}" for k in triton_norm.CONFIG)]
+            raise ValueError(f"unknown Triton setting {key!r} in {spec!r}; valid: {', '.join(valid)}")
+        if isinstance(config[name], bool):
             if value not in ("true", "false"):
                 raise ValueError(f"Triton setting {key} takes true or false, not {value!r}")
             settings[key] = value == "true"
@@ -681,10 +684,13 @@ def triton_variant(name: str | None):
     if check_triton_variant(name) is None:
         yield
         return
-    from mdtzoo.models import triton_attention
+    from mdtzoo.models import triton_attention, triton_norm
     from mdtzoo.models.kernel_ops import overridden
 
-    with overridden(triton_attention.CONFIG, triton_settings(name)):
+    settings = triton_settings(name)
+    norm = {k[5:]: v for k, v in settings.items() if k.startswith("norm.")}
+    attention = {k: v for k, v in settings.items() if not k.startswith("norm.")}
+    with overridden(triton_attention.CONFIG, attention), overridden(triton_norm.CONFIG, norm):
         yield
 
 

@@ -184,6 +184,17 @@ def test_triton_variants_apply_inside_and_restore_and_unknown_ones_are_named(tmp
         with pytest.raises(ValueError, match=why):
             bench_train_step("mdt_xs2", 2, device="cpu", triton_options=bad)
     assert triton_attention.CONFIG == before
+    # the fused norm's settings prefixed norm. (what experiments/bench/norm_sweep.py prints), both at once
+    from mdtzoo.models import triton_norm
+
+    norm_before = dict(triton_norm.CONFIG)
+    with triton_variant("norm.bwd_rows=1,norm.bwd_warps=16,fwd_warps=2"):
+        assert triton_norm.CONFIG == norm_before | {"bwd_rows": 1, "bwd_warps": 16}
+        assert triton_attention.CONFIG == before | {"fwd_warps": 2}  # the unprefixed key is the attention's
+    assert (triton_norm.CONFIG, triton_attention.CONFIG) == (norm_before, before)
+    with pytest.raises(ValueError, match="unknown Triton setting 'norm.fwd_bm'.*valid: .*norm.fwd_rows"):
+        bench_train_step("mdt_xs2", 2, device="cpu", triton_options="norm.bwd_rows=1,norm.fwd_bm=2")
+    assert triton_norm.CONFIG == norm_before
 
 
 def test_inductor_variants_patch_the_config_inside_only_and_unknown_ones_are_named(tmp_path):

@@ -8,7 +8,8 @@ Every setting is checked against the block's maths first (``bench.check_norm`` a
 width), then each kernel is timed alone (CUDA events, median) for both forms -- the gated one
 (x + g a, then LayerNorm 2) and the plain one (LayerNorm 1) -- and reported with its effective
 bandwidth: the bytes it must move (float32 stream, bf16 a, dh and h) over its time. Prints one table
-per direction, fastest first, and the CONFIG to adopt. ``--registers`` instead compiles every setting
+per direction, fastest first, the CONFIG to adopt, and last ``BEST norm.key=value,...`` (what
+``bench train-step --triton-options`` takes). ``--registers`` instead compiles every setting
 for sm_90 on the CPU (``models.kernel_codegen``) and prints ptxas's registers per thread, spills,
 and the warps that fit on an SM: a kernel that keeps one program of 8 warps per SM cannot hide its
 memory latency, whatever its launch grid.
@@ -77,6 +78,7 @@ def sweep(grid: dict, kinds: tuple[str, ...], args) -> list[tuple[dict, dict]]:
                 print(f"!! {setting}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
                 continue
         rows.append((setting, {k: us[k] for k in kinds}))
+        print(f"  {setting}: " + ", ".join(f"{k} {us[k]:.1f} µs" for k in kinds), flush=True)  # a timeout keeps these
     return sorted(rows, key=lambda r: sum(r[1].values()))
 
 
@@ -135,6 +137,7 @@ def main(argv=None):
         if rows:
             best.update(rows[0][0])
     print(f"\nbest: CONFIG = {tn.CONFIG | best}")
+    print("BEST " + ",".join(f"norm.{k}={v}" for k, v in best.items()))  # what bench train-step --triton-options takes
 
 
 if __name__ == "__main__":

@@ -153,7 +153,8 @@ def add_parser(sub) -> None:
                    help="FlexAttention kernel options by name (bench.FLEX_VARIANTS, as in bench attention --impl flex:NAME)")
     t.add_argument("--triton-options", metavar="VARIANT", default=None,
                    help="our Triton kernel's settings: a name (bench.TRITON_VARIANTS, as in --impl triton:NAME) "
-                        "or key=value pairs of triton_attention.CONFIG, e.g. fwd_bn=32,bwd_stages=1")
+                        "or key=value pairs of triton_attention.CONFIG, e.g. fwd_bn=32,bwd_stages=1, and of "
+                        "triton_norm.CONFIG prefixed norm., e.g. norm.bwd_rows=1,norm.bwd_warps=16")
     t.add_argument("--update", default="auto",
                    help="the optimiser side: AdamW + EMA + grad norm in one kernel (fused), torch's ops one by "
                         "one (op_by_op), or auto (fused on CUDA)")
