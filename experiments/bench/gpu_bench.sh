@@ -48,7 +48,7 @@
 #   bash experiments/bench/gpu_bench.sh ops       # the kernels as triton_ops checked compiled at XL/2 shapes; a DiT-XL/2 block's host time (triton norm); XL/2 steps torch / triton norm, MDT-XL/2 with opaque custom ops
 #   bash experiments/bench/gpu_bench.sh ops2      # ops after the float64 fix: triton attention checked compiled at XL/2; MDT-XL/2 triton norm / custom ops / torch norm; MDT-S/2 triton norm / custom ops
 #   bash experiments/bench/gpu_bench.sh normsweep # experiments/bench/norm_sweep.py at XL/2 and S/2 shapes: the fused norm kernels' launch settings, checked, fastest first
-#   bash experiments/bench/gpu_bench.sh norm3     # norm_sweep.py at XL/2 shapes, then MDT-XL/2 with its BEST settings / the defaults, alternating
+#   bash experiments/bench/gpu_bench.sh norm3     # norm_sweep.py at XL/2 and S/2 shapes, then MDT-XL/2 and S/2 with the defaults / the sweep's BEST settings
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -522,14 +522,21 @@ normsweep)  # the fused norm kernels' launch settings at XL/2 and S/2 widths (ea
     || echo "!! norm_sweep s2 failed (rc $?)" >&2
   tail -n 1 "$OUT/norm_sweep_s2.log" >&2
   ;;
-norm3)  # session 11: norm_sweep.py at XL/2 shapes, then MDT-XL/2 with its BEST settings against the defaults, alternating
-  echo "== norm_sweep xl" >&2
-  timeout 170 "$py" experiments/bench/norm_sweep.py > "$OUT/norm_sweep_xl.log" 2>&1 || echo "!! norm_sweep xl failed (rc $?)" >&2
-  best=$(sed -n 's/^BEST //p' "$OUT/norm_sweep_xl.log")
-  grep "^|\|^best\|^!!" "$OUT/norm_sweep_xl.log" | head -n 40 >&2
+norm3)  # session 11: norm_sweep.py at XL/2 and S/2 shapes (kernels timed as CUDA-graph replays), then the MDT-XL/2
+  # and MDT-S/2 steps with the defaults / the sweep's BEST settings at their width
+  for spec in "xl 150" "s2 110 --batch 256 --dim 384"; do
+    set -- $spec
+    echo "== norm_sweep $1" >&2
+    timeout "$2" "$py" experiments/bench/norm_sweep.py "${@:3}" > "$OUT/norm_sweep_$1.log" 2>&1 \
+      || echo "!! norm_sweep $1 failed (rc $?)" >&2
+    grep "^|\|^best\|^!!" "$OUT/norm_sweep_$1.log" | head -n 16 >&2
+  done
+  best_xl=$(sed -n 's/^BEST //p' "$OUT/norm_sweep_xl.log")
+  best_s2=$(sed -n 's/^BEST //p' "$OUT/norm_sweep_s2.log")
   step step_mdt_xl2_default 110 mdt_xl2 64 --compile
-  [ -n "$best" ] && step step_mdt_xl2_best 110 mdt_xl2 64 --compile --triton-options "$best"
-  step step_mdt_xl2_default2 110 mdt_xl2 64 --compile
+  [ -n "$best_xl" ] && step step_mdt_xl2_best 110 mdt_xl2 64 --compile --triton-options "$best_xl"
+  step step_mdt_s2_default 90 mdt_s2 256 --steps 20 --compile
+  [ -n "$best_s2" ] && step step_mdt_s2_best 90 mdt_s2 256 --steps 20 --compile --triton-options "$best_s2"
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do

@@ -5,7 +5,7 @@
     python experiments/bench/norm_sweep.py --registers            # no GPU: each setting's registers (ptxas, sm_90)
 
 Every setting is checked against the block's maths first (``bench.check_norm`` at the sweep's
-width), then each kernel is timed alone (CUDA events, median) for both forms -- the gated one
+width), then each kernel is timed alone (CUDA-graph replays, median) for both forms -- the gated one
 (x + g a, then LayerNorm 2) and the plain one (LayerNorm 1) -- and reported with its effective
 bandwidth: the bytes it must move (float32 stream, bf16 a, dh and h) over its time. Prints one table
 per direction, fastest first, the CONFIG to adopt, and last ``BEST norm.key=value,...`` (what
@@ -59,7 +59,26 @@ def time_kernels(b: int, n: int, d: int, repeats: int) -> dict[str, float]:
         "bwd gated": lambda: tn._launch_bwd(x, a, gate, scale, mean, rstd, dh, x),
         "bwd plain": lambda: tn._launch_bwd(x, None, None, scale, mean, rstd, dh, x),
     }
-    return {name: _cuda_time(fn, repeats) * 1e6 for name, fn in runs.items()}
+    return {name: graph_time(fn, repeats) * 1e6 for name, fn in runs.items()}
+
+
+def graph_time(fn, repeats: int, calls: int = 20) -> float:
+    """Seconds per call of ``fn``'s GPU work: ``calls`` calls captured in one CUDA graph, its replay
+    timed (median of ``repeats``). One launch between two events times the host instead (a launch
+    with its allocations takes longer to issue than these kernels take to run)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles, autotunes) outside the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    seconds = _cuda_time(graph.replay, repeats) / calls
+    del graph
+    return seconds
 
 
 def settings(grid: dict) -> list[dict]:
