@@ -14,10 +14,11 @@ torch.manual_seed(0)
 # then the gated residual and LayerNorm 2) against the block's maths, float32 and bf16 inputs, and
 # returns the worst relative errors of h1, x1, h and the gradients of x, a and the adaLN vector.
 # D 40: a row tile of 64 with 24 columns masked; N 13 with chunks of 4 rows: a short last chunk, and
-# rows odd against ROWS 2; D 64: no masking; one sample with one chunk.
+# rows odd against ROWS 2; D 64: no masking, one row per program; one sample with one chunk, 4 rows
+# per program against 5 rows.
 worst = {"float32": 0.0, "bfloat16": 0.0}
-for (b, n, d, chunk) in ((3, 13, 40, 4), (2, 16, 64, 16), (1, 5, 24, 16)):
-    tn.CONFIG["bwd_chunk"] = chunk
+for (b, n, d, chunk, rows) in ((3, 13, 40, 4, 2), (2, 16, 64, 16, 1), (1, 5, 24, 16, 4)):
+    tn.CONFIG.update(bwd_chunk=chunk, bwd_rows=rows, fwd_rows=rows)
     for key, err in check_norm(d, batch=b, tokens=n, device="cpu").items():
         worst[key] = max(worst[key], err)
 # the ops' fake kernels describe the real outputs (strided adaLN chunks, bf16 with a float32 stream)
@@ -129,3 +130,17 @@ except AssertionError as err:
 """
     out = triton_interpreter(script)
     assert "REFUSED fused norm float32 h: relative error" in out, out
+
+
+def test_launch_settings_left_none_follow_the_row_tile_and_set_ones_win():
+    pytest.importorskip("triton")
+    from mdtzoo.models import triton_norm as tn
+    from mdtzoo.models.kernel_ops import overridden
+
+    assert tn.CONFIG["bwd_rows"] is None and tn.CONFIG["bwd_warps"] is None  # chosen by width unless set
+    # norm_sweep.py (session 11): 4 rows of 8 warps per step at XL's 2048-wide tile, 1 of 4 at S/2's 512
+    assert [tn._setting("bwd_rows", tn._tile(d)) for d in (384, 768, 1024, 1152, 8192)] == [1, 1, 1, 4, 4]
+    assert [tn._setting("bwd_warps", tn._tile(d)) for d in (384, 1024, 1152)] == [4, 4, 8]
+    assert tn._setting("bwd_chunk", 2048) == tn.CONFIG["bwd_chunk"]
+    with overridden(tn.CONFIG, {"bwd_rows": 4}):
+        assert tn._setting("bwd_rows", 512) == tn._setting("bwd_rows", 2048) == 4

@@ -46,7 +46,19 @@ try:
 except ImportError:  # the CPU path needs none of this
     triton = None
 
-CONFIG = {"fwd_rows": 2, "fwd_warps": 8, "bwd_rows": 2, "bwd_warps": 8, "bwd_chunk": 16}
+# Launch settings; None: chosen by the row tile's width (``AUTO``). norm_sweep.py at XL/2 (D 1152) and S/2
+# (D 384) widths on an H100 (docs/performance.md, session 11, call v2): 4 forward rows of 4 warps and
+# 64-row backward chunks put the kernels near the memory bound at both widths; the backward wants 1 row
+# of 4 warps per step at S/2's 512-wide tile (269 µs for both forms, 552 with 2 rows of 8 warps) and 4
+# rows of 8 warps at XL's 2048 (212 µs; 2 rows of 4 warps: 199, but ptxas spills its plain form).
+CONFIG = {"fwd_rows": 4, "fwd_warps": 4, "bwd_rows": None, "bwd_warps": None, "bwd_chunk": 64}
+AUTO = {"bwd_rows": lambda bd: 4 if bd >= 2048 else 1, "bwd_warps": lambda bd: 8 if bd >= 2048 else 4}
+
+
+def _setting(key: str, bd: int) -> int:
+    """CONFIG[key], or for None its width-dependent choice at row tile ``bd``."""
+    value = CONFIG[key]
+    return AUTO[key](bd) if value is None else value
 
 
 def reference_norm(x, shift, scale, eps: float = 1e-6):
@@ -179,10 +191,11 @@ def _launch_fwd(x, a, gate, shift, scale, eps: float, h_dtype: torch.dtype):
     h = torch.empty(x.shape, device=x.device, dtype=h_dtype)
     mean = torch.empty(b * n, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    rows = CONFIG["fwd_rows"]
+    bd = _tile(d)
+    rows = _setting("fwd_rows", bd)
     launch(_fwd_kernel, (triton.cdiv(b * n, rows),))(
         x, a, gate, shift, scale, x1 if res else h, h, mean, rstd, b * n, n, gate.stride(0), shift.stride(0),
-        scale.stride(0), eps, D=d, BD=_tile(d), ROWS=rows, RES=res, num_warps=CONFIG["fwd_warps"])
+        scale.stride(0), eps, D=d, BD=bd, ROWS=rows, RES=res, num_warps=_setting("fwd_warps", bd))
     return x1, h, mean, rstd
 
 
@@ -193,14 +206,15 @@ def _launch_bwd(x, a, gate, scale, mean, rstd, dh, dx_in):
     res = a is not None
     x, dh, dx_in, scale = x.contiguous(), dh.contiguous(), dx_in.contiguous(), _vector(scale)
     a, gate = (a.contiguous(), _vector(gate)) if res else (x, scale)  # without RES never read
-    chunk = CONFIG["bwd_chunk"]
+    bd = _tile(d)
+    chunk = _setting("bwd_chunk", bd)
     ch = triton.cdiv(n, chunk)
     dx = torch.empty_like(x)
     da = torch.empty_like(a) if res else None
     part = torch.empty((b, ch, 3, d), device=x.device, dtype=torch.float32)
     launch(_bwd_kernel, (b, ch))(x, a, gate, scale, mean, rstd, dh, dx_in, dx, da if res else dx, part, n, chunk, ch,
-                                 gate.stride(0), scale.stride(0), D=d, BD=_tile(d), ROWS=CONFIG["bwd_rows"],
-                                 RES=res, num_warps=CONFIG["bwd_warps"])
+                                 gate.stride(0), scale.stride(0), D=d, BD=bd, ROWS=_setting("bwd_rows", bd),
+                                 RES=res, num_warps=_setting("bwd_warps", bd))
     return dx, da, part.sum(1)
 
 
