@@ -49,6 +49,7 @@
 #   bash experiments/bench/gpu_bench.sh ops2      # ops after the float64 fix: triton attention checked compiled at XL/2; MDT-XL/2 triton norm / custom ops / torch norm; MDT-S/2 triton norm / custom ops
 #   bash experiments/bench/gpu_bench.sh normsweep # experiments/bench/norm_sweep.py at XL/2 and S/2 shapes: the fused norm kernels' launch settings, checked, fastest first
 #   bash experiments/bench/gpu_bench.sh norm3     # norm_sweep.py at XL/2 and S/2 shapes, then MDT-XL/2 and S/2 with the defaults / the sweep's BEST settings
+#   bash experiments/bench/gpu_bench.sh norm4     # session 11's norm settings / session 10's, alternating: MDT-S/2, MDT-B/2; MDT-XL/2
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -537,6 +538,14 @@ norm3)  # session 11: norm_sweep.py at XL/2 and S/2 shapes (kernels timed as CUD
   [ -n "$best_xl" ] && step step_mdt_xl2_best 110 mdt_xl2 64 --compile --triton-options "$best_xl"
   step step_mdt_s2_default 90 mdt_s2 256 --steps 20 --compile
   [ -n "$best_s2" ] && step step_mdt_s2_best 90 mdt_s2 256 --steps 20 --compile --triton-options "$best_s2"
+  ;;
+norm4)  # session 11's norm settings (by row width) against session 10's (OLD_NORM), alternating: MDT-S/2, MDT-B/2, then MDT-XL/2
+  old_norm=norm.fwd_rows=2,norm.fwd_warps=8,norm.bwd_rows=2,norm.bwd_warps=8,norm.bwd_chunk=16
+  step step_mdt_s2_new 90 mdt_s2 256 --steps 20 --compile
+  step step_mdt_s2_old 90 mdt_s2 256 --steps 20 --compile --triton-options "$old_norm"
+  step step_mdt_b2_new 110 mdt_b2 256 --compile
+  step step_mdt_b2_old 110 mdt_b2 256 --compile --triton-options "$old_norm"
+  step step_mdt_xl2_new 110 mdt_xl2 64 --compile
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do
