@@ -50,6 +50,7 @@
 #   bash experiments/bench/gpu_bench.sh normsweep # experiments/bench/norm_sweep.py at XL/2 and S/2 shapes: the fused norm kernels' launch settings, checked, fastest first
 #   bash experiments/bench/gpu_bench.sh norm3     # norm_sweep.py at XL/2 and S/2 shapes, then MDT-XL/2 and S/2 with the defaults / the sweep's BEST settings
 #   bash experiments/bench/gpu_bench.sh norm4     # session 11's norm settings / session 10's, alternating: MDT-S/2, MDT-B/2; MDT-XL/2
+#   bash experiments/bench/gpu_bench.sh final8    # 250-step sampling (checked), the DiT-XL/2 and DiT-S/2 steps
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -546,6 +547,11 @@ norm4)  # session 11's norm settings (by row width) against session 10's (OLD_NO
   step step_mdt_b2_new 110 mdt_b2 256 --compile
   step step_mdt_b2_old 110 mdt_b2 256 --compile --triton-options "$old_norm"
   step step_mdt_xl2_new 110 mdt_xl2 64 --compile
+  ;;
+final8)  # after norm4 on the same machine: 250-step sampling checked (the fused norm's first sampling run), the DiT steps
+  sample_xl2 220
+  step step_dit_xl2_b64 100 dit_xl2 64 --compile
+  step step_dit_s2_b256 100 dit_s2 256 --compile
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do
