@@ -51,6 +51,7 @@
 #   bash experiments/bench/gpu_bench.sh norm3     # norm_sweep.py at XL/2 and S/2 shapes, then MDT-XL/2 and S/2 with the defaults / the sweep's BEST settings
 #   bash experiments/bench/gpu_bench.sh norm4     # session 11's norm settings / session 10's, alternating: MDT-S/2, MDT-B/2; MDT-XL/2
 #   bash experiments/bench/gpu_bench.sh final8    # 250-step sampling (checked), the DiT-XL/2 and DiT-S/2 steps
+#   bash experiments/bench/gpu_bench.sh norm5     # norm_sweep.py on a smaller grid at B/2's and S/2's widths
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -552,6 +553,15 @@ final8)  # after norm4 on the same machine: 250-step sampling checked (the fused
   sample_xl2 220
   step step_dit_xl2_b64 100 dit_xl2 64 --compile
   step step_dit_s2_b256 100 dit_s2 256 --compile
+  ;;
+norm5)  # norm_sweep.py on a smaller grid (64-row chunks) at B/2's width, the width norm4's rule had not been timed at, and S/2's
+  for spec in "b2 80 --batch 256 --dim 768" "s2 80 --batch 256 --dim 384"; do
+    set -- $spec
+    echo "== norm_sweep $1" >&2
+    timeout "$2" "$py" experiments/bench/norm_sweep.py "${@:3}" --rows 1,2,4 --warps 4,8 --chunks 64 \
+      > "$OUT/norm_sweep_$1.log" 2>&1 || echo "!! norm_sweep $1 failed (rc $?)" >&2
+    grep "^|\|^best\|^!!" "$OUT/norm_sweep_$1.log" >&2
+  done
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do

@@ -2,6 +2,7 @@
 
     python experiments/bench/norm_sweep.py                      # DiT/MDT-XL/2: B 64, N 256, D 1152
     python experiments/bench/norm_sweep.py --batch 256 --dim 384  # S/2
+    python experiments/bench/norm_sweep.py --dim 768 --rows 1,2 --warps 4,8 --chunks 64  # B/2, a smaller grid
     python experiments/bench/norm_sweep.py --registers            # no GPU: each setting's registers (ptxas, sm_90)
 
 Every setting is checked against the block's maths first (``bench.check_norm`` at the sweep's
@@ -26,9 +27,6 @@ from mdtzoo.bench import _cuda_time, check_norm
 from mdtzoo.models import kernel_codegen as kc
 from mdtzoo.models import triton_norm as tn
 from mdtzoo.models.kernel_ops import overridden
-
-FWD = {"fwd_rows": (1, 2, 4), "fwd_warps": (4, 8, 16)}
-BWD = {"bwd_rows": (1, 2, 4), "bwd_warps": (4, 8, 16), "bwd_chunk": (8, 16, 32, 64)}
 
 
 def traffic(b: int, n: int, d: int) -> dict[str, int]:
@@ -129,23 +127,33 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--dim", type=int, default=1152)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--rows", default="1,2,4", help="rows per program to try, both directions")
+    p.add_argument("--warps", default="4,8,16", help="warps per program to try, both directions")
+    p.add_argument("--chunks", default="8,16,32,64", help="backward rows per program's chunk to try")
     p.add_argument("--registers", action="store_true",
                    help="compile every setting for sm_90 here (no GPU) and print registers, spills, warps per SM")
     args = p.parse_args(argv)
+    try:
+        rows, warps, chunks = (tuple(int(v) for v in arg.split(",")) for arg in (args.rows, args.warps, args.chunks))
+    except ValueError:
+        raise SystemExit(f"--rows, --warps and --chunks take integers joined by commas, not "
+                         f"{args.rows!r}, {args.warps!r}, {args.chunks!r}") from None
+    fwd = {"fwd_rows": rows, "fwd_warps": warps}
+    bwd = {"bwd_rows": rows, "bwd_warps": warps, "bwd_chunk": chunks}
     if args.dim > tn.MAX_WIDTH:
         raise SystemExit(f"--dim {args.dim}: the fused kernels take rows of at most {tn.MAX_WIDTH} "
                          "(wider rows run the torch maths)")
     if args.registers:
         print(f"D {args.dim}, sm_90; defaults {tn.CONFIG}")
-        registers(FWD, "fwd", args.dim)
-        registers(BWD, "bwd", args.dim)
+        registers(fwd, "fwd", args.dim)
+        registers(bwd, "bwd", args.dim)
         return
     if not torch.cuda.is_available():
         raise SystemExit("norm_sweep.py times CUDA kernels: no GPU here")
     bytes_ = traffic(args.batch, args.tokens, args.dim)
     print(f"B {args.batch}, N {args.tokens}, D {args.dim}; defaults {tn.CONFIG}")
     best = {}
-    for direction, grid in (("fwd", FWD), ("bwd", BWD)):
+    for direction, grid in (("fwd", fwd), ("bwd", bwd)):
         kinds = (f"{direction} gated", f"{direction} plain")
         rows = sweep(grid, kinds, args)
         print(f"\n| {' | '.join(grid)} | " + " | ".join(f"{k} µs (GB/s)" for k in kinds) + " |")
