@@ -138,9 +138,11 @@ def test_launch_settings_left_none_follow_the_row_tile_and_set_ones_win():
     from mdtzoo.models.kernel_ops import overridden
 
     assert tn.CONFIG["bwd_rows"] is None and tn.CONFIG["bwd_warps"] is None  # chosen by width unless set
-    # norm_sweep.py (session 11): 4 rows of 8 warps per step at XL's 2048-wide tile, 1 of 4 at S/2's 512
-    assert [tn._setting("bwd_rows", tn._tile(d)) for d in (384, 768, 1024, 1152, 8192)] == [1, 1, 1, 4, 4]
-    assert [tn._setting("bwd_warps", tn._tile(d)) for d in (384, 1024, 1152)] == [4, 4, 8]
+    # norm_sweep.py (session 11): per step 1 row of 4 warps at S/2's 512-wide tile (and narrower), 4 of 4
+    # at B/2's 1024, 4 of 8 at XL's 2048; 1 of 16 past that
+    widths = (40, 384, 768, 1024, 1152, 4096, 8192)
+    assert [tn._setting("bwd_rows", tn._tile(d)) for d in widths] == [1, 1, 4, 4, 4, 1, 1]
+    assert [tn._setting("bwd_warps", tn._tile(d)) for d in widths] == [4, 4, 4, 4, 8, 16, 16]
     assert tn._setting("bwd_chunk", 2048) == tn.CONFIG["bwd_chunk"]
     with overridden(tn.CONFIG, {"bwd_rows": 4}):
         assert tn._setting("bwd_rows", 512) == tn._setting("bwd_rows", 2048) == 4

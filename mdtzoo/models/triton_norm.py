@@ -46,13 +46,16 @@ try:
 except ImportError:  # the CPU path needs none of this
     triton = None
 
-# Launch settings; None: chosen by the row tile's width (``AUTO``). norm_sweep.py at XL/2 (D 1152) and S/2
-# (D 384) widths on an H100 (docs/performance.md, session 11, call v2): 4 forward rows of 4 warps and
-# 64-row backward chunks put the kernels near the memory bound at both widths; the backward wants 1 row
-# of 4 warps per step at S/2's 512-wide tile (269 µs for both forms, 552 with 2 rows of 8 warps) and 4
-# rows of 8 warps at XL's 2048 (212 µs; 2 rows of 4 warps: 199, but ptxas spills its plain form).
+# Launch settings; None: chosen by the row tile's width (``AUTO``). experiments/bench/norm_sweep.py on an
+# H100 (docs/performance.md, session 11, calls v2 and v5): 4 forward rows of 4 warps and 64-row backward
+# chunks run the kernels near the memory bound at S/2's, B/2's and XL/2's widths. Per step the backward
+# wants, for both forms together: 1 row of 4 warps at S/2's 512-wide tile (270 µs; 4 rows: 537), 4 rows
+# of 4 warps at B/2's 1024 (458; 1 row: 520), 4 of 8 at XL's 2048 (212; 2 of 4: 199, but ptxas spills
+# its plain form). Wider tiles (no model of the zoo) take 1 row of 16 warps, untimed.
 CONFIG = {"fwd_rows": 4, "fwd_warps": 4, "bwd_rows": None, "bwd_warps": None, "bwd_chunk": 64}
-AUTO = {"bwd_rows": lambda bd: 4 if bd >= 2048 else 1, "bwd_warps": lambda bd: 8 if bd >= 2048 else 4}
+_BWD = {512: (1, 4), 1024: (4, 4), 2048: (4, 8)}  # row tile -> (rows, warps); narrower tiles as 512's
+AUTO = {"bwd_rows": lambda bd: _BWD.get(max(bd, 512), (1, 16))[0],
+        "bwd_warps": lambda bd: _BWD.get(max(bd, 512), (1, 16))[1]}
 
 
 def _setting(key: str, bd: int) -> int:
