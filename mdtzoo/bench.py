@@ -113,6 +113,18 @@ def _kernel_ops_mode() -> str | None:
     return kernel_ops.MODE if kernel_ops.HAS_TRITON else None
 
 
+def _kernel_settings(width: int) -> dict | None:
+    """The launch settings our Triton kernels run with, for the results: the attention kernels'
+    CONFIG and the norm kernels' at the model's width (None without Triton)."""
+    from mdtzoo.models import kernel_ops
+
+    if not kernel_ops.HAS_TRITON:
+        return None
+    from mdtzoo.models import triton_attention, triton_norm
+
+    return {"attention": dict(triton_attention.CONFIG), "norm": triton_norm.launch_settings(width)}
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -177,27 +189,28 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         date=datetime.date.today().isoformat(), status="ok",
     )
     torch.manual_seed(seed)
-    # ImageNet latents: 32x32x4, 1000 classes (the presets' defaults, stated for clarity).
-    model = build_model(model_name, input_size=32, in_channels=4, num_classes=1000, attn_impl=attn_impl,
-                        norm_impl=norm_impl)
-    if norm_impl == "triton" and cuda and model.hidden_size <= MAX_NORM_WIDTH:  # the kernels the blocks will run,
-        # checked at the model's width before anything is timed (wider rows take the torch maths)
-        result["norm_errors"] = check_norm(model.hidden_size, device=dev, compile=bool(compile))
-        log(f"fused norm checked against the block's maths: {result['norm_errors']}")
-    passes = resolve_passes(model, passes)
-    flops = train_step_flops(model, batch, passes)
-    result.update(passes=passes, flops_per_step=flops, params=sum(p.numel() for p in model.parameters()))
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True  # as the trainer's GPU runs (fp32 uses TF32 matmuls)
-        torch.backends.cudnn.allow_tf32 = True
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
     times: list[float] = []
-    variant = contextlib.ExitStack()
+    variant = contextlib.ExitStack()  # the kernel variants hold from the checks to the last timed step
     variant.enter_context(flex_variant(flex_options))
     variant.enter_context(triton_variant(triton_options))
     variant.enter_context(inductor_variant(inductor_options))
     try:
+        # ImageNet latents: 32x32x4, 1000 classes (the presets' defaults, stated for clarity).
+        model = build_model(model_name, input_size=32, in_channels=4, num_classes=1000, attn_impl=attn_impl,
+                            norm_impl=norm_impl)
+        if norm_impl == "triton" and cuda and model.hidden_size <= MAX_NORM_WIDTH:  # the kernels the blocks will run,
+            # checked at the model's width before anything is timed (wider rows take the torch maths)
+            result["norm_errors"] = check_norm(model.hidden_size, device=dev, compile=bool(compile))
+            log(f"fused norm checked against the block's maths: {result['norm_errors']}")
+        passes = resolve_passes(model, passes)
+        flops = train_step_flops(model, batch, passes)
+        result.update(passes=passes, flops_per_step=flops, params=sum(p.numel() for p in model.parameters()),
+                      kernel_settings=_kernel_settings(model.hidden_size))
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True  # as the trainer's GPU runs (fp32 uses TF32 matmuls)
+            torch.backends.cudnn.allow_tf32 = True
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
         model = model.to(dev).train()
         diffusion = build_diffusion()
         opt = make_optimizer(model.parameters(), "adamw", 1e-4, 0.0, (0.9, 0.999), fused=cuda)
@@ -805,7 +818,8 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
         flops = sample_flops(model, steps, guided)
         result = dict(model=model_name, batch=batch, steps=steps, guidance=guidance, precision=precision,
                       compile=mode or False, attn_impl=attn_impl, flex_options=flex_options,
-                      triton_options=triton_options, kernel_ops=_kernel_ops_mode(), device=dev.type,
+                      triton_options=triton_options, kernel_ops=_kernel_ops_mode(),
+                      kernel_settings=_kernel_settings(model.hidden_size), device=dev.type,
                       card=torch.cuda.get_device_name(dev) if cuda else "cpu",
                       torch=torch.__version__, date=datetime.date.today().isoformat(), flops_per_image=flops,
                       peak_tflops=peak_tflops, status="ok")

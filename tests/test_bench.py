@@ -80,6 +80,12 @@ def test_bench_train_step_command_on_cpu(tmp_path, capsys):
     assert r["status"] == "ok" and r["model"] == "mdt_xs2" and r["passes"] == "both"
     assert r["precision"] == "fp32" and r["batch"] == 4 and r["steps"] == 2
     assert r["norm_impl"] == "triton" and r["kernel_ops"] == "triton"  # the defaults, recorded with the result
+    if r["kernel_ops"] is not None:  # the kernels' launch settings too, the norm's resolved at the model's width
+        from mdtzoo.models import triton_attention, triton_norm
+
+        width = build_model("mdt_xs2").hidden_size
+        assert r["kernel_settings"] == {"attention": triton_attention.CONFIG, "norm": triton_norm.launch_settings(width)}
+        assert None not in r["kernel_settings"]["norm"].values()
     assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["tflops"] > 0
     assert r["flops_per_step"] == pytest.approx(train_step_flops(build_model("mdt_xs2"), 4))
     assert r["peak_fraction"] == pytest.approx(r["tflops"] / 790.0)
@@ -195,6 +201,10 @@ def test_triton_variants_apply_inside_and_restore_and_unknown_ones_are_named(tmp
     with pytest.raises(ValueError, match="unknown Triton setting 'norm.fwd_bm'.*valid: .*norm.fwd_rows"):
         bench_train_step("mdt_xs2", 2, device="cpu", triton_options="norm.bwd_rows=1,norm.fwd_bm=2")
     assert triton_norm.CONFIG == norm_before
+    # what a step ran with is recorded: the overrides, checked and timed under the same settings
+    settings = _cli_step(tmp_path, "--passes", "full", "--triton-options", "norm.bwd_rows=2,fwd_bn=32")["kernel_settings"]
+    assert settings["norm"]["bwd_rows"] == 2 and settings["attention"] == before | {"fwd_bn": 32}
+    assert (triton_norm.CONFIG, triton_attention.CONFIG) == (norm_before, before)
 
 
 def test_inductor_variants_patch_the_config_inside_only_and_unknown_ones_are_named(tmp_path):

@@ -64,6 +64,13 @@ def _setting(key: str, bd: int) -> int:
     return AUTO[key](bd) if value is None else value
 
 
+def launch_settings(d: int) -> dict:
+    """The launch settings the kernels take for rows of width ``d``: CONFIG with its None entries
+    chosen by the row tile (``AUTO``)."""
+    bd = _tile(d)
+    return {key: _setting(key, bd) for key in CONFIG}
+
+
 def reference_norm(x, shift, scale, eps: float = 1e-6):
     """The block's LayerNorm + modulate: LayerNorm(x) (1 + scale) + shift."""
     return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
