@@ -130,6 +130,7 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: bool | str = False,
+                     compile_scope: str = "blocks",
                      precision: str = "auto", passes: str = "auto", steps: int = 10, warmup: int = 3,
                      peak_tflops: float = DEFAULT_PEAK_TFLOPS, device: str | None = None,
                      seed: int = 0, attn_impl: str = "auto", norm_impl: str = "triton", separate_passes: bool = True,
@@ -153,6 +154,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     from mdtzoo.diffusion import build_diffusion
     from mdtzoo.models import build_model
     from mdtzoo.models.blocks import check_norm_impl
+    from mdtzoo.models.transformer import check_compile_scope
     from mdtzoo.models.triton_norm import MAX_WIDTH as MAX_NORM_WIDTH
     from mdtzoo.training.ema import EMA
     from mdtzoo.training.fused_update import FusedAdamWEMA, check_update_mode, make_update
@@ -166,6 +168,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     check_inductor_variant(inductor_options)
     check_update_mode(update)
     check_norm_impl(norm_impl)
+    check_compile_scope(compile_scope)
     info = dist_util.env_info()
     if info.world > 1:
         info, dev = dist_util.setup(device or "auto")
@@ -180,7 +183,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     log = log or (lambda *_: None)
     result = dict(
         model=model_name, batch=batch, precision=precision, compile=compile if isinstance(compile, str) else bool(compile),
-        passes=passes,
+        passes=passes, compile_scope=compile_scope,
         steps=steps, warmup=warmup, peak_tflops=peak_tflops, device=dev.type, world=info.world,
         attn_impl=attn_impl, norm_impl=norm_impl, flex_options=flex_options, triton_options=triton_options,
         inductor_options=inductor_options, separate_passes=bool(separate_passes), kernel_ops=_kernel_ops_mode(),
@@ -219,7 +222,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         fused = isinstance(updater, FusedAdamWEMA)
         objective = DiffusionObjective(model, diffusion, passes, "all", seed=seed)
         cudagraphs = uses_cudagraphs(compile)
-        step_fn, parts = prepare_step(objective, dev, info.world, compile=compile,
+        step_fn, parts = prepare_step(objective, dev, info.world, compile=compile, compile_scope=compile_scope,
                                       activation_checkpointing=activation_checkpointing,
                                       separate_passes=separate_passes)
         hold = updater.hold_grads if fused and hold_grads else None
@@ -366,13 +369,24 @@ def _profile_table(fn, dev: torch.device, rows: int, per: int = 1, step_ms: floa
 
 def format_result(r: dict) -> str:
     """One human line for a result dict."""
-    head = (f"{r['model']} b{r['batch']} {r['precision']}{' compile' if r['compile'] else ''} "
+    compiled = {"no": "", "yes": " compile"}.get(_compile_cell(r), f" compile ({_compile_cell(r)})")
+    head = (f"{r['model']} b{r['batch']} {r['precision']}{compiled} "
             f"passes={r['passes']}{' update=' + r['update'] if 'update' in r else ''}")
     mem = f", peak memory {r['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in r else ""
     if r.get("status") != "ok":
         return f"{head}: {r.get('status', '?').upper()} ({r.get('error', '')}){mem}"
     return (f"{head}: {r['img_per_s']:,.1f} img/s, step {r['step_ms']:.1f} ms (median of {r['steps']}), "
             f"{r['tflops']:.1f} TFLOP/s = {100 * r['peak_fraction']:.1f}% of {r['peak_tflops']:g}{mem}")
+
+
+def _compile_cell(r: dict) -> str:
+    """'no', 'yes' (the default mode, each block a region), or the mode and scope that differ."""
+    if not r["compile"]:
+        return "no"
+    parts = [] if r["compile"] in (True, "default") else [str(r["compile"])]
+    if r.get("compile_scope", "blocks") != "blocks":
+        parts.append(r["compile_scope"])
+    return ", ".join(parts) or "yes"
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -387,7 +401,7 @@ def markdown_table(results: list[dict]) -> str:
                     f"{100 * r['peak_fraction']:.0f}%")
         else:
             nums = f"{r.get('status', '?')} | - | - | -"
-        lines.append(f"| {r['model']} | {r['batch']} | {r.get('world', 1)} | {r['precision']} | {'yes' if r['compile'] else 'no'} | "
+        lines.append(f"| {r['model']} | {r['batch']} | {r.get('world', 1)} | {r['precision']} | {_compile_cell(r)} | "
                      f"{r['passes']} | {nums} | {mem} | {r.get('card', '-')} |")
     return "\n".join(lines)
 

@@ -281,6 +281,10 @@ def test_bench_cli_offers_every_compile_mode():
     from mdtzoo.training import objective
 
     assert COMPILE_MODES == objective.COMPILE_MODES
+    from mdtzoo.launch.bench_cmd import COMPILE_SCOPES
+    from mdtzoo.models import transformer
+
+    assert COMPILE_SCOPES == transformer.COMPILE_SCOPES
 
 
 def test_unknown_compile_mode_names_the_valid_ones():

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mdtzoo.bench import expected_kept_tokens, forward_macs, markdown_table, train_step_flops
+from mdtzoo.bench import bench_train_step, expected_kept_tokens, forward_macs, markdown_table, train_step_flops
 from mdtzoo.launch.cli import main
 from mdtzoo.models import build_model
 
@@ -90,6 +90,10 @@ def test_bench_train_step_command_on_cpu(tmp_path, capsys):
     assert r["flops_per_step"] == pytest.approx(train_step_flops(build_model("mdt_xs2"), 4))
     assert r["peak_fraction"] == pytest.approx(r["tflops"] / 790.0)
     assert "| mdt_xs2 | 4 |" in markdown_table([r])
+    # the compile cell names a mode or scope that is not the default, so such rows tell apart
+    cells = [markdown_table([r | change]).splitlines()[-1].split(" | ")[4] for change in (
+        {"compile": True}, {"compile": "default", "compile_scope": "stacks"}, {"compile": "reduce-overhead"})]
+    assert cells == ["yes", "stacks", "reduce-overhead"]
     assert main(["bench", "table", str(out)]) == 0
     assert "| mdt_xs2 | 4 | 1 | fp32 | no | both |" in capsys.readouterr().out
 
@@ -97,7 +101,9 @@ def test_bench_train_step_command_on_cpu(tmp_path, capsys):
 def test_bench_full_pass_and_bad_input(tmp_path, capsys):
     r = _cli_step(tmp_path, "--passes", "full", "--profile")
     assert "Self CPU" in capsys.readouterr().out  # the profile of two more steps, printed, not in the JSON
-    assert r["passes"] == "full" and "profile" not in r
+    assert r["passes"] == "full" and "profile" not in r and r["compile_scope"] == "blocks"
+    with pytest.raises(ValueError, match="unknown compile scope 'model'; valid: blocks, stacks"):
+        bench_train_step("mdt_xs2", 2, device="cpu", compile_scope="model")
     # A DiT preset has no masked pass: a one-line error, exit code 2.
     assert main(["bench", "train-step", "--model", "dit_s2", "--batch", "2", "--passes", "both",
                  "--device", "cpu"]) == 2

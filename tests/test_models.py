@@ -319,3 +319,57 @@ def test_compiled_pieces_around_the_blocks_trace_without_graph_breaks():
         explanation = torch._dynamo.explain(fn)(*args)
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("overrides", [{}, {"long_skips": True, "dense_skips": True}], ids=["plain", "skips"])
+def test_compile_scopes_give_eager_outputs_and_gradients_and_copies_run_their_own_weights(overrides, monkeypatch):
+    """``compile_blocks(scope=...)``: each block a region, or the encoder's and decoder's stacks as
+    regions (skips included); full and masked pass, forward and every gradient equal eager's. The
+    stacks trace without graph breaks, and a copy (as EMA makes) runs its own weights. The regions
+    run through dynamo and AOTAutograd without inductor's code generation (``aot_eager``), which
+    would take minutes on a CPU; the compiled block's kernels are covered above."""
+    import copy
+    import functools
+
+    import torch._dynamo
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+
+    from mdtzoo.models.transformer import COMPILE_SCOPES, _STACKS
+
+    torch.manual_seed(0)
+    model = build_model("mdt_xs2", input_size=8, num_classes=4, **overrides)
+    with torch.no_grad():  # away from adaLN-Zero's init, so every parameter gets a gradient
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 700]), torch.tensor([1, 3])
+    mask = model.sample_mask(2, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for scope in (None, *COMPILE_SCOPES):
+        m = copy.deepcopy(model)
+        if scope is not None:
+            m.compile_blocks(scope=scope)
+        outs = [m(x, t, y, drop_labels=False), m(x, t, y, mask, drop_labels=False)]
+        (outs[0].square().sum() + outs[1].square().sum()).backward()
+        runs[scope] = (outs, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, m)
+    (eager_outs, eager_grads, _) = runs[None]
+    for scope in COMPILE_SCOPES:
+        outs, grads, _ = runs[scope]
+        for a, b in zip(outs, eager_outs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert grads.keys() == eager_grads.keys()
+        for name, g in eager_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=f"{scope}: {name}")
+    stacked = runs["stacks"][2]
+    assert stacked._stacks["encode"] is not _STACKS["encode"]  # compiled, not the eager loop
+    copy_ = copy.deepcopy(stacked)
+    with torch.no_grad():
+        copy_.blocks[0].mlp.fc1.weight.zero_()
+    assert not torch.allclose(copy_(x, t, y, drop_labels=False), stacked(x, t, y, drop_labels=False))
+    h, c = torch.randn(2, 16, 128), torch.randn(2, 128)
+    for name, args in (("encode", (h, c, None)), ("encode", (h[:, :11], c, mask.in_grid_order().ids_keep)),
+                       ("decode", (h, c, h if overrides else None))):
+        explanation = torch._dynamo.explain(_STACKS[name])(model, *args)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+    with pytest.raises(ValueError, match="unknown compile scope 'model'; valid: blocks, stacks"):
+        model.compile_blocks(scope="model")

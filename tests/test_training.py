@@ -317,6 +317,29 @@ def test_unknown_compile_mode_fails_before_the_run_dir_exists(toy, tmp_path):
     assert not run.exists()
 
 
+def test_stacks_compile_scope_compiles_each_stack_as_one_region(toy, tmp_path, monkeypatch):
+    """train.compile_scope = 'stacks': the encoder's blocks and the decoder's as one compiled region
+    each (the model an argument), the side-interpolator's blocks one by one; compilation stubbed
+    (its equivalence with eager: tests/test_models.py). An unknown scope fails before the run dir."""
+    from mdtzoo.diffusion import GaussianDiffusion
+    from mdtzoo.models.transformer import _STACKS
+
+    modules, functions = [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: modules.append(type(self).__name__))
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: functions.append((fn, options)) or fn)
+    monkeypatch.setattr(GaussianDiffusion, "compile_losses", lambda self, device: None)
+    setup_gin(tmp_path / "run", steps=2, compile=True, compile_scope="stacks")
+    assert train()["status"] == "done"
+    assert functions == [(_STACKS["encode"], {"dynamic": False}), (_STACKS["decode"], {"dynamic": False})]
+    interp_blocks = len(build_model("mdt_xs2").interp.blocks)
+    assert sorted(modules) == sorted(["Block"] * interp_blocks + ["TimestepEmbedder", "FinalLayer"])
+    run = tmp_path / "bad"
+    setup_gin(run, compile=True, compile_scope="model")
+    with pytest.raises(ValueError, match="unknown compile scope 'model'; valid: blocks, stacks"):
+        train()
+    assert not run.exists()
+
+
 @pytest.mark.parametrize("update, optimizer, message", [
     ("fast", "adamw", "unknown update mode 'fast'; valid: auto, fused, op_by_op"),
     ("fused", "adamw", "runs on CUDA .*the parameters are on cpu"),

@@ -52,6 +52,8 @@
 #   bash experiments/bench/gpu_bench.sh norm4     # session 11's norm settings / session 10's, alternating: MDT-S/2, MDT-B/2; MDT-XL/2
 #   bash experiments/bench/gpu_bench.sh final8    # 250-step sampling (checked), the DiT-XL/2 and DiT-S/2 steps
 #   bash experiments/bench/gpu_bench.sh norm5     # norm_sweep.py on a smaller grid at B/2's and S/2's widths
+#   bash experiments/bench/gpu_bench.sh final9    # MDT-S/2 and B/2: per-block regions / stacks as regions / CUDA graphs
+#   bash experiments/bench/gpu_bench.sh final10   # MDT-XL/2, DiT-XL/2: per-block regions / stacks; DiT-S/2
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -563,6 +565,21 @@ norm5)  # norm_sweep.py on a smaller grid (64-row chunks) at B/2's width, the wi
     grep "^|\|^best\|^!!" "$OUT/norm_sweep_$1.log" >&2
   done
   ;;
+final9)  # session 12, first call: the S/2 and B/2 steps with each block a compiled region / the encoder's and
+  # decoder's stacks as regions (--compile-scope stacks) / CUDA graphs, alternating; the JSONs named as the table's
+  step step_mdt_s2_b256 90 mdt_s2 256 --steps 20 --compile
+  step stacks_mdt_s2 120 mdt_s2 256 --steps 20 --compile --compile-scope stacks
+  step graphs_mdt_s2 90 mdt_s2 256 --steps 20 --compile-mode reduce-overhead
+  step step_mdt_b2_b256 110 mdt_b2 256 --compile
+  step stacks_mdt_b2 130 mdt_b2 256 --compile --compile-scope stacks
+  ;;
+final10)  # session 12, second call: the XL steps the same way, then DiT-S/2
+  step step_mdt_xl2_b64 110 mdt_xl2 64 --compile
+  step stacks_mdt_xl2 150 mdt_xl2 64 --compile --compile-scope stacks
+  step step_dit_xl2_b64 100 dit_xl2 64 --compile
+  step stacks_dit_xl2 130 dit_xl2 64 --compile --compile-scope stacks
+  step step_dit_s2_b256 80 dit_s2 256 --compile
+  ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do
     set -- $spec
@@ -598,7 +615,7 @@ ddp)
   done
   ;;
 esac
-ls "$OUT"/*.json >/dev/null 2>&1 && "$py" -m mdtzoo bench table $(ls "$OUT"/step_*.json "$OUT"/ddp*.json "$OUT"/graphs_*.json "$OUT"/profile_*.json 2>/dev/null)
+ls "$OUT"/*.json >/dev/null 2>&1 && "$py" -m mdtzoo bench table $(ls "$OUT"/step_*.json "$OUT"/ddp*.json "$OUT"/graphs_*.json "$OUT"/stacks_*.json "$OUT"/profile_*.json 2>/dev/null)
 for f in "$OUT"/attention*.log; do [ -f "$f" ] && grep "^|" "$f"; done
 for f in "$OUT"/sample*.log; do [ -f "$f" ] && tail -n 1 "$f"; done
 exit 0

@@ -14,9 +14,11 @@ import argparse
 import json
 import sys
 
-# = mdtzoo.training.objective.COMPILE_MODES, mdtzoo.models.attention.IMPLS and
-# mdtzoo.models.blocks.NORM_IMPLS (tests keep them equal), spelled here so `mdtzoo --help` stays torch-free
+# = mdtzoo.training.objective.COMPILE_MODES, mdtzoo.models.transformer.COMPILE_SCOPES,
+# mdtzoo.models.attention.IMPLS and mdtzoo.models.blocks.NORM_IMPLS (tests keep them equal), spelled
+# here so `mdtzoo --help` stays torch-free
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("blocks", "stacks")
 ATTN_IMPLS = ("auto", "sdpa", "explicit", "flex", "triton")
 NORM_IMPLS = ("torch", "triton")
 
@@ -27,7 +29,8 @@ def run_train_step(args) -> int:
     if args.passes not in PASS_CHOICES:
         raise ValueError(f"--passes must be one of {PASS_CHOICES}")
     result = bench_train_step(
-        args.model, args.batch, compile=args.compile_mode or args.compile, precision=args.precision, passes=args.passes,
+        args.model, args.batch, compile=args.compile_mode or args.compile, compile_scope=args.compile_scope,
+        precision=args.precision, passes=args.passes,
         steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops, device=args.device,
         seed=args.seed, attn_impl=args.attn, norm_impl=args.norm_impl, separate_passes=not args.joint_backward,
         activation_checkpointing=args.activation_checkpointing, profile=args.profile, flex_options=args.flex_options,
@@ -130,6 +133,8 @@ def add_parser(sub) -> None:
     t.add_argument("--compile", action="store_true", help="torch.compile the objective (as train.compile)")
     t.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                    help="compile with this torch.compile mode (reduce-overhead: blocks replay CUDA graphs)")
+    t.add_argument("--compile-scope", choices=COMPILE_SCOPES, default="blocks",
+                   help="one compiled region per block, or per stack of blocks (encoder, decoder; as train.compile_scope)")
     t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="bf16 autocast or fp32 (auto: bf16 on a GPU, fp32 on the CPU)")
     t.add_argument("--passes", default="auto", choices=["auto", "both", "full", "masked"],

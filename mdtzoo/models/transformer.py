@@ -104,6 +104,7 @@ class DiffusionTransformer(nn.Module):
         )
         self.input_mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if self.symmetric else None
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self._stacks = dict(_STACKS)  # how forward runs the encoder's and decoder's blocks (compile_blocks)
         self.initialize_weights()
         assert num_patches == self.x_embedder.num_patches
 
@@ -134,19 +135,28 @@ class DiffusionTransformer(nn.Module):
         if self.interp is not None:
             yield from self.interp.blocks
 
-    def compile_blocks(self, mode: str | None = None) -> None:
-        """Regional torch.compile: every transformer block (and the timestep embedder and final
+    def compile_blocks(self, mode: str | None = None, scope: str = "blocks") -> None:
+        """Regional torch.compile: the transformer blocks (and the timestep embedder and final
         layer) compiled in place, static shapes.
 
-        Blocks of one shape share one graph (parameters are graph inputs), so compiling costs
-        one graph per token count -- full pass, masked pass (a fixed kept count compiles once)
-        -- not one per layer. Masks, gathers and the loss stay eager, where the per-step
-        random generators live; state-dict keys are unchanged. ``mode``: a torch.compile mode
-        (None or 'default': the default; 'reduce-overhead' replays each block as CUDA graphs).
+        ``scope`` 'blocks': every block its own region. Blocks of one shape share one graph
+        (parameters are graph inputs), so compiling costs one graph per token count -- full pass,
+        masked pass (a fixed kept count compiles once) -- not one per layer. 'stacks': the
+        encoder's blocks as one region and the decoder's as another (the side-interpolator's
+        blocks one by one): fewer region calls per step, each with its guards and autograd
+        wrappers on the host, for a longer compile. Masks, gathers and the loss stay eager, where
+        the per-step random generators live; state-dict keys are unchanged. ``mode``: a
+        torch.compile mode (None or 'default': the default; 'reduce-overhead' replays each
+        region as CUDA graphs).
         """
+        check_compile_scope(scope)
         options = {} if mode in (None, "default") else {"mode": mode}
+        if scope == "stacks":  # the model is an argument, so copies (EMA) run their own weights
+            self._stacks = {name: torch.compile(fn, dynamic=False, **options) for name, fn in _STACKS.items()}
+        stacked = set(self.blocks) if scope == "stacks" else set()
         for block in self.all_blocks():
-            block.compile(dynamic=False, **options)
+            if block not in stacked:
+                block.compile(dynamic=False, **options)
         # the small eager pieces around them too: a few kernels instead of dozens of launches a pass
         for module in (self.t_embedder, self.final_layer):
             module.compile(dynamic=False, **options)
@@ -233,12 +243,16 @@ class DiffusionTransformer(nn.Module):
             ids_keep = mask_out.ids_keep
             h = torch.gather(h, 1, ids_keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
 
-        h = self._encode(h, c, ids_keep)
+        h = self._stacks["encode"](self, h, c, ids_keep)
         if self.interp is not None:
             h = self.interp(h, c, mask_out) if mask_out is not None else self.interp.unmasked(h)
+        h = self._stacks["decode"](self, h, c, input_skip)
+        return self.unpatchify(self.final_layer(h, c))
+
+    def _decode(self, h, c, input_skip):
         for block in self.blocks[self.num_encoder_blocks :]:
             h = block(h, c, skip=input_skip)
-        return self.unpatchify(self.final_layer(h, c))
+        return h
 
     def _encode(self, h, c, ids_keep):
         n_enc, pairs = self.num_encoder_blocks, self.num_skip_pairs
@@ -270,3 +284,14 @@ class DiffusionTransformer(nn.Module):
 
 def repr_interp(interp: nn.Module) -> str:
     return f"{type(interp).__name__}({interp.extra_repr()})"
+
+
+COMPILE_SCOPES = ("blocks", "stacks")  # what compile_blocks compiles as one region: each block, or each stack
+
+
+def check_compile_scope(scope: str) -> str:
+    """``scope`` if it is one of ``COMPILE_SCOPES``; else a ValueError naming the valid ones."""
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"unknown compile scope {scope!r}; valid: {', '.join(COMPILE_SCOPES)}")
+    return scope
+_STACKS = {"encode": DiffusionTransformer._encode, "decode": DiffusionTransformer._decode}

@@ -19,6 +19,7 @@ import gin
 import torch
 
 from mdtzoo import config as cfg
+from mdtzoo.models.transformer import check_compile_scope
 from mdtzoo.registry import DATASETS, METRICS
 from mdtzoo.training import checkpoint as ckpt
 from mdtzoo.training import distributed as dist_util
@@ -136,6 +137,7 @@ def train(
     masked_loss_on: str = "all",
     precision: str = "auto",
     compile: bool | str = False,
+    compile_scope: str = "blocks",
     separate_passes: bool = True,
     activation_checkpointing: bool = False,
     update: str = "auto",
@@ -173,6 +175,8 @@ def train(
       graph breaks; the random draws, masks and loss stay eager). True, or a torch.compile mode:
       'reduce-overhead' also replays each block as CUDA graphs (less CPU launch overhead: small
       models; see docs/performance.md).
+    compile_scope: what one compiled region is -- 'blocks' (each transformer block) or 'stacks'
+      (the encoder's blocks, and the decoder's: fewer region calls, a longer compile).
     separate_passes: backpropagate MDT's full and masked pass one after the other (the same
       gradient as one backward of the sum; only one pass's activations are alive at a time).
     activation_checkpointing: recompute block activations in the backward (less memory, slower).
@@ -200,6 +204,7 @@ def train(
     tensorboard: also write every logged record to RUN/tensorboard (needs the tensorboard package).
     """
     cudagraphs = uses_cudagraphs(compile)  # checks the value before any work
+    check_compile_scope(compile_scope)
     info, dev = dist_util.setup(device)
     check_update_mode(update, dev, optimizer)
     run = RunDir(run_dir)
@@ -252,7 +257,7 @@ def train(
     updater = make_update(opt, ema, update)
     hold = getattr(updater, "hold_grads", None) if hold_grads else None  # (the fused update's)
     objective = DiffusionObjective(model, diffusion, passes, masked_loss_on, seed=seed)
-    step_fn, parts = prepare_step(objective, dev, info.world, compile=compile,
+    step_fn, parts = prepare_step(objective, dev, info.world, compile=compile, compile_scope=compile_scope,
                                   activation_checkpointing=activation_checkpointing, separate_passes=separate_passes)
     sampler = StepSampler(len(data), global_batch, micro_batch, info.rank, info.world, seed, start, steps - start)
     loader = make_loader(data, sampler, num_workers)

@@ -138,14 +138,16 @@ def uses_cudagraphs(compile: bool | str) -> bool:
 
 
 def prepare_step(objective: DiffusionObjective, device: torch.device, world: int = 1, *,
-                 compile: bool | str = False,
+                 compile: bool | str = False, compile_scope: str = "blocks",
                  activation_checkpointing: bool = False, separate_passes: bool = True):
     """(step_fn, parts): the objective set up as the trainer runs it.
 
     Activation checkpointing and regional compilation (``compile``: True or a torch.compile mode;
     with 'reduce-overhead' each block replays CUDA graphs, and every step must begin with
     ``torch.compiler.cudagraph_mark_step_begin()``; the diffusion's loss maths compiled too, in the
-    default mode) are switched on in the model; with
+    default mode; ``compile_scope``: each block a region, or 'stacks', the encoder's and the
+    decoder's blocks as one region each, ``DiffusionTransformer.compile_blocks``) are switched on
+    in the model; with
     ``world`` > 1 the objective is wrapped in DDP (unused parameters only when an MDT trains
     its full pass alone). ``parts`` are what ``backward_parts`` backpropagates in turn.
     """
@@ -154,7 +156,7 @@ def prepare_step(objective: DiffusionObjective, device: torch.device, world: int
         model.set_activation_checkpointing(True)
     mode = compile_mode(compile)
     if mode is not None:
-        model.compile_blocks(mode)
+        model.compile_blocks(mode, compile_scope)
         compile_losses = getattr(objective.diffusion, "compile_losses", None)  # (a user's diffusion may lack it)
         if compile_losses is not None:
             compile_losses(device)  # the loss maths: one graph, not ~100 launches a pass
