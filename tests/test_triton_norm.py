@@ -146,3 +146,5 @@ def test_launch_settings_left_none_follow_the_row_tile_and_set_ones_win():
     assert tn._setting("bwd_chunk", 2048) == tn.CONFIG["bwd_chunk"]
     with overridden(tn.CONFIG, {"bwd_rows": 4}):
         assert tn._setting("bwd_rows", 512) == tn._setting("bwd_rows", 2048) == 4
+    with overridden(tn.CONFIG, {"fwd_rows": None}), pytest.raises(ValueError, match="only bwd_rows, bwd_warps"):
+        tn.launch_settings(384)

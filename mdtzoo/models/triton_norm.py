@@ -61,6 +61,9 @@ AUTO = {"bwd_rows": lambda bd: _BWD.get(max(bd, 512), (1, 16))[0],
 def _setting(key: str, bd: int) -> int:
     """CONFIG[key], or for None its width-dependent choice at row tile ``bd``."""
     value = CONFIG[key]
+    if value is None and key not in AUTO:
+        raise ValueError(f"triton_norm.CONFIG[{key!r}] is None, but only {', '.join(AUTO)} are chosen by width; "
+                         "set it to a positive integer")
     return AUTO[key](bd) if value is None else value
 
 
