@@ -52,8 +52,9 @@
 #   bash experiments/bench/gpu_bench.sh norm4     # session 11's norm settings / session 10's, alternating: MDT-S/2, MDT-B/2; MDT-XL/2
 #   bash experiments/bench/gpu_bench.sh final8    # 250-step sampling (checked), the DiT-XL/2 and DiT-S/2 steps
 #   bash experiments/bench/gpu_bench.sh norm5     # norm_sweep.py on a smaller grid at B/2's and S/2's widths
-#   bash experiments/bench/gpu_bench.sh final9    # MDT-S/2 and B/2: per-block regions / stacks as regions / CUDA graphs
-#   bash experiments/bench/gpu_bench.sh final10   # MDT-XL/2, DiT-XL/2: per-block regions / stacks; DiT-S/2
+#   bash experiments/bench/gpu_bench.sh final9    # MDT-S/2: per-block regions / stacks as regions / CUDA graphs; MDT-B/2
+#   bash experiments/bench/gpu_bench.sh final10   # MDT-B/2 with stacks; MDT-XL/2, DiT-XL/2, DiT-S/2 (with final9: the table)
+#   bash experiments/bench/gpu_bench.sh final11   # MDT-XL/2 and DiT-XL/2 with stacks
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -565,20 +566,22 @@ norm5)  # norm_sweep.py on a smaller grid (64-row chunks) at B/2's width, the wi
     grep "^|\|^best\|^!!" "$OUT/norm_sweep_$1.log" >&2
   done
   ;;
-final9)  # session 12, first call: the S/2 and B/2 steps with each block a compiled region / the encoder's and
-  # decoder's stacks as regions (--compile-scope stacks) / CUDA graphs, alternating; the JSONs named as the table's
+final9)  # session 12, first call: the S/2 steps with each block a compiled region / the encoder's and decoder's stacks as
+  # regions (--compile-scope stacks; a longer compile: 3x per-block regions' on the CPU at S/2) / CUDA graphs; MDT-B/2
   step step_mdt_s2_b256 90 mdt_s2 256 --steps 20 --compile
-  step stacks_mdt_s2 120 mdt_s2 256 --steps 20 --compile --compile-scope stacks
+  step stacks_mdt_s2 200 mdt_s2 256 --steps 20 --compile --compile-scope stacks
   step graphs_mdt_s2 90 mdt_s2 256 --steps 20 --compile-mode reduce-overhead
   step step_mdt_b2_b256 110 mdt_b2 256 --compile
-  step stacks_mdt_b2 130 mdt_b2 256 --compile --compile-scope stacks
   ;;
-final10)  # session 12, second call: the XL steps the same way, then DiT-S/2
+final10)  # session 12, second call: MDT-B/2 with stacks, then the table's XL and DiT-S/2 steps
+  step stacks_mdt_b2 220 mdt_b2 256 --compile --compile-scope stacks
   step step_mdt_xl2_b64 110 mdt_xl2 64 --compile
-  step stacks_mdt_xl2 150 mdt_xl2 64 --compile --compile-scope stacks
   step step_dit_xl2_b64 100 dit_xl2 64 --compile
-  step stacks_dit_xl2 130 dit_xl2 64 --compile --compile-scope stacks
   step step_dit_s2_b256 80 dit_s2 256 --compile
+  ;;
+final11)  # session 12, third call: the XL steps with stacks (26 and 28 blocks in one region: the longest compiles)
+  step stacks_mdt_xl2 300 mdt_xl2 64 --compile --compile-scope stacks
+  step stacks_dit_xl2 260 dit_xl2 64 --compile --compile-scope stacks
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do
