@@ -369,7 +369,8 @@ def _profile_table(fn, dev: torch.device, rows: int, per: int = 1, step_ms: floa
 
 def format_result(r: dict) -> str:
     """One human line for a result dict."""
-    compiled = {"no": "", "yes": " compile"}.get(_compile_cell(r), f" compile ({_compile_cell(r)})")
+    cell = _compile_cell(r)
+    compiled = {"no": "", "yes": " compile"}.get(cell, f" compile ({cell})")
     head = (f"{r['model']} b{r['batch']} {r['precision']}{compiled} "
             f"passes={r['passes']}{' update=' + r['update'] if 'update' in r else ''}")
     mem = f", peak memory {r['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in r else ""
@@ -664,6 +665,9 @@ def persistent_rows(limit: int):
         V.set_choices_handler(previous)
 
 
+POWER_OF_TWO = ("_bm", "_bn", "_bp", "_bq", "_bb", "_warps", "_rows")  # settings' suffixes Triton needs as 2^k
+
+
 def triton_settings(spec: str) -> dict:
     """The CONFIG updates a ``--triton-options`` value stands for: a ``TRITON_VARIANTS`` name, or
     ``key=value`` pairs joined by commas (``fwd_bn=32,bwd_stages=1``: integer values, ``true`` /
@@ -691,6 +695,9 @@ def triton_settings(spec: str) -> dict:
             settings[key] = value == "true"
         elif value.isdigit() and int(value) > 0:
             settings[key] = int(value)
+            if name.endswith(POWER_OF_TWO) and int(value) & (int(value) - 1):
+                raise ValueError(f"Triton setting {key} is a tile side or a warp count: it takes a power of two, "
+                                 f"not {value}")
         else:
             raise ValueError(f"Triton setting {key} takes a positive integer, not {value!r}")
     return settings

@@ -192,7 +192,9 @@ def test_triton_variants_apply_inside_and_restore_and_unknown_ones_are_named(tmp
     assert triton_attention.CONFIG == before
     for bad, why in (("fwd_bx=2", "unknown Triton setting 'fwd_bx'.*valid: fwd_bm, fwd_bn"),
                      ("fwd_bn=0", "fwd_bn takes a positive integer, not '0'"),
-                     ("split_head=1", "split_head takes true or false")):
+                     ("split_head=1", "split_head takes true or false"),
+                     ("fwd_bn=48", "fwd_bn is a tile side or a warp count: it takes a power of two, not 48"),
+                     ("norm.bwd_rows=3", "norm.bwd_rows .*power of two, not 3")):
         with pytest.raises(ValueError, match=why):
             bench_train_step("mdt_xs2", 2, device="cpu", triton_options=bad)
     assert triton_attention.CONFIG == before

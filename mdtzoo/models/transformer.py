@@ -294,4 +294,7 @@ def check_compile_scope(scope: str) -> str:
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"unknown compile scope {scope!r}; valid: {', '.join(COMPILE_SCOPES)}")
     return scope
+
+
+# how forward runs the encoder's and the decoder's blocks: eager, or compiled by compile_blocks(scope='stacks')
 _STACKS = {"encode": DiffusionTransformer._encode, "decode": DiffusionTransformer._decode}

@@ -54,8 +54,13 @@ except ImportError:  # the CPU path needs none of this
 # its plain form). Wider tiles (no model of the zoo) take 1 row of 16 warps, untimed.
 CONFIG = {"fwd_rows": 4, "fwd_warps": 4, "bwd_rows": None, "bwd_warps": None, "bwd_chunk": 64}
 _BWD = {512: (1, 4), 1024: (4, 4), 2048: (4, 8)}  # row tile -> (rows, warps); narrower tiles as 512's
-AUTO = {"bwd_rows": lambda bd: _BWD.get(max(bd, 512), (1, 16))[0],
-        "bwd_warps": lambda bd: _BWD.get(max(bd, 512), (1, 16))[1]}
+
+
+def _bwd_by_tile(bd: int) -> tuple[int, int]:
+    return _BWD.get(max(bd, 512), (1, 16))
+
+
+AUTO = {"bwd_rows": lambda bd: _bwd_by_tile(bd)[0], "bwd_warps": lambda bd: _bwd_by_tile(bd)[1]}
 
 
 def _setting(key: str, bd: int) -> int:
