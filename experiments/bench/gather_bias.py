@@ -13,6 +13,7 @@ last as the floor the masked pass would reach at its FLOPs (x (K/N)^2).
 
 from __future__ import annotations
 
+import torch
 
 from attn_sweep import GRID, KEPT, SHAPES, inputs
 
@@ -55,7 +56,7 @@ def main():
                 print(f"{shape} {label}: forward {fwd:.4f} ms, backward {bwd:.4f} ms, rel. diff {diff:.1e}", flush=True)
             ta.CONFIG["gather_bias"] = True
     floor = (KEPT / GRID) ** 2
-    print("\n| shape | pass | forward ms | backward ms | rel. diff to the in-kernel gather |\n|---|---|---|---|---|")
+    print(f"\n| shape | pass | forward ms | backward ms | rel. diff to the in-kernel gather |\n|---|---|---|---|---|")
     for shape, label, fwd, bwd, diff in rows:
         print(f"| {shape} | {label} | {fwd:.4f} | {bwd:.4f} | {diff:.1e} |")
         if label == "full":
