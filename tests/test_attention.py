@@ -167,12 +167,7 @@ def rel(a, b):  # relative error; NaN counts as the worst (max() would skip it)
 # head dim 24: one tile padded to 32; head dim 40: two tiles, 32 + 16 (as MDT-XL's 72 = 64 + 16);
 # head dim 12: strides only 4-aligned (the kernels' AL = 4 instead of 8). dS's rows are padded
 # (13 -> 16, 20 -> 24 columns) in every case.
-from mdtzoo.models.triton_attention import CONFIG
-# the masked pass with its bias gathered inside the attention kernels (gather_bias False) and by
-# one kernel beforehand (True, the default)
-for masked, dim, gather in ((False, 24, True), (True, 24, True), (True, 24, False), (False, 40, True),
-                            (True, 40, True), (True, 40, False), (True, 12, True)):
-    CONFIG["gather_bias"] = gather
+for masked, dim in ((False, 24), (True, 24), (False, 40), (True, 40), (True, 12)):
     bias = RelativePositionBias((4, 5), 2)
     with torch.no_grad():
         bias.relative_position_bias_table.normal_()
@@ -189,7 +184,6 @@ for masked, dim, gather in ((False, 24, True), (True, 24, True), (True, 24, Fals
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
         res.append([out, leaf.grad, bias.relative_position_bias_table.grad])
     worst = max([worst] + [rel(a, b) for r in res[1:] for a, b in zip(r, res[0])])
-CONFIG["gather_bias"] = True
 # The fake (meta) kernels must describe the real outputs, strides included, or torch.compile
 # breaks: check them on a contiguous qkv and on a non-contiguous one (the masked pass's first 13
 # tokens of 20), with dO in any strides.
@@ -213,6 +207,7 @@ ref = torch.zeros(2, 30, 30)
 for b in range(3):
     ref[:, ids[b][:, None], ids[b][None, :]] += ds[b]
 worst = max(worst, rel(kept_grad(ds, ids, 30), ref))  # 3 chunks of one sample
+from mdtzoo.models.triton_attention import CONFIG
 CONFIG["grad_programs"], programs = 2, CONFIG["grad_programs"]
 worst = max(worst, rel(kept_grad(ds, ids, 30), ref))  # one chunk of all three
 CONFIG["grad_programs"] = programs

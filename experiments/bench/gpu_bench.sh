@@ -55,8 +55,6 @@
 #   bash experiments/bench/gpu_bench.sh final9    # MDT-S/2: per-block regions / stacks as regions / CUDA graphs; MDT-B/2
 #   bash experiments/bench/gpu_bench.sh final10   # MDT-B/2 with stacks; MDT-XL/2, DiT-XL/2, DiT-S/2 (with final9: the table)
 #   bash experiments/bench/gpu_bench.sh final11   # MDT-XL/2 and DiT-XL/2 with stacks
-#   bash experiments/bench/gpu_bench.sh final12   # the table's XL and DiT-S/2 steps, then attn_sweep.py at XL/2 shapes
-#   bash experiments/bench/gpu_bench.sh gather    # the masked pass's bias gathered first / in-kernel: kernels, then MDT-S/2 and XL/2 steps
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -585,27 +583,6 @@ final11)  # session 12, third call: the XL steps with stacks (26 and 28 blocks i
   step stacks_mdt_xl2 300 mdt_xl2 64 --compile --compile-scope stacks
   step stacks_dit_xl2 260 dit_xl2 64 --compile --compile-scope stacks
   ;;
-final12)  # session 12, second call: the table's XL and DiT-S/2 steps (stacks lost at S/2 in final9, so none here),
-  # then the attention kernels' launch settings swept at XL/2 shapes (never timed there), ending with a BEST line
-  step step_mdt_xl2_b64 110 mdt_xl2 64 --compile
-  step step_dit_xl2_b64 100 dit_xl2 64 --compile
-  step step_dit_s2_b256 80 dit_s2 256 --steps 20 --compile
-  echo "== sweep xl" >&2
-  timeout 260 "$py" experiments/bench/attn_sweep.py --shape xl --top 3 > "$OUT/sweep_xl.log" 2>&1 || echo "!! sweep failed (rc $?)" >&2
-  grep -v "^ " "$OUT/sweep_xl.log" | tail -n 40 >&2
-  ;;
-gather)  # session 12: the masked pass's bias gathered by one kernel first (gather_bias, the default) / inside the
-  # attention kernels, per kernel at S/2, B/2, XL/2 shapes (float32 forms asserted equal first), then in the steps
-  echo "== gather_bias" >&2
-  (cd experiments/bench && timeout 130 "$py" gather_bias.py) > "$OUT/gather_bias.log" 2>&1 || echo "!! gather_bias failed (rc $?)" >&2
-  grep "^|\|Error\|assert" "$OUT/gather_bias.log" >&2
-  for g in true false; do
-    step "gather_mdt_s2_$g" 80 mdt_s2 256 --steps 20 --compile --triton-options gather_bias=$g
-  done
-  for g in true false; do
-    step "gather_mdt_xl2_$g" 110 mdt_xl2 64 --compile --triton-options gather_bias=$g
-  done
-  ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do
     set -- $spec
@@ -641,7 +618,7 @@ ddp)
   done
   ;;
 esac
-ls "$OUT"/*.json >/dev/null 2>&1 && "$py" -m mdtzoo bench table $(ls "$OUT"/step_*.json "$OUT"/ddp*.json "$OUT"/graphs_*.json "$OUT"/stacks_*.json "$OUT"/gather_*.json "$OUT"/profile_*.json 2>/dev/null)
+ls "$OUT"/*.json >/dev/null 2>&1 && "$py" -m mdtzoo bench table $(ls "$OUT"/step_*.json "$OUT"/ddp*.json "$OUT"/graphs_*.json "$OUT"/stacks_*.json "$OUT"/profile_*.json 2>/dev/null)
 for f in "$OUT"/attention*.log; do [ -f "$f" ] && grep "^|" "$f"; done
 for f in "$OUT"/sample*.log; do [ -f "$f" ] && tail -n 1 "$f"; done
 exit 0

@@ -98,32 +98,15 @@ def _positions(POS, b, NQ, offs, ok, HAS_POS: tl.constexpr):
 
 
 @triton.jit
-def _bias(FULL, base, RS, pos_m, pos_n, m_ok, n_ok):
-    """FULL[base + pos_m * RS + pos_n] in float32: full[h, pos_m, pos_n] (base h G^2, RS = G), or a
-    tile of the bias gathered for this sample beforehand (base (b H + h) N RS, positions 0..N-1)."""
-    return tl.load(FULL + base + pos_m[:, None] * RS + pos_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+def _bias(FULL, h, G, pos_m, pos_n, m_ok, n_ok):
+    """full[h, pos_m, pos_n] in float32."""
+    return tl.load(FULL + h * G * G + pos_m[:, None] * G + pos_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
                    other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _gather_bias_kernel(FULL, POS, OUT, H: tl.constexpr, NQ, G, RS, BM: tl.constexpr, BN: tl.constexpr):
-    """OUT[b, h, i, j] = FULL[h, POS[b, i], POS[b, j]] in OUT's dtype, for i, j < NQ (rows RS
-    elements apart; the padding is not written, and never read)."""
-    b, h, bh, offs_m, m_ok = _program(H, NQ, BM)
-    pos_m = tl.load(POS + b * NQ + offs_m, mask=m_ok, other=0)
-    out = OUT + bh.to(tl.int64) * NQ * RS
-    for start in range(0, NQ, BN):
-        offs_n = start + tl.arange(0, BN)
-        n_ok = offs_n < NQ
-        pos_n = tl.load(POS + b * NQ + offs_n, mask=n_ok, other=0)
-        t = _bias(FULL, h * G * G, G, pos_m, pos_n, m_ok, n_ok)
-        tl.store(out + offs_m[:, None] * RS + offs_n[None, :], t.to(OUT.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
 def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
-                H: tl.constexpr, NQ, SBB, SBH, RS, D: tl.constexpr,
+                H: tl.constexpr, NQ, G, D: tl.constexpr,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 BM: tl.constexpr, BN: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_POS: tl.constexpr,
                 PREC: tl.constexpr, AL: tl.constexpr):
@@ -131,7 +114,6 @@ def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
     b, h, bh, offs_m, m_ok = _program(H, NQ, BM)
     q0, q1 = _load(Q, b * sqb + h * sqh, sqn, offs_m, m_ok, D, BD0, BD1, AL)
     pos_m = _positions(POS, b, NQ, offs_m, m_ok, HAS_POS)
-    bias_base = b.to(tl.int64) * SBB + h * SBH
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc0 = tl.zeros([BM, BD0], tl.float32)
@@ -144,7 +126,7 @@ def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
         n_ok = offs_n < NQ
         k0, k1 = _load(K, b * skb + h * skh, skn, offs_n, n_ok, D, BD0, BD1, AL)
         pos_n = _positions(POS, b, NQ, offs_n, n_ok, HAS_POS)
-        s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, bias_base, RS, pos_m, pos_n, m_ok, n_ok)
+        s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, h, G, pos_m, pos_n, m_ok, n_ok)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
@@ -175,7 +157,7 @@ def _delta_kernel(O, DO, DELTA, H: tl.constexpr, NQ, D: tl.constexpr, sob, soh, 
 
 @triton.jit
 def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DQKV, DS, scale,
-                H: tl.constexpr, NQ, SBB, SBH, RS, D: tl.constexpr,
+                H: tl.constexpr, NQ, G, D: tl.constexpr,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, SLOT, NP,
                 BM: tl.constexpr, BN: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_POS: tl.constexpr,
                 PREC: tl.constexpr, AL: tl.constexpr):
@@ -188,7 +170,6 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DQKV, DS, scale,
     k0, k1 = _load(K, b * skb + h * skh, skn, offs_n, n_ok, D, BD0, BD1, AL)
     v0, v1 = _load(V, b * svb + h * svh, svn, offs_n, n_ok, D, BD0, BD1, AL)
     pos_n = _positions(POS, b, NQ, offs_n, n_ok, HAS_POS)
-    bias_base = b.to(tl.int64) * SBB + h * SBH
     dk0 = tl.zeros([BN, BD0], tl.float32)
     dv0 = tl.zeros([BN, BD0], tl.float32)
     if BD1 > 0:
@@ -206,7 +187,7 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DQKV, DS, scale,
         pos_m = _positions(POS, b, NQ, offs_m, m_ok, HAS_POS)
         lse = tl.load(LSE + bh * NQ + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_ok, other=0.0)
-        s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, bias_base, RS, pos_m, pos_n, m_ok, n_ok)
+        s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, h, G, pos_m, pos_n, m_ok, n_ok)
         p = tl.exp(s - lse[:, None])
         p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
         pt = tl.trans(p.to(do0.dtype))
@@ -339,14 +320,11 @@ def kept_grad(ds: torch.Tensor, ids_keep: torch.Tensor, grid: int) -> torch.Tens
 # ``grad_programs``: ``kept_grad`` splits the batch into chunks until about this many programs run.
 # ``sum_kernel``: the full pass's bias gradient summed over the batch by ``batch_sum`` (our kernel)
 # instead of inductor's reduction (not yet timed on a GPU: off; docs/performance.md, session 9).
-# ``gather_bias``: the masked pass's bias gathered at the kept positions by one kernel before the
-# attention kernels (``_bias_source``) instead of element by element inside them (session 12).
 CONFIG = {"fwd_bm": 64, "fwd_bn": 32, "fwd_warps": 4, "fwd_stages": 2,
           "bwd_bm": 64, "bwd_bn": 64, "bwd_warps": 4, "bwd_stages": 1, "grad_bp": 32, "grad_bq": 64, "grad_warps": 4,
           "grad_programs": 2048,
           "dq_bm": 128, "dq_bn": 64, "dq_warps": 8, "delta_bm": 64, "split_head": True,
-          "sum_kernel": False, "sum_bb": 8, "sum_warps": 4,
-          "gather_bias": True, "gather_bm": 32, "gather_bn": 64, "gather_warps": 4}
+          "sum_kernel": False, "sum_bb": 8, "sum_warps": 4}
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -409,25 +387,6 @@ def _heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _bias_source(full: torch.Tensor, pos: torch.Tensor | None, n: int, dtype: torch.dtype):
-    """(bias, pos, (SBB, SBH, RS)): what the attention kernels read the bias from. The full pass
-    (pos None) reads ``full`` (H, G, G) itself, its tiles contiguous. The masked pass either
-    gathers ``full[h, pos_i, pos_j]`` inside the kernels, element by element (``gather_bias`` off), or
-    -- ``gather_bias`` on -- reads a (B, H, N, RS) copy gathered beforehand by one kernel in the
-    inputs' dtype, whose tiles the attention kernels then load contiguously as in the full pass
-    (RS: N rounded up to 16 elements, so every row starts aligned). In float32 both give the same
-    numbers; in 16-bit the copy rounds the bias to the inputs' dtype."""
-    h, g = full.shape[0], full.shape[-1]
-    if pos is None or not CONFIG["gather_bias"]:
-        return full, pos, (0, g * g, g)
-    b = pos.shape[0]
-    rs = -(-n // 16) * 16
-    out = torch.empty((b, h, n, rs), device=full.device, dtype=dtype)
-    launch(_gather_bias_kernel, (triton.cdiv(n, CONFIG["gather_bm"]), b * h))(
-        full, pos, out, h, n, g, rs, BM=CONFIG["gather_bm"], BN=CONFIG["gather_bn"], num_warps=CONFIG["gather_warps"])
-    return out, None, (h * n * rs, n * rs, rs)
-
-
 # The ops take q, k and v packed as the qkv projection makes them, (B, N, 3, H, d), and give the
 # output as (B, N, H, d) and the gradient as one (B, N, 3, H, d) tensor: the kernels write straight
 # into the layouts the projections read, so neither pass copies to merge heads or to assemble the
@@ -443,9 +402,8 @@ def _flash_fwd(qkv: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None) 
     o = qkv.new_empty((b, n, h, d))
     lse = torch.empty((b * h, n), device=qkv.device, dtype=torch.float32)
     al, strides = _aligned(q, k, v, o.transpose(1, 2))
-    bias, pos, bias_strides = _bias_source(full, pos, n, qkv.dtype)
     launch(_fwd_kernel, (triton.cdiv(n, bm), b * h))(
-        q, k, v, bias, pos if pos is not None else lse, o, lse, d ** -0.5, h, n, *bias_strides, d, *strides,
+        q, k, v, full, pos if pos is not None else lse, o, lse, d ** -0.5, h, n, full.shape[-1], d, *strides,
         BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, PREC=_precision(q), AL=al,
         num_warps=CONFIG["fwd_warps"], num_stages=CONFIG["fwd_stages"])
     return o, lse
@@ -481,9 +439,8 @@ def _flash_bwd(qkv: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None, 
     ds = torch.empty((b, h, n, cols), device=q.device, dtype=q.dtype)
     bm, bn = CONFIG["bwd_bm"], CONFIG["bwd_bn"]
     scale = d ** -0.5
-    bias, pos, bias_strides = _bias_source(full, pos, n, qkv.dtype)
     launch(_bwd_kernel, (triton.cdiv(n, bn), b * h))(
-        q, k, v, bias, pos if pos is not None else lse, do, lse, delta, dqkv, ds, scale, h, n, *bias_strides, d,
+        q, k, v, full, pos if pos is not None else lse, do, lse, delta, dqkv, ds, scale, h, n, full.shape[-1], d,
         *sq, *sk, *sv, *sd, *sg, slot, np_units,
         BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, PREC=prec, AL=al, num_warps=CONFIG["bwd_warps"],
         num_stages=CONFIG["bwd_stages"])
