@@ -55,6 +55,7 @@
 #   bash experiments/bench/gpu_bench.sh final9    # MDT-S/2: per-block regions / stacks as regions / CUDA graphs; MDT-B/2
 #   bash experiments/bench/gpu_bench.sh final10   # MDT-B/2 with stacks; MDT-XL/2, DiT-XL/2, DiT-S/2 (with final9: the table)
 #   bash experiments/bench/gpu_bench.sh final11   # MDT-XL/2 and DiT-XL/2 with stacks
+#   bash experiments/bench/gpu_bench.sh final12   # the table's XL and DiT-S/2 steps, then attn_sweep.py at XL/2 shapes
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -582,6 +583,15 @@ final10)  # session 12, second call: MDT-B/2 with stacks, then the table's XL an
 final11)  # session 12, third call: the XL steps with stacks (26 and 28 blocks in one region: the longest compiles)
   step stacks_mdt_xl2 300 mdt_xl2 64 --compile --compile-scope stacks
   step stacks_dit_xl2 260 dit_xl2 64 --compile --compile-scope stacks
+  ;;
+final12)  # session 12, second call: the table's XL and DiT-S/2 steps (stacks lost at S/2 in final9, so none here),
+  # then the attention kernels' launch settings swept at XL/2 shapes (never timed there), ending with a BEST line
+  step step_mdt_xl2_b64 110 mdt_xl2 64 --compile
+  step step_dit_xl2_b64 100 dit_xl2 64 --compile
+  step step_dit_s2_b256 80 dit_s2 256 --steps 20 --compile
+  echo "== sweep xl" >&2
+  timeout 260 "$py" experiments/bench/attn_sweep.py --shape xl --top 3 > "$OUT/sweep_xl.log" 2>&1 || echo "!! sweep failed (rc $?)" >&2
+  grep -v "^ " "$OUT/sweep_xl.log" | tail -n 40 >&2
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do
