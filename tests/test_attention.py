@@ -189,14 +189,15 @@ for masked, dim in ((False, 24), (True, 24), (False, 40), (True, 40), (True, 12)
 # tokens of 20), with dO in any strides.
 qkv = torch.randn(2, 20, 3, 2, 24)
 full = torch.randn(2, 20, 20)
-torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_fwd_packed.default, (qkv, full, None),
+offsets = torch.randn(2, 7, 9)  # the masked pass's bias by grid offset, (H, 2R - 1, 2C - 1) of the 4 x 5 grid
+torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_fwd_offsets.default, (qkv, full, None),
                       test_utils=("test_schema", "test_faketensor"))
 pos = ids[:, :13].to(torch.int32).contiguous()
-torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_fwd_packed.default, (qkv[:, :13], full, pos),
+torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_fwd_offsets.default, (qkv[:, :13], offsets, pos),
                       test_utils=("test_schema", "test_faketensor"))
-o, lse = torch.ops.mdtzoo.relbias_flash_fwd_packed(qkv[:, :13], full, pos)
+o, lse = torch.ops.mdtzoo.relbias_flash_fwd_offsets(qkv[:, :13], offsets, pos)
 for do in (torch.randn_like(o), torch.randn(o.shape[:1] + o.shape[:0:-1]).permute(0, 3, 2, 1)):  # dO any strides
-    torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_bwd_packed.default, (qkv[:, :13], full, pos, o, lse, do),
+    torch.library.opcheck(torch.ops.mdtzoo.relbias_flash_bwd_offsets.default, (qkv[:, :13], offsets, pos, o, lse, do),
                           test_utils=("test_schema", "test_faketensor"))
 # The bias-gradient kernel (CUDA's reduce_kept_grad): each grid pair summed over the samples that
 # kept it, equal to scattering sample by sample; and its fake kernel.
@@ -335,3 +336,43 @@ def test_materialized_is_an_opaque_contiguous_copy_with_a_pass_through_gradient(
         got = torch.compile(block, dynamic=False)(x, c)
         block.attn.impl = "explicit"
         torch.testing.assert_close(got, block(x, c), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (4, 5), (16, 16), (3, 1)])
+def test_offsets_hold_the_full_bias_at_every_grid_offset(grid):
+    """RelativePositionBias.offsets()[h, dr + R - 1, dc + C - 1] is full()[h, p, p'] for every pair at
+    grid offset (dr, dc) = p - p' (what the Triton kernel's masked pass reads), and its gradient
+    reaches the table's rows as full()'s does."""
+    rows, cols = grid
+    bias = RelativePositionBias(grid, 3)
+    with torch.no_grad():
+        bias.relative_position_bias_table.normal_()
+    off, full = bias.offsets(), bias.full()
+    assert off.shape == (3, 2 * rows - 1, 2 * cols - 1)
+    r, c = torch.arange(rows * cols) // cols, torch.arange(rows * cols) % cols
+    dr = (r[:, None] - r[None, :] + rows - 1).flatten()
+    dc = (c[:, None] - c[None, :] + cols - 1).flatten()
+    assert torch.equal(off[:, dr, dc].reshape(full.shape), full)
+    w = torch.randn(full.shape)
+    g_full, = torch.autograd.grad((full * w).sum(), bias.relative_position_bias_table)
+    g_off, = torch.autograd.grad((off[:, dr, dc].reshape(full.shape) * w).sum(), bias.relative_position_bias_table)
+    torch.testing.assert_close(g_off, g_full)
+
+
+def test_triton_masked_pass_needs_a_bias_by_grid_offset(monkeypatch):
+    """A bias module with full() but no offsets(): 'auto' takes another path for its masked pass,
+    'triton' refuses it naming what is missing and what to use."""
+    import mdtzoo.models.attention as att
+
+    class FullOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = RelativePositionBias((2, 2), 1)
+
+        def full(self):
+            return self.inner.full()
+
+    monkeypatch.setattr(att, "_triton_available", lambda: True)
+    q = torch.randn(1, 1, 2, 8)
+    with pytest.raises(ValueError, match="FullOnly has no offsets\\(\\).*'flex' or 'explicit'"):
+        attention(q, q, q, FullOnly(), torch.tensor([[0, 3]]), impl="triton")

@@ -20,8 +20,8 @@ traced = sorted(n for n in kernel_ops.OPS if FunctionalTensorMode in OPDEFS[n]._
 print("MODE", kernel_ops.MODE, sorted(kernel_ops.OPS), "TRACED", traced)
 """
 OPS = ["mdtzoo::batch_sum", "mdtzoo::gated_residual_norm", "mdtzoo::gated_residual_norm_bwd", "mdtzoo::kept_grad",
-       "mdtzoo::norm_modulate", "mdtzoo::norm_modulate_bwd", "mdtzoo::relbias_flash_bwd_packed",
-       "mdtzoo::relbias_flash_fwd_packed"]
+       "mdtzoo::norm_modulate", "mdtzoo::norm_modulate_bwd", "mdtzoo::relbias_flash_bwd_offsets",
+       "mdtzoo::relbias_flash_fwd_offsets"]
 
 
 def _probe(script=PROBE, **env):

@@ -6,7 +6,7 @@
     python experiments/bench/attn_sweep.py --shape xl --registers  # no GPU: registers per setting (ptxas, sm_90)
 
 Inputs are made as the model makes them: q, k, v packed in one (B, N, 3, H, d) tensor in bf16, the
-(H, G, G) bias in float32, and for the masked pass K kept positions per sample in grid order. For
+(H, G, G) bias in float32 (the masked pass: the (H, 31, 31) table by grid offset), and for the masked pass K kept positions per sample in grid order. For
 every setting of ``triton_attention.CONFIG`` in the grid the forward kernel and the backward (delta,
 dK/dV/dS, dQ kernels) are timed apart (``triton.testing.do_bench``, ms), each output first compared
 with the default setting's (a wrong tiling shows as a difference, not a time). Prints one table per
@@ -36,7 +36,8 @@ def inputs(shape: str, masked: bool, seed: int = 0):
     g = torch.Generator("cuda").manual_seed(seed)
     n = KEPT if masked else GRID
     qkv = torch.randn(b, n, 3, h, d, device="cuda", generator=g).bfloat16()
-    full = torch.randn(h, GRID, GRID, device="cuda", generator=g)
+    side = int(GRID ** 0.5)  # the masked pass reads the bias by grid offset: (H, 2R - 1, 2C - 1)
+    full = torch.randn(h, *((2 * side - 1,) * 2 if masked else (GRID, GRID)), device="cuda", generator=g)
     pos = None
     if masked:
         pos = torch.rand(b, GRID, device="cuda", generator=g).argsort(1)[:, :KEPT].sort(1).values.int().contiguous()
@@ -101,7 +102,8 @@ def register_report(ta, shape: str, settings: list[dict], kernels=KERNELS) -> No
         for masked in (False, True):
             n = KEPT if masked else GRID
             qkv = torch.randn(2, n, 3, h, d, generator=g).bfloat16()
-            full = torch.randn(h, GRID, GRID, generator=g)
+            side = int(GRID ** 0.5)  # the masked pass's bias: the (H, 2R - 1, 2C - 1) offset table
+            full = torch.randn(h, *((2 * side - 1,) * 2 if masked else (GRID, GRID)), generator=g)
             pos = torch.stack([torch.randperm(GRID, generator=g)[:KEPT].sort().values for _ in range(2)]).int() \
                 if masked else None
             # every launch recorded, so none runs

@@ -56,6 +56,7 @@
 #   bash experiments/bench/gpu_bench.sh final10   # MDT-B/2 with stacks; MDT-XL/2, DiT-XL/2, DiT-S/2 (with final9: the table)
 #   bash experiments/bench/gpu_bench.sh final11   # MDT-XL/2 and DiT-XL/2 with stacks
 #   bash experiments/bench/gpu_bench.sh final12   # the table's XL and DiT-S/2 steps, then attn_sweep.py at XL/2 shapes
+#   bash experiments/bench/gpu_bench.sh offsets   # the masked pass's bias by grid offset against the previous code (OLD): kernels, MDT-S/2 and XL/2 steps
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -592,6 +593,21 @@ final12)  # session 12, second call: the table's XL and DiT-S/2 steps (stacks lo
   echo "== sweep xl" >&2
   timeout 260 "$py" experiments/bench/attn_sweep.py --shape xl --top 3 > "$OUT/sweep_xl.log" 2>&1 || echo "!! sweep failed (rc $?)" >&2
   grep -v "^ " "$OUT/sweep_xl.log" | tail -n 40 >&2
+  ;;
+offsets)  # session 12: the masked pass's bias read from the (H, 31, 31) table by grid offset (L1) instead of gathered
+  # from the (H, 256, 256) full-grid bias (L2); OLD = the code before. Checked against the explicit maths first
+  run attention 100 bench attention --impl explicit,triton --repeats 10
+  for tree in new old; do
+    echo "== masked_bias $tree" >&2
+    root=$PWD; [ $tree = old ] && root=${OLD:-/nonexistent}
+    (cd "$root/experiments/bench" && PYTHONPATH="$root:${PYTHONPATH:-}" timeout 60 "$py" masked_bias.py) \
+      > "$OUT/masked_bias_$tree.log" 2>&1 || echo "!! masked_bias $tree failed" >&2
+    cat "$OUT/masked_bias_$tree.log" >&2
+  done
+  step step_mdt_s2_new 80 mdt_s2 256 --steps 20 --compile
+  old_step step_mdt_s2_old 80 mdt_s2 256 --steps 20 --compile
+  step step_mdt_xl2_new 110 mdt_xl2 64 --compile
+  old_step step_mdt_xl2_old 110 mdt_xl2 64 --compile
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do

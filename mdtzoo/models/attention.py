@@ -193,7 +193,8 @@ def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto", qkv
     ``qkv.permute(2, 0, 3, 1, 4)``), which our Triton kernel then reads directly: its output is
     then a (B, H, N, d) view of a (B, N, H, d) tensor, and the gradient reaches ``qkv`` in one
     piece (other paths ignore it). rel_pos_bias: a module with ``full() -> (H, G, G)`` over the whole
-    grid (every fast path reads only that) and optionally ``table_gather(ids_keep)`` (the naive
+    grid (what the fast paths read; the Triton kernel's masked pass reads ``offsets()`` -> (H, 2R - 1,
+    2C - 1), the bias by grid offset, instead) and optionally ``table_gather(ids_keep)`` (the naive
     per-sample gather, the reference); a module with neither is called as ``module(ids_keep)``
     and used with the explicit maths. ``ids_keep`` (B, N) are the grid positions of the N
     tokens in the masked pass (None: all G = N positions in order).
@@ -212,19 +213,25 @@ def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto", qkv
         return explicit_attention(q, k, v, bias)
     full = rel_pos_bias.full()
     training = torch.is_grad_enabled() and any([t.requires_grad for t in (q, k, v, full)])
+    # our Triton kernel's masked pass reads the bias by grid offset: a module without offsets() cannot
+    offsets = getattr(rel_pos_bias, "offsets", None)
     if impl == "auto":
-        impl = auto_impl(q.is_cuda, q.dtype, training, q.is_cuda and _triton_available())
+        triton = q.is_cuda and _triton_available() and (ids_keep is None or offsets is not None)
+        impl = auto_impl(q.is_cuda, q.dtype, training, triton)
     if impl == "flex" and not (q.device.type == "cpu" and training):
         return flex_attention(q, k, v, full, ids_keep)  # (FlexAttention has no backward on the CPU)
     if impl == "triton":
-        return _triton(q, k, v, full, ids_keep, qkv)
+        if ids_keep is not None and offsets is None:
+            raise ValueError(f"attn_impl 'triton' reads the masked pass's bias by grid offset; "
+                             f"{type(rel_pos_bias).__name__} has no offsets() (H, 2R - 1, 2C - 1): use 'flex' or 'explicit'")
+        return _triton(q, k, v, full, ids_keep, qkv, offsets() if ids_keep is not None else None)
     bias = full if ids_keep is None else kept_bias(full, ids_keep)
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
     return _fused_explicit(q, k, v, bias)  # auto off CUDA
 
 
-def _triton(q, k, v, full, ids_keep, qkv=None):
+def _triton(q, k, v, full, ids_keep, qkv=None, offsets=None):
     """Our Triton kernel; a clear error where it cannot run (no GPU, no triton)."""
     import os
 
@@ -236,5 +243,5 @@ def _triton(q, k, v, full, ids_keep, qkv=None):
     except ImportError as err:
         raise ValueError(f"attn_impl 'triton' needs the triton package ({err}); use 'auto' or 'flex'") from None
     if qkv is not None:
-        return triton_attention_qkv(qkv, full, ids_keep).transpose(1, 2)
-    return triton_attention(q, k, v, full, ids_keep)
+        return triton_attention_qkv(qkv, full, ids_keep, offsets).transpose(1, 2)
+    return triton_attention(q, k, v, full, ids_keep, offsets)

@@ -3,15 +3,19 @@
 softmax(q k^T / sqrt(d) + bias) v where bias[b, h, i, j] = full[h, pos_b[i], pos_b[j]]:
 ``full`` (H, G, G) is the bias over the whole token grid, shared by the batch, and pos_b the
 grid positions of sample b's tokens (the kept tokens in the masked pass; 0..G-1 in the full
-pass). Nothing of size (B, H, N, N) is read in the forward -- the bias tile is gathered from
-``full``, which is small enough to stay in L2.
+pass). Nothing of size (B, H, N, N) is read in the forward. The full pass reads ``full``'s tiles
+(contiguous, from L2). The masked pass reads the same values from the offset table (H, 2R - 1,
+2C - 1) of an R x C grid -- full[h, p, p'] is the table's entry at the grid offset p - p' -- which
+is small enough to stay in L1 (3.8 KB a head at 16 x 16), instead of gathering full's scattered
+columns from L2.
 
 Backward: delta = rowsum(O dO) first (a small kernel, float32 from the 16-bit tensors); then one
 program per (key block, batch, head) recomputes the probabilities from the saved log-sum-exp,
 accumulates dK and dV, and writes dS = P (dP - delta) once; one program per (query block, batch,
 head) then computes dQ = dS K from the strided K. The bias gradient is dS summed over the batch
 at each sample's positions (``kept_grad``: every grid pair gathers its entries from the samples
-that kept it) -- no atomics anywhere, no copies of q, k, v or dO.
+that kept it), in the masked pass then summed by grid offset into the table's gradient -- no
+atomics anywhere, no copies of q, k, v or dO.
 
 The ops take q, k and v packed as the model's qkv projection makes them, (B, N, 3, H, d), write the
 output as (B, N, H, d) -- the output projection's input, heads already merged -- and the three
@@ -98,10 +102,19 @@ def _positions(POS, b, NQ, offs, ok, HAS_POS: tl.constexpr):
 
 
 @triton.jit
-def _bias(FULL, h, G, pos_m, pos_n, m_ok, n_ok):
-    """full[h, pos_m, pos_n] in float32."""
-    return tl.load(FULL + h * G * G + pos_m[:, None] * G + pos_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
-                   other=0.0).to(tl.float32)
+def _bias(BIAS, h, G, pos_m, pos_n, m_ok, n_ok, HAS_POS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """A tile's bias in float32. Full pass: BIAS is full (H, G, G), read at [h, i, j] (contiguous
+    rows). Masked pass (grid positions pos_m, pos_n of an R x C grid): BIAS is the offset table
+    (H, 2R - 1, 2C - 1), read at the positions' grid offset -- 4 (2R-1)(2C-1) bytes a head (3.8 KB
+    at MDT's 16 x 16 grid), which stays in L1, where full's rows (256 KB a head) are gathered from L2."""
+    ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_POS:
+        dr = (pos_m // C)[:, None] - (pos_n // C)[None, :] + (R - 1)
+        dc = (pos_m % C)[:, None] - (pos_n % C)[None, :] + (C - 1)
+        ptrs = BIAS + h * ((2 * R - 1) * (2 * C - 1)) + dr * (2 * C - 1) + dc
+    else:
+        ptrs = BIAS + h * G * G + pos_m[:, None] * G + pos_n[None, :]
+    return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -109,6 +122,7 @@ def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
                 H: tl.constexpr, NQ, G, D: tl.constexpr,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 BM: tl.constexpr, BN: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_POS: tl.constexpr,
+                R: tl.constexpr, C: tl.constexpr,
                 PREC: tl.constexpr, AL: tl.constexpr):
     scale = tl.cast(scale, tl.float32)  # inductor passes Python floats to its launches as float64
     b, h, bh, offs_m, m_ok = _program(H, NQ, BM)
@@ -126,7 +140,7 @@ def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
         n_ok = offs_n < NQ
         k0, k1 = _load(K, b * skb + h * skh, skn, offs_n, n_ok, D, BD0, BD1, AL)
         pos_n = _positions(POS, b, NQ, offs_n, n_ok, HAS_POS)
-        s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, h, G, pos_m, pos_n, m_ok, n_ok)
+        s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, h, G, pos_m, pos_n, m_ok, n_ok, HAS_POS, R, C)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
@@ -160,6 +174,7 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DQKV, DS, scale,
                 H: tl.constexpr, NQ, G, D: tl.constexpr,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, SLOT, NP,
                 BM: tl.constexpr, BN: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_POS: tl.constexpr,
+                R: tl.constexpr, C: tl.constexpr,
                 PREC: tl.constexpr, AL: tl.constexpr):
     """dK, dV for one block of key rows of one (sample, head), written into their thirds of the packed
     gradient DQKV (dK SLOT units of AL elements after its start, dV twice that; strides sg*), and dS
@@ -187,7 +202,7 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DQKV, DS, scale,
         pos_m = _positions(POS, b, NQ, offs_m, m_ok, HAS_POS)
         lse = tl.load(LSE + bh * NQ + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_ok, other=0.0)
-        s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, h, G, pos_m, pos_n, m_ok, n_ok)
+        s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, h, G, pos_m, pos_n, m_ok, n_ok, HAS_POS, R, C)
         p = tl.exp(s - lse[:, None])
         p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
         pt = tl.trans(p.to(do0.dtype))
@@ -387,24 +402,36 @@ def _heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
+def _grid(bias: torch.Tensor, pos: torch.Tensor | None) -> tuple[int, int, int]:
+    """(G, R, C): the grid's tokens and its sides, as the kernels take them. The full pass's bias is
+    (H, G, G) (R = C = 1: unused); the masked pass's the offset table (H, 2R - 1, 2C - 1)."""
+    if pos is None:
+        return bias.shape[-1], 1, 1
+    rows, cols = (bias.shape[1] + 1) // 2, (bias.shape[2] + 1) // 2
+    return rows * cols, rows, cols
+
+
 # The ops take q, k and v packed as the qkv projection makes them, (B, N, 3, H, d), and give the
 # output as (B, N, H, d) and the gradient as one (B, N, 3, H, d) tensor: the kernels write straight
 # into the layouts the projections read, so neither pass copies to merge heads or to assemble the
 # three gradients (a (B, N, 3D) copy per block call, docs/performance.md, session 9).
-@kernel_op("mdtzoo::relbias_flash_fwd_packed")
-def _flash_fwd(qkv: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> O (B, N, H, d) in qkv's dtype, and the rows' log-sum-exp (B * H, N) in float32."""
+@kernel_op("mdtzoo::relbias_flash_fwd_offsets")
+def _flash_fwd(qkv: torch.Tensor, bias: torch.Tensor, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> O (B, N, H, d) in qkv's dtype, and the rows' log-sum-exp (B * H, N) in float32. ``bias``:
+    the full pass's (H, N, N) (pos None), or the masked pass's offset table (H, 2R - 1, 2C - 1) read
+    at the offsets between the grid positions ``pos`` (B, N) of an R x C grid (``_bias``)."""
     b, n, _, h, d = qkv.shape
     q, k, v = _heads(_rows(qkv))
-    full = full.contiguous()
+    bias = bias.contiguous()
     bm, bn = CONFIG["fwd_bm"], CONFIG["fwd_bn"]
     bd0, bd1 = head_blocks(d, CONFIG["split_head"])
     o = qkv.new_empty((b, n, h, d))
     lse = torch.empty((b * h, n), device=qkv.device, dtype=torch.float32)
     al, strides = _aligned(q, k, v, o.transpose(1, 2))
+    g, rows, cols = _grid(bias, pos)
     launch(_fwd_kernel, (triton.cdiv(n, bm), b * h))(
-        q, k, v, full, pos if pos is not None else lse, o, lse, d ** -0.5, h, n, full.shape[-1], d, *strides,
-        BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, PREC=_precision(q), AL=al,
+        q, k, v, bias, pos if pos is not None else lse, o, lse, d ** -0.5, h, n, g, d, *strides,
+        BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, R=rows, C=cols, PREC=_precision(q), AL=al,
         num_warps=CONFIG["fwd_warps"], num_stages=CONFIG["fwd_stages"])
     return o, lse
 
@@ -412,16 +439,17 @@ def _flash_fwd(qkv: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None) 
 # The op's name changes whenever its outputs' layout does (here: dS's padded rows, dQKV packed):
 # torch.compile's on-disk caches key on the traced graph, in which only the op's name appears, and
 # replayed code compiled for the old layout (assert_size_stride failed; docs/performance.md, session 8).
-@kernel_op("mdtzoo::relbias_flash_bwd_packed")
-def _flash_bwd(qkv: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None, o: torch.Tensor,
+@kernel_op("mdtzoo::relbias_flash_bwd_offsets")
+def _flash_bwd(qkv: torch.Tensor, bias: torch.Tensor, pos: torch.Tensor | None, o: torch.Tensor,
                lse: torch.Tensor, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> dQKV (B, N, 3, H, d) and dS (B, H, N, ``_ds_cols(N)``), both in qkv's dtype; dS's rows
     padded with zeros to a multiple of ``ALIGN`` columns. o, do: (B, N, H, d). Four kernels:
     delta = rowsum(O dO); dK, dV and dS per key block; dQ = dS K per query block, each gradient
-    written into its third of dQKV (the bias gradient is dS summed over the batch, by the caller)."""
+    written into its third of dQKV (the bias gradient is dS summed over the batch, by the caller).
+    ``bias`` and ``pos`` as ``_flash_fwd``'s."""
     b, n, _, h, d = qkv.shape
     q, k, v = _heads(_rows(qkv))
-    full, o, do = full.contiguous(), _rows(o).transpose(1, 2), _rows(do).transpose(1, 2)
+    bias, o, do = bias.contiguous(), _rows(o).transpose(1, 2), _rows(do).transpose(1, 2)
     bd0, bd1 = head_blocks(d, CONFIG["split_head"])
     prec = _precision(q)
     dqkv = qkv.new_empty(qkv.shape)  # contiguous (the fake's strides)
@@ -439,10 +467,11 @@ def _flash_bwd(qkv: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None, 
     ds = torch.empty((b, h, n, cols), device=q.device, dtype=q.dtype)
     bm, bn = CONFIG["bwd_bm"], CONFIG["bwd_bn"]
     scale = d ** -0.5
+    g, rows, cols = _grid(bias, pos)
     launch(_bwd_kernel, (triton.cdiv(n, bn), b * h))(
-        q, k, v, full, pos if pos is not None else lse, do, lse, delta, dqkv, ds, scale, h, n, full.shape[-1], d,
+        q, k, v, bias, pos if pos is not None else lse, do, lse, delta, dqkv, ds, scale, h, n, g, d,
         *sq, *sk, *sv, *sd, *sg, slot, np_units,
-        BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, PREC=prec, AL=al, num_warps=CONFIG["bwd_warps"],
+        BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, R=rows, C=cols, PREC=prec, AL=al, num_warps=CONFIG["bwd_warps"],
         num_stages=CONFIG["bwd_stages"])
     launch(_dq_kernel, (triton.cdiv(n, CONFIG["dq_bm"]), b * h))(
         ds, k, dqkv, scale, h, n, d, *sk, *sdq, np_units,
@@ -451,23 +480,38 @@ def _flash_bwd(qkv: torch.Tensor, full: torch.Tensor, pos: torch.Tensor | None, 
 
 
 def _setup(ctx, inputs, output):
-    qkv, full, pos = inputs
+    qkv, bias, pos = inputs
     o, lse = output
-    ctx.save_for_backward(qkv, full, pos, o, lse)
+    ctx.save_for_backward(qkv, bias, pos, o, lse)
 
 
 def _backward(ctx, do, _dlse):
-    qkv, full, pos, o, lse = ctx.saved_tensors
-    g = full.shape[-1]
-    dqkv, ds = _flash_bwd(qkv, full, pos, o, lse, do)  # ds: rows padded
+    qkv, bias, pos, o, lse = ctx.saved_tensors
+    dqkv, ds = _flash_bwd(qkv, bias, pos, o, lse, do)  # ds: rows padded
     n = qkv.shape[1]
-    if pos is not None:  # the same sums either way
+    if pos is not None:  # the same sums either way; then the (H, G, G) sums by grid offset
+        g, rows, cols = _grid(bias, pos)
         dfull = kept_grad(ds, pos, g) if ds.is_cuda else _reference_kept_grad(ds[..., :n], pos, g)
+        dbias = _offset_grad(dfull, rows, cols)
     elif ds.is_cuda and CONFIG["sum_kernel"] and ds.dtype != torch.float64:
-        dfull = batch_sum(ds, n)
+        dbias = batch_sum(ds, n)
     else:
-        dfull = ds[..., :n].sum(0, dtype=torch.float32 if ds.dtype in (torch.float16, torch.bfloat16) else ds.dtype)
-    return dqkv, dfull.to(full.dtype), None
+        dbias = ds[..., :n].sum(0, dtype=torch.float32 if ds.dtype in (torch.float16, torch.bfloat16) else ds.dtype)
+    return dqkv, dbias.to(bias.dtype), None
+
+
+def _offset_grad(dfull: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(H, G, G) gradient of the full-grid bias -> (H, 2R - 1, 2C - 1), the offset table's: each
+    entry the sum over the grid pairs at its offset (``posenc.relbias.offset_sums``; on CUDA its
+    one-kernel form)."""
+    from mdtzoo.posenc.relbias import offset_sums, offset_sums_kernel
+
+    offsets = (2 * rows - 1) * (2 * cols - 1)
+    if dfull.is_cuda and offset_sums_kernel is not None:
+        sums = offset_sums_kernel(dfull, rows, cols, offsets)
+    else:
+        sums = offset_sums(dfull, (rows, cols), offsets)
+    return sums.t().reshape(-1, 2 * rows - 1, 2 * cols - 1)
 
 
 def _reference_kept_grad(ds, pos, g):
@@ -479,15 +523,21 @@ def _reference_kept_grad(ds, pos, g):
 _flash_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def triton_attention_qkv(qkv, full, ids_keep=None):
-    """qkv (B, N, 3, H, d) -> (B, N, H, d): attention with ``full[h, pos_i, pos_j]`` added; pos =
-    ids_keep rows or 0..N-1. The gradient reaches qkv as one tensor in its own layout."""
-    pos = None if ids_keep is None else ids_keep.to(torch.int32).contiguous()
-    return _flash_fwd(qkv, full, pos)[0]
+def triton_attention_qkv(qkv, full, ids_keep=None, offsets=None):
+    """qkv (B, N, 3, H, d) -> (B, N, H, d): attention with the relative-position bias added. Full pass
+    (``ids_keep`` None): ``full`` (H, N, N). Masked pass: ``offsets`` (H, 2R - 1, 2C - 1), the bias at
+    each grid offset of an R x C grid, read at the offsets between the kept positions ``ids_keep``
+    (B, N) (``full`` is then not read). The gradient reaches qkv as one tensor in its own layout."""
+    if ids_keep is None:
+        return _flash_fwd(qkv, full, None)[0]
+    if offsets is None:
+        raise ValueError("triton attention's masked pass reads the bias by grid offset: pass offsets "
+                         "(H, 2R - 1, 2C - 1), e.g. RelativePositionBias.offsets()")
+    return _flash_fwd(qkv, offsets, ids_keep.to(torch.int32).contiguous())[0]
 
 
-def triton_attention(q, k, v, full, ids_keep=None):
+def triton_attention(q, k, v, full, ids_keep=None, offsets=None):
     """(B, H, N, d) q, k, v -> (B, H, N, d); as ``triton_attention_qkv`` after packing q, k and v
     (one copy; the model passes its packed projection to ``triton_attention_qkv`` instead)."""
     qkv = torch.stack((q, k, v)).permute(1, 3, 0, 2, 4)  # (B, N, 3, H, d) view of one new tensor
-    return triton_attention_qkv(qkv, full, ids_keep).transpose(1, 2)
+    return triton_attention_qkv(qkv, full, ids_keep, offsets).transpose(1, 2)

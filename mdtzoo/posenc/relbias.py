@@ -101,6 +101,14 @@ class RelativePositionBias(nn.Module):
         """(H, N, N): the bias of every (query, key) pair of the whole grid, shared by the batch."""
         return _FullBias.apply(self.relative_position_bias_table, self.relative_position_index, self.grid)
 
+    def offsets(self) -> torch.Tensor:
+        """(H, 2R - 1, 2C - 1): the bias at every grid offset, [h, drow + R - 1, dcol + C - 1] -- the
+        table's used rows as a view (its gradient flows to the table as is). What the Triton
+        kernel's masked pass reads: full()[h, p, p'] is the entry at the offset p - p'."""
+        rows, cols = self.grid
+        used = (2 * rows - 1) * (2 * cols - 1)
+        return self.relative_position_bias_table[:used].t().reshape(-1, 2 * rows - 1, 2 * cols - 1)
+
     def table_gather(self, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """The reference gather: (H, N, N), or (B, H, K, K) read from the table per sample.
 
