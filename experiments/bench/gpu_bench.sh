@@ -57,6 +57,7 @@
 #   bash experiments/bench/gpu_bench.sh final11   # MDT-XL/2 and DiT-XL/2 with stacks
 #   bash experiments/bench/gpu_bench.sh final12   # the table's XL and DiT-S/2 steps, then attn_sweep.py at XL/2 shapes
 #   bash experiments/bench/gpu_bench.sh offsets   # the masked pass's bias by grid offset against the previous code (OLD): kernels, MDT-S/2 and XL/2 steps
+#   bash experiments/bench/gpu_bench.sh final13   # the table's five steps (session 12's code)
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -608,6 +609,9 @@ offsets)  # session 12: the masked pass's bias read from the (H, 31, 31) table b
   old_step step_mdt_s2_old 80 mdt_s2 256 --steps 20 --compile
   step step_mdt_xl2_new 110 mdt_xl2 64 --compile
   old_step step_mdt_xl2_old 110 mdt_xl2 64 --compile
+  ;;
+final13)  # session 12: the table's five compiled steps with the masked pass's bias by grid offset
+  table_steps
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do
