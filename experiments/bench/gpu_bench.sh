@@ -58,6 +58,7 @@
 #   bash experiments/bench/gpu_bench.sh final12   # the table's XL and DiT-S/2 steps, then attn_sweep.py at XL/2 shapes
 #   bash experiments/bench/gpu_bench.sh offsets   # the masked pass's bias by grid offset against the previous code (OLD): kernels, MDT-S/2 and XL/2 steps
 #   bash experiments/bench/gpu_bench.sh final13   # the table's five steps (session 12's code)
+#   bash experiments/bench/gpu_bench.sh ddp3      # 2-GPU host: MDT-XL/2 on 1 GPU, then DDP on 2 (session 12's code)
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -612,6 +613,14 @@ offsets)  # session 12: the masked pass's bias read from the (H, 31, 31) table b
   ;;
 final13)  # session 12: the table's five compiled steps with the masked pass's bias by grid offset
   table_steps
+  ;;
+ddp3)  # session 12 on a 2-GPU host: MDT-XL/2 on 1 GPU, then DDP on 2 (the fused norm and the offset-table bias's first DDP run)
+  step ddp1_mdt_xl2 120 mdt_xl2 64 --compile
+  echo "== ddp2_mdt_xl2" >&2
+  timeout 220 "$py" -m torch.distributed.run --standalone --nproc_per_node 2 -m mdtzoo bench train-step \
+    --model mdt_xl2 --batch 64 --compile --precision bf16 --json "$OUT/ddp2_mdt_xl2.json" \
+    > "$OUT/ddp2_mdt_xl2.log" 2>&1 || echo "!! ddp2_mdt_xl2 failed (rc $?)" >&2
+  grep -v warn_once "$OUT/ddp2_mdt_xl2.log" | tail -n 3 >&2
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do
