@@ -283,7 +283,7 @@ def test_rows2048_keeps_inner_reductions_up_to_2048_in_registers_inside_only(mon
 
 
 def test_published_performance_table_matches_its_json_results():
-    """docs/performance.md's column (v) is the committed bench JSON, rounded as printed."""
+    """docs/performance.md's column (w) is the committed bench JSON, rounded as printed."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
