@@ -59,6 +59,7 @@
 #   bash experiments/bench/gpu_bench.sh offsets   # the masked pass's bias by grid offset against the previous code (OLD): kernels, MDT-S/2 and XL/2 steps
 #   bash experiments/bench/gpu_bench.sh final13   # the table's five steps (session 12's code)
 #   bash experiments/bench/gpu_bench.sh ddp3      # 2-GPU host: MDT-XL/2 on 1 GPU, then DDP on 2 (session 12's code)
+#   bash experiments/bench/gpu_bench.sh offsets2  # the offset table's index math per token, not per element, against OLD: kernels, steps
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -621,6 +622,20 @@ ddp3)  # session 12 on a 2-GPU host: MDT-XL/2 on 1 GPU, then DDP on 2 (the fused
     --model mdt_xl2 --batch 64 --compile --precision bf16 --json "$OUT/ddp2_mdt_xl2.json" \
     > "$OUT/ddp2_mdt_xl2.log" 2>&1 || echo "!! ddp2_mdt_xl2 failed (rc $?)" >&2
   grep -v warn_once "$OUT/ddp2_mdt_xl2.log" | tail -n 3 >&2
+  ;;
+offsets2)  # session 12: the offset table read with one subtraction per element (grid indices precomputed per
+  # token) against the previous commit's code (OLD): kernels, then the MDT-S/2 and XL/2 steps, alternating
+  for tree in new old; do
+    echo "== masked_bias $tree" >&2
+    root=$PWD; [ $tree = old ] && root=${OLD:-/nonexistent}
+    (cd "$root/experiments/bench" && PYTHONPATH="$root:${PYTHONPATH:-}" timeout 60 "$py" masked_bias.py) \
+      > "$OUT/masked_bias_$tree.log" 2>&1 || echo "!! masked_bias $tree failed" >&2
+    cat "$OUT/masked_bias_$tree.log" >&2
+  done
+  step step_mdt_s2_new 80 mdt_s2 256 --steps 20 --compile
+  old_step step_mdt_s2_old 80 mdt_s2 256 --steps 20 --compile
+  step step_mdt_xl2_new 110 mdt_xl2 64 --compile
+  old_step step_mdt_xl2_old 110 mdt_xl2 64 --compile
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do

@@ -102,18 +102,29 @@ def _positions(POS, b, NQ, offs, ok, HAS_POS: tl.constexpr):
 
 
 @triton.jit
-def _bias(BIAS, h, G, pos_m, pos_n, m_ok, n_ok, HAS_POS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
-    """A tile's bias in float32. Full pass: BIAS is full (H, G, G), read at [h, i, j] (contiguous
-    rows). Masked pass (grid positions pos_m, pos_n of an R x C grid): BIAS is the offset table
-    (H, 2R - 1, 2C - 1), read at the positions' grid offset -- 4 (2R-1)(2C-1) bytes a head (3.8 KB
-    at MDT's 16 x 16 grid), which stays in L1, where full's rows (256 KB a head) are gathered from L2."""
+def _grid_index(pos, HAS_POS: tl.constexpr, C: tl.constexpr):
+    """What ``_bias`` reads a token's bias by: in the masked pass its grid row and column as one
+    index into the offset table, row (2C - 1) + column, so that a pair's offset entry is one
+    subtraction per element away; in the full pass the position itself."""
+    if HAS_POS:
+        return (pos // C) * (2 * C - 1) + pos % C
+    else:
+        return pos
+
+
+@triton.jit
+def _bias(BIAS, h, G, a_m, a_n, m_ok, n_ok, HAS_POS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """A tile's bias in float32, the tokens given by their ``_grid_index``. Full pass: BIAS is full
+    (H, G, G), read at [h, i, j] (contiguous rows). Masked pass (an R x C grid): BIAS is the offset
+    table (H, 2R - 1, 2C - 1), read at the two tokens' grid offset (row and column offsets both
+    shifted to start at 0: a_m - a_n + (R - 1)(2C - 1) + C - 1) -- 4 (2R-1)(2C-1) bytes a head (3.8
+    KB at MDT's 16 x 16 grid), which stays in L1, where full's rows (256 KB a head) are gathered
+    from L2."""
     ok = m_ok[:, None] & n_ok[None, :]
     if HAS_POS:
-        dr = (pos_m // C)[:, None] - (pos_n // C)[None, :] + (R - 1)
-        dc = (pos_m % C)[:, None] - (pos_n % C)[None, :] + (C - 1)
-        ptrs = BIAS + h * ((2 * R - 1) * (2 * C - 1)) + dr * (2 * C - 1) + dc
+        ptrs = BIAS + (h * (2 * R - 1) * (2 * C - 1) + (R - 1) * (2 * C - 1) + C - 1) + (a_m[:, None] - a_n[None, :])
     else:
-        ptrs = BIAS + h * G * G + pos_m[:, None] * G + pos_n[None, :]
+        ptrs = BIAS + h * G * G + a_m[:, None] * G + a_n[None, :]
     return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
 
 
@@ -127,7 +138,7 @@ def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
     scale = tl.cast(scale, tl.float32)  # inductor passes Python floats to its launches as float64
     b, h, bh, offs_m, m_ok = _program(H, NQ, BM)
     q0, q1 = _load(Q, b * sqb + h * sqh, sqn, offs_m, m_ok, D, BD0, BD1, AL)
-    pos_m = _positions(POS, b, NQ, offs_m, m_ok, HAS_POS)
+    at_m = _grid_index(_positions(POS, b, NQ, offs_m, m_ok, HAS_POS), HAS_POS, C)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc0 = tl.zeros([BM, BD0], tl.float32)
@@ -139,8 +150,8 @@ def _fwd_kernel(Q, K, V, FULL, POS, O, LSE, scale,
         offs_n = start + tl.arange(0, BN)
         n_ok = offs_n < NQ
         k0, k1 = _load(K, b * skb + h * skh, skn, offs_n, n_ok, D, BD0, BD1, AL)
-        pos_n = _positions(POS, b, NQ, offs_n, n_ok, HAS_POS)
-        s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, h, G, pos_m, pos_n, m_ok, n_ok, HAS_POS, R, C)
+        at_n = _grid_index(_positions(POS, b, NQ, offs_n, n_ok, HAS_POS), HAS_POS, C)
+        s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, h, G, at_m, at_n, m_ok, n_ok, HAS_POS, R, C)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
@@ -184,7 +195,7 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DQKV, DS, scale,
     b, h, bh, offs_n, n_ok = _program(H, NQ, BN)
     k0, k1 = _load(K, b * skb + h * skh, skn, offs_n, n_ok, D, BD0, BD1, AL)
     v0, v1 = _load(V, b * svb + h * svh, svn, offs_n, n_ok, D, BD0, BD1, AL)
-    pos_n = _positions(POS, b, NQ, offs_n, n_ok, HAS_POS)
+    at_n = _grid_index(_positions(POS, b, NQ, offs_n, n_ok, HAS_POS), HAS_POS, C)
     dk0 = tl.zeros([BN, BD0], tl.float32)
     dv0 = tl.zeros([BN, BD0], tl.float32)
     if BD1 > 0:
@@ -199,10 +210,10 @@ def _bwd_kernel(Q, K, V, FULL, POS, DO, LSE, DELTA, DQKV, DS, scale,
         m_ok = offs_m < NQ
         q0, q1 = _load(Q, b * sqb + h * sqh, sqn, offs_m, m_ok, D, BD0, BD1, AL)
         do0, do1 = _load(DO, b * sdb + h * sdh, sdn, offs_m, m_ok, D, BD0, BD1, AL)
-        pos_m = _positions(POS, b, NQ, offs_m, m_ok, HAS_POS)
+        at_m = _grid_index(_positions(POS, b, NQ, offs_m, m_ok, HAS_POS), HAS_POS, C)
         lse = tl.load(LSE + bh * NQ + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_ok, other=0.0)
-        s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, h, G, pos_m, pos_n, m_ok, n_ok, HAS_POS, R, C)
+        s = _dot_nt(q0, q1, k0, k1, BD1, PREC) * scale + _bias(FULL, h, G, at_m, at_n, m_ok, n_ok, HAS_POS, R, C)
         p = tl.exp(s - lse[:, None])
         p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
         pt = tl.trans(p.to(do0.dtype))
@@ -471,8 +482,8 @@ def _flash_bwd(qkv: torch.Tensor, bias: torch.Tensor, pos: torch.Tensor | None, 
     launch(_bwd_kernel, (triton.cdiv(n, bn), b * h))(
         q, k, v, bias, pos if pos is not None else lse, do, lse, delta, dqkv, ds, scale, h, n, g, d,
         *sq, *sk, *sv, *sd, *sg, slot, np_units,
-        BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, R=rows, C=cols, PREC=prec, AL=al, num_warps=CONFIG["bwd_warps"],
-        num_stages=CONFIG["bwd_stages"])
+        BM=bm, BN=bn, BD0=bd0, BD1=bd1, HAS_POS=pos is not None, R=rows, C=cols, PREC=prec, AL=al,
+        num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"])
     launch(_dq_kernel, (triton.cdiv(n, CONFIG["dq_bm"]), b * h))(
         ds, k, dqkv, scale, h, n, d, *sk, *sdq, np_units,
         BM=CONFIG["dq_bm"], BN=CONFIG["dq_bn"], BD0=bd0, BD1=bd1, PREC=prec, AL=al, num_warps=CONFIG["dq_warps"])
@@ -496,7 +507,8 @@ def _backward(ctx, do, _dlse):
     elif ds.is_cuda and CONFIG["sum_kernel"] and ds.dtype != torch.float64:
         dbias = batch_sum(ds, n)
     else:
-        dbias = ds[..., :n].sum(0, dtype=torch.float32 if ds.dtype in (torch.float16, torch.bfloat16) else ds.dtype)
+        wide = torch.float32 if ds.dtype in (torch.float16, torch.bfloat16) else ds.dtype
+        dbias = ds[..., :n].sum(0, dtype=wide)
     return dqkv, dbias.to(bias.dtype), None
 
 
