@@ -376,3 +376,15 @@ def test_triton_masked_pass_needs_a_bias_by_grid_offset(monkeypatch):
     q = torch.randn(1, 1, 2, 8)
     with pytest.raises(ValueError, match="FullOnly has no offsets\\(\\).*'flex' or 'explicit'"):
         attention(q, q, q, FullOnly(), torch.tensor([[0, 3]]), impl="triton")
+    offered = []  # what 'auto' is told of the Triton kernel, for the full and the masked pass
+    monkeypatch.setattr(att, "auto_impl", lambda cuda, dtype, training, triton: offered.append(triton) or "sdpa")
+    for module in (FullOnly(), RelativePositionBias((2, 2), 1)):
+        for x, ids in ((torch.randn(1, 1, 4, 8), None), (q, torch.tensor([[0, 3]]))):  # full pass, masked pass
+            attention(x, x, x, module, ids, impl="auto")
+    assert offered == [False] * 4  # on the CPU never
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    offered.clear()
+    for module in (FullOnly(), RelativePositionBias((2, 2), 1)):
+        for x, ids in ((torch.randn(1, 1, 4, 8), None), (q, torch.tensor([[0, 3]]))):  # full pass, masked pass
+            attention(x, x, x, module, ids, impl="auto")
+    assert offered == [True, False, True, True]  # FullOnly's masked pass: not our kernel

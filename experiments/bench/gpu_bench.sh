@@ -96,6 +96,20 @@ table_steps() {  # the table's five compiled steps, one JSON each
     step "step_$1_b$2" 100 "$1" "$2" --compile
   done
 }
+attention_vs_old() {  # our attention kernels (masked_bias.py) with this code / $OLD's, each in its own process,
+  # then the MDT-S/2 and XL/2 steps, this code's and $OLD's in turn
+  for tree in new old; do
+    echo "== masked_bias $tree" >&2
+    root=$PWD; [ $tree = old ] && root=${OLD:-/nonexistent}
+    (cd "$root/experiments/bench" && PYTHONPATH="$root:${PYTHONPATH:-}" timeout 60 "$py" masked_bias.py) \
+      > "$OUT/masked_bias_$tree.log" 2>&1 || echo "!! masked_bias $tree failed" >&2
+    cat "$OUT/masked_bias_$tree.log" >&2
+  done
+  step step_mdt_s2_new 80 mdt_s2 256 --steps 20 --compile
+  old_step step_mdt_s2_old 80 mdt_s2 256 --steps 20 --compile
+  step step_mdt_xl2_new 110 mdt_xl2 64 --compile
+  old_step step_mdt_xl2_old 110 mdt_xl2 64 --compile
+}
 sample_xl2() {  # sample_xl2 LIMIT: 250-step DDPM + CFG sampling of MDT-XL/2 at batch 256, checked first
   run sample_mdt_xl2 "$1" bench sample --model mdt_xl2 --batch 256 --compile --check 8 --repeats 1 \
     --json "$OUT/sample_mdt_xl2.json"
@@ -599,18 +613,8 @@ final12)  # session 12, second call: the table's XL and DiT-S/2 steps (stacks lo
   ;;
 offsets)  # session 12: the masked pass's bias read from the (H, 31, 31) table by grid offset (L1) instead of gathered
   # from the (H, 256, 256) full-grid bias (L2); OLD = the code before. Checked against the explicit maths first
-  run attention 100 bench attention --impl explicit,triton --repeats 10
-  for tree in new old; do
-    echo "== masked_bias $tree" >&2
-    root=$PWD; [ $tree = old ] && root=${OLD:-/nonexistent}
-    (cd "$root/experiments/bench" && PYTHONPATH="$root:${PYTHONPATH:-}" timeout 60 "$py" masked_bias.py) \
-      > "$OUT/masked_bias_$tree.log" 2>&1 || echo "!! masked_bias $tree failed" >&2
-    cat "$OUT/masked_bias_$tree.log" >&2
-  done
-  step step_mdt_s2_new 80 mdt_s2 256 --steps 20 --compile
-  old_step step_mdt_s2_old 80 mdt_s2 256 --steps 20 --compile
-  step step_mdt_xl2_new 110 mdt_xl2 64 --compile
-  old_step step_mdt_xl2_old 110 mdt_xl2 64 --compile
+  run attention 150 bench attention --impl explicit,triton --repeats 10  # (w4): 100 s printed the checked table, then timed out
+  attention_vs_old
   ;;
 final13)  # session 12: the table's five compiled steps with the masked pass's bias by grid offset
   table_steps
@@ -625,17 +629,7 @@ ddp3)  # session 12 on a 2-GPU host: MDT-XL/2 on 1 GPU, then DDP on 2 (the fused
   ;;
 offsets2)  # session 12: the offset table read with one subtraction per element (grid indices precomputed per
   # token) against the previous commit's code (OLD): kernels, then the MDT-S/2 and XL/2 steps, alternating
-  for tree in new old; do
-    echo "== masked_bias $tree" >&2
-    root=$PWD; [ $tree = old ] && root=${OLD:-/nonexistent}
-    (cd "$root/experiments/bench" && PYTHONPATH="$root:${PYTHONPATH:-}" timeout 60 "$py" masked_bias.py) \
-      > "$OUT/masked_bias_$tree.log" 2>&1 || echo "!! masked_bias $tree failed" >&2
-    cat "$OUT/masked_bias_$tree.log" >&2
-  done
-  step step_mdt_s2_new 80 mdt_s2 256 --steps 20 --compile
-  old_step step_mdt_s2_old 80 mdt_s2 256 --steps 20 --compile
-  step step_mdt_xl2_new 110 mdt_xl2 64 --compile
-  old_step step_mdt_xl2_old 110 mdt_xl2 64 --compile
+  attention_vs_old
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do

@@ -4,16 +4,14 @@
 
 For S/2, B/2 and XL/2 shapes (``attn_sweep.SHAPES``; 179 of 256 tokens kept in the masked pass)
 the forward kernel and the backward's kernels (delta, dK/dV/dS, dQ; not the bias-table gradient)
-are timed with ``triton.testing.do_bench`` (ms). The masked pass's bias is passed as the code
-takes it: the (H, 31, 31) table by grid offset where ``triton_attention`` has ``_grid`` (session
-12), else the (H, 256, 256) full-grid bias gathered in-kernel. ``full x (K/N)^2`` is the full
+are timed with ``triton.testing.do_bench`` (ms). The masked pass's bias comes from the same tree's
+``attn_sweep.inputs``, as that tree's code takes it: the (H, 31, 31) table by grid offset since
+session 12, before it the (H, 256, 256) full-grid bias, gathered in-kernel. ``full x (K/N)^2`` is the full
 pass scaled to the masked pass's attention FLOPs: the time the masked pass would take if its bias
 cost nothing more than the full pass's.
 """
 
 from __future__ import annotations
-
-import torch
 
 from attn_sweep import GRID, KEPT, SHAPES, inputs
 
@@ -24,16 +22,12 @@ def main():
     from mdtzoo.models import triton_attention as ta
 
     offsets = hasattr(ta, "_grid")
-    side = int(GRID ** 0.5)
     print(f"masked-pass bias: {'offset table' if offsets else 'full grid, gathered in-kernel'}")
     print("| shape | pass | forward ms | backward ms |\n|---|---|---|---|")
     for shape in SHAPES:
         times = {}
         for masked in (True, False):
-            qkv, full, pos, do = inputs(shape, masked)
-            if masked and offsets != (full.shape[-1] != GRID):  # attn_sweep's inputs follow this tree's code
-                full = torch.randn(full.shape[0], *((2 * side - 1,) * 2 if offsets else (GRID, GRID)),
-                                   device="cuda")
+            qkv, full, pos, do = inputs(shape, masked)  # attn_sweep's inputs: the bias as this tree's code takes it
             o, lse = ta._flash_fwd(qkv, full, pos)
             fwd = do_bench(lambda: ta._flash_fwd(qkv, full, pos), warmup=10, rep=100)
             bwd = do_bench(lambda: ta._flash_bwd(qkv, full, pos, o, lse, do), warmup=10, rep=100)
