@@ -388,3 +388,16 @@ def test_triton_masked_pass_needs_a_bias_by_grid_offset(monkeypatch):
         for x, ids in ((torch.randn(1, 1, 4, 8), None), (q, torch.tensor([[0, 3]]))):  # full pass, masked pass
             attention(x, x, x, module, ids, impl="auto")
     assert offered == [True, False, True, True]  # FullOnly's masked pass: not our kernel
+
+
+@pytest.mark.parametrize("shape", [None, (2, 7, 9, 1), (3, 7, 9), (2, 8, 9), (2, 7, 10)])
+def test_triton_masked_pass_refuses_an_offset_table_of_the_wrong_shape(shape):
+    """triton_attention_qkv's masked pass names the offset table's expected shape (H, 2R - 1, 2C - 1)
+    before any kernel runs (wrong heads, even sides, wrong rank, none)."""
+    pytest.importorskip("triton")
+    from mdtzoo.models.triton_attention import triton_attention_qkv
+
+    qkv = torch.randn(2, 13, 3, 2, 8)
+    offsets = None if shape is None else torch.zeros(shape)
+    with pytest.raises(ValueError, match=r"offsets must be \(H=2, 2R - 1, 2C - 1\)"):
+        triton_attention_qkv(qkv, torch.zeros(2, 20, 20), torch.zeros(2, 13, dtype=torch.long), offsets)

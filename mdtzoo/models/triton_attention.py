@@ -542,9 +542,12 @@ def triton_attention_qkv(qkv, full, ids_keep=None, offsets=None):
     (B, N) (``full`` is then not read). The gradient reaches qkv as one tensor in its own layout."""
     if ids_keep is None:
         return _flash_fwd(qkv, full, None)[0]
-    if offsets is None:
-        raise ValueError("triton attention's masked pass reads the bias by grid offset: pass offsets "
-                         "(H, 2R - 1, 2C - 1), e.g. RelativePositionBias.offsets()")
+    heads = qkv.shape[3]
+    odd_sides = offsets is not None and offsets.dim() == 3 and offsets.shape[1] % 2 == offsets.shape[2] % 2 == 1
+    if not odd_sides or offsets.shape[0] != heads:
+        got = "none" if offsets is None else tuple(offsets.shape)
+        raise ValueError(f"triton attention's masked pass reads the bias by grid offset: offsets must be "
+                         f"(H={heads}, 2R - 1, 2C - 1) for an R x C grid (RelativePositionBias.offsets()), got {got}")
     return _flash_fwd(qkv, offsets, ids_keep.to(torch.int32).contiguous())[0]
 
 
