@@ -401,3 +401,16 @@ def test_triton_masked_pass_refuses_an_offset_table_of_the_wrong_shape(shape):
     offsets = None if shape is None else torch.zeros(shape)
     with pytest.raises(ValueError, match=r"offsets must be \(H=2, 2R - 1, 2C - 1\)"):
         triton_attention_qkv(qkv, torch.zeros(2, 20, 20), torch.zeros(2, 13, dtype=torch.long), offsets)
+
+
+@pytest.mark.parametrize("grid, ids", [((3, 3), (2, 13)), ((4, 5), (2, 12)), ((4, 5), (1, 13))])
+def test_triton_masked_pass_refuses_kept_tokens_that_do_not_fit_the_grid(grid, ids):
+    """More kept tokens than the offsets' grid has cells, or ids_keep not (B, N): a message, not a
+    kernel reading outside the table."""
+    pytest.importorskip("triton")
+    from mdtzoo.models.triton_attention import triton_attention_qkv
+
+    qkv = torch.randn(2, 13, 3, 2, 8)
+    offsets = torch.zeros(2, 2 * grid[0] - 1, 2 * grid[1] - 1)
+    with pytest.raises(ValueError, match=r"ids_keep \(\d+, \d+\) must be \(B, N\) = \(2, 13\), N at most"):
+        triton_attention_qkv(qkv, torch.zeros(2, 20, 20), torch.zeros(ids, dtype=torch.long), offsets)

@@ -6,8 +6,8 @@
     python experiments/bench/attn_sweep.py --shape xl --registers  # no GPU: registers per setting (ptxas, sm_90)
 
 Inputs are made as the model makes them: q, k, v packed in one (B, N, 3, H, d) tensor in bf16, the
-(H, G, G) bias in float32 (the masked pass: the (H, 31, 31) table by grid offset), and for the masked pass K kept positions per sample in grid order. For
-every setting of ``triton_attention.CONFIG`` in the grid the forward kernel and the backward (delta,
+bias in float32 -- the full pass's (H, G, G), the masked pass's (H, 31, 31) table by grid offset --
+and for the masked pass K kept positions per sample in grid order. For every setting of ``triton_attention.CONFIG`` in the grid the forward kernel and the backward (delta,
 dK/dV/dS, dQ kernels) are timed apart (``triton.testing.do_bench``, ms), each output first compared
 with the default setting's (a wrong tiling shows as a difference, not a time). Prints one table per
 kernel group and pass, fastest first, and last the best setting of each group over both passes as
@@ -31,13 +31,19 @@ SHAPES = {"xl": (64, 16, 72), "s2": (256, 6, 64), "b2": (256, 12, 64)}  # batch,
 GRID, KEPT = 256, 179
 
 
+def bias(h: int, masked: bool, **kwargs) -> torch.Tensor:
+    """A random bias as the ops take it: the full pass's (H, G, G); the masked pass's offset table
+    (H, 2R - 1, 2C - 1) of the square grid (31 x 31 at 16 x 16)."""
+    side = 2 * int(GRID ** 0.5) - 1
+    return torch.randn(h, *((side, side) if masked else (GRID, GRID)), **kwargs)
+
+
 def inputs(shape: str, masked: bool, seed: int = 0):
     b, h, d = SHAPES[shape]
     g = torch.Generator("cuda").manual_seed(seed)
     n = KEPT if masked else GRID
     qkv = torch.randn(b, n, 3, h, d, device="cuda", generator=g).bfloat16()
-    side = int(GRID ** 0.5)  # the masked pass reads the bias by grid offset: (H, 2R - 1, 2C - 1)
-    full = torch.randn(h, *((2 * side - 1,) * 2 if masked else (GRID, GRID)), device="cuda", generator=g)
+    full = bias(h, masked, device="cuda", generator=g)
     pos = None
     if masked:
         pos = torch.rand(b, GRID, device="cuda", generator=g).argsort(1)[:, :KEPT].sort(1).values.int().contiguous()
@@ -102,8 +108,7 @@ def register_report(ta, shape: str, settings: list[dict], kernels=KERNELS) -> No
         for masked in (False, True):
             n = KEPT if masked else GRID
             qkv = torch.randn(2, n, 3, h, d, generator=g).bfloat16()
-            side = int(GRID ** 0.5)  # the masked pass's bias: the (H, 2R - 1, 2C - 1) offset table
-            full = torch.randn(h, *((2 * side - 1,) * 2 if masked else (GRID, GRID)), generator=g)
+            full = bias(h, masked, generator=g)
             pos = torch.stack([torch.randperm(GRID, generator=g)[:KEPT].sort().values for _ in range(2)]).int() \
                 if masked else None
             # every launch recorded, so none runs

@@ -223,7 +223,8 @@ def attention(q, k, v, rel_pos_bias=None, ids_keep=None, impl: str = "auto", qkv
     if impl == "triton":
         if ids_keep is not None and offsets is None:
             raise ValueError(f"attn_impl 'triton' reads the masked pass's bias by grid offset; "
-                             f"{type(rel_pos_bias).__name__} has no offsets() (H, 2R - 1, 2C - 1): use 'flex' or 'explicit'")
+                             f"{type(rel_pos_bias).__name__} has no offsets() (H, 2R - 1, 2C - 1): "
+                             "use 'flex' or 'explicit'")
         return _triton(q, k, v, full, ids_keep, qkv, offsets() if ids_keep is not None else None)
     bias = full if ids_keep is None else kept_bias(full, ids_keep)
     if impl == "sdpa":

@@ -548,6 +548,10 @@ def triton_attention_qkv(qkv, full, ids_keep=None, offsets=None):
         got = "none" if offsets is None else tuple(offsets.shape)
         raise ValueError(f"triton attention's masked pass reads the bias by grid offset: offsets must be "
                          f"(H={heads}, 2R - 1, 2C - 1) for an R x C grid (RelativePositionBias.offsets()), got {got}")
+    cells = (offsets.shape[1] + 1) // 2 * ((offsets.shape[2] + 1) // 2)
+    if ids_keep.shape != (qkv.shape[0], qkv.shape[1]) or qkv.shape[1] > cells:
+        raise ValueError(f"triton attention's masked pass: ids_keep {tuple(ids_keep.shape)} must be (B, N) = "
+                         f"{tuple(qkv.shape[:2])}, N at most the {cells} cells of the offsets' grid")
     return _flash_fwd(qkv, offsets, ids_keep.to(torch.int32).contiguous())[0]
 
 
