@@ -115,14 +115,15 @@ def _kernel_ops_mode() -> str | None:
 
 def _kernel_settings(width: int) -> dict | None:
     """The launch settings our Triton kernels run with, for the results: the attention kernels'
-    CONFIG and the norm kernels' at the model's width (None without Triton)."""
+    CONFIG, the norm kernels' at the model's width and the fused MLP backward's (None without Triton)."""
     from mdtzoo.models import kernel_ops
 
     if not kernel_ops.HAS_TRITON:
         return None
-    from mdtzoo.models import triton_attention, triton_norm
+    from mdtzoo.models import triton_attention, triton_mlp, triton_norm
 
-    return {"attention": dict(triton_attention.CONFIG), "norm": triton_norm.launch_settings(width)}
+    return {"attention": dict(triton_attention.CONFIG), "norm": triton_norm.launch_settings(width),
+            "mlp": dict(triton_mlp.CONFIG)}
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -133,7 +134,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                      compile_scope: str = "blocks",
                      precision: str = "auto", passes: str = "auto", steps: int = 10, warmup: int = 3,
                      peak_tflops: float = DEFAULT_PEAK_TFLOPS, device: str | None = None,
-                     seed: int = 0, attn_impl: str = "auto", norm_impl: str = "triton", separate_passes: bool = True,
+                     seed: int = 0, attn_impl: str = "auto", norm_impl: str = "triton", mlp_impl: str = "torch",
+                     separate_passes: bool = True,
                      activation_checkpointing: bool = False, profile: bool = False, flex_options: str | None = None,
                      triton_options: str | None = None, inductor_options: str | None = None,
                      update: str = "auto", hold_grads: bool = True, log=None) -> dict:
@@ -144,7 +146,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     ``inductor_options``: an ``INDUCTOR_VARIANTS`` name, torch.compile's code-generation settings;
     ``update``: the optimiser side as the trainer's ``train.update`` ('auto', 'fused', 'op_by_op');
     ``hold_grads``: as ``train.hold_grads`` (the fused update adds the full pass's gradients);
-    ``norm_impl``: the blocks' ``norm_impl`` ('torch', 'triton': ``models.triton_norm``).
+    ``norm_impl``: the blocks' ``norm_impl`` ('torch', 'triton': ``models.triton_norm``);
+    ``mlp_impl``: the blocks' ``mlp_impl`` ('torch', 'triton': ``models.triton_mlp``).
 
     ``batch`` is per process: under torchrun (WORLD_SIZE > 1) the objective is wrapped in DDP
     as in the trainer and img/s counts all processes' images. An out-of-memory error does not
@@ -153,7 +156,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     from mdtzoo.training import distributed as dist_util
     from mdtzoo.diffusion import build_diffusion
     from mdtzoo.models import build_model
-    from mdtzoo.models.blocks import check_norm_impl
+    from mdtzoo.models.blocks import check_mlp_impl, check_norm_impl
     from mdtzoo.models.transformer import check_compile_scope
     from mdtzoo.models.triton_norm import MAX_WIDTH as MAX_NORM_WIDTH
     from mdtzoo.training.ema import EMA
@@ -168,6 +171,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     check_inductor_variant(inductor_options)
     check_update_mode(update)
     check_norm_impl(norm_impl)
+    check_mlp_impl(mlp_impl)
     check_compile_scope(compile_scope)
     info = dist_util.env_info()
     if info.world > 1:
@@ -185,7 +189,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         model=model_name, batch=batch, precision=precision, compile=compile if isinstance(compile, str) else bool(compile),
         passes=passes, compile_scope=compile_scope,
         steps=steps, warmup=warmup, peak_tflops=peak_tflops, device=dev.type, world=info.world,
-        attn_impl=attn_impl, norm_impl=norm_impl, flex_options=flex_options, triton_options=triton_options,
+        attn_impl=attn_impl, norm_impl=norm_impl, mlp_impl=mlp_impl, flex_options=flex_options, triton_options=triton_options,
         inductor_options=inductor_options, separate_passes=bool(separate_passes), kernel_ops=_kernel_ops_mode(),
         activation_checkpointing=bool(activation_checkpointing),
         card=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,
@@ -200,7 +204,10 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     try:
         # ImageNet latents: 32x32x4, 1000 classes (the presets' defaults, stated for clarity).
         model = build_model(model_name, input_size=32, in_channels=4, num_classes=1000, attn_impl=attn_impl,
-                            norm_impl=norm_impl)
+                            norm_impl=norm_impl, mlp_impl=mlp_impl)
+        if mlp_impl == "triton" and cuda:  # the fused GELU backward, checked at the model's width first
+            result["mlp_errors"] = check_mlp(model.hidden_size, device=dev)
+            log(f"fused MLP checked against timm's Mlp: {result['mlp_errors']}")
         if norm_impl == "triton" and cuda and model.hidden_size <= MAX_NORM_WIDTH:  # the kernels the blocks will run,
             # checked at the model's width before anything is timed (wider rows take the torch maths)
             result["norm_errors"] = check_norm(model.hidden_size, device=dev, compile=bool(compile))
@@ -434,6 +441,43 @@ def _cuda_time(fn, repeats: int, warmup: int = 3) -> float:
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def check_mlp(dim: int, *, batch: int = 4, tokens: int = 256, device=None) -> dict:
+    """Relative errors of the MLP with the fused GELU backward (``models.triton_mlp.GeluMLP``) against
+    timm's ``Mlp`` at width ``dim``: the output and the gradients of the input and all four parameters,
+    in float32 (< 1e-5) and under bf16 autocast against the float32 maths (< 2e-2; the module itself
+    under autocast is checked alike, so its own error is in the result for scale). Raises
+    AssertionError past those bounds; returns the worst errors."""
+    from timm.layers import Mlp
+
+    from mdtzoo.models import triton_mlp as tmlp
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mlp = Mlp(dim, 4 * dim, act_layer=lambda: torch.nn.GELU(approximate="tanh")).to(dev)
+    h0 = torch.randn(batch, tokens, dim, generator=g).to(dev)
+    dy = torch.randn(batch, tokens, dim, generator=g).to(dev)
+
+    def run(forward, autocast: bool):
+        h = h0.clone().requires_grad_(True)
+        mlp.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=autocast):
+            y = forward(h)
+        y.float().backward(dy)
+        return [y.float(), h.grad.float()] + [p.grad.float() for p in mlp.parameters()]
+
+    ref = run(mlp, False)
+    worst = {}
+    for key, forward, autocast, tol in (("float32", lambda h: tmlp.gelu_mlp(h, mlp), False, 1e-5),
+                                        ("bfloat16", lambda h: tmlp.gelu_mlp(h, mlp), True, 2e-2),
+                                        ("module_bfloat16", mlp, True, 2e-2)):
+        for name, a, b in zip(("y", "dh", "dw1", "db1", "dw2", "db2"), run(forward, autocast), ref):
+            err = ((a - b).norm() / b.norm()).item()
+            worst[key] = max(worst.get(key, 0.0), err)
+            if not err < tol:
+                raise AssertionError(f"fused MLP {key} {name}: relative error {err:.2e} >= {tol}")
+    return worst
 
 
 def check_norm(dim: int, *, batch: int = 4, tokens: int = 256, device=None, compile: bool = False) -> dict:
@@ -887,17 +931,18 @@ def bench_sample(model_name: str = "mdt_xl2", batch: int = 128, *, steps: int = 
 
 @contextlib.contextmanager
 def unoptimised(model):
-    """Inside, every block of ``model`` runs the reference maths: explicit attention and the torch
-    LayerNorm + modulate steps (no kernels of ours); the blocks' settings are restored after."""
+    """Inside, every block of ``model`` runs the reference maths: explicit attention, the torch
+    LayerNorm + modulate steps and timm's MLP (no kernels of ours); the blocks' settings are restored
+    after."""
     blocks = list(model.all_blocks())
-    saved = [(blk.attn.impl, blk.norm_impl) for blk in blocks]
+    saved = [(blk.attn.impl, blk.norm_impl, blk.mlp_impl) for blk in blocks]
     try:
         for blk in blocks:
-            blk.attn.impl, blk.norm_impl = "explicit", "torch"
+            blk.attn.impl, blk.norm_impl, blk.mlp_impl = "explicit", "torch", "torch"
         yield model
     finally:
-        for blk, (attn, norm) in zip(blocks, saved):
-            blk.attn.impl, blk.norm_impl = attn, norm
+        for blk, (attn, norm, mlp) in zip(blocks, saved):
+            blk.attn.impl, blk.norm_impl, blk.mlp_impl = attn, norm, mlp
 
 
 def _latents(generate, model, diffusion, guidance, num, precision, kwargs):

@@ -60,6 +60,7 @@
 #   bash experiments/bench/gpu_bench.sh final13   # the table's five steps (session 12's code)
 #   bash experiments/bench/gpu_bench.sh ddp3      # 2-GPU host: MDT-XL/2 on 1 GPU, then DDP on 2 (session 12's code)
 #   bash experiments/bench/gpu_bench.sh offsets2  # the offset table's index math per token, not per element, against OLD: kernels, steps
+#   bash experiments/bench/gpu_bench.sh mlp       # the GELU backward fused into fc2's input-gradient matmul (models/triton_mlp.py): mlp_parts.py, then XL steps torch / triton alternating
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -630,6 +631,16 @@ ddp3)  # session 12 on a 2-GPU host: MDT-XL/2 on 1 GPU, then DDP on 2 (the fused
 offsets2)  # session 12: the offset table read with one subtraction per element (grid indices precomputed per
   # token) against the previous commit's code (OLD): kernels, then the MDT-S/2 and XL/2 steps, alternating
   attention_vs_old
+  ;;
+mlp)  # session 13: the MLP's GELU backward inside fc2's input-gradient matmul (models/triton_mlp.py): the kernel's launch
+  # settings against cuBLAS + inductor's GELU backward and bias sum (mlp_parts.py, each checked), then the XL steps
+  echo "== mlp_parts" >&2
+  timeout 150 "$py" experiments/bench/mlp_parts.py > "$OUT/mlp_parts.log" 2>&1 || echo "!! mlp_parts failed (rc $?)" >&2
+  grep -v "^ " "$OUT/mlp_parts.log" | tail -n 50 >&2
+  for spec in "dit_xl2 torch 100" "dit_xl2 triton 100" "mdt_xl2 torch 110" "mdt_xl2 triton 110"; do
+    set -- $spec
+    step "step_$1_$2" "$3" "$1" 64 --compile --mlp-impl "$2"
+  done
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do

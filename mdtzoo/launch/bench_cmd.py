@@ -21,6 +21,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 COMPILE_SCOPES = ("blocks", "stacks")
 ATTN_IMPLS = ("auto", "sdpa", "explicit", "flex", "triton")
 NORM_IMPLS = ("torch", "triton")
+MLP_IMPLS = ("torch", "triton")
 
 
 def run_train_step(args) -> int:
@@ -32,7 +33,8 @@ def run_train_step(args) -> int:
         args.model, args.batch, compile=args.compile_mode or args.compile, compile_scope=args.compile_scope,
         precision=args.precision, passes=args.passes,
         steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops, device=args.device,
-        seed=args.seed, attn_impl=args.attn, norm_impl=args.norm_impl, separate_passes=not args.joint_backward,
+        seed=args.seed, attn_impl=args.attn, norm_impl=args.norm_impl, mlp_impl=args.mlp_impl,
+        separate_passes=not args.joint_backward,
         activation_checkpointing=args.activation_checkpointing, profile=args.profile, flex_options=args.flex_options,
         triton_options=args.triton_options, inductor_options=args.inductor_options, update=args.update,
         hold_grads=not args.no_hold_grads, log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
@@ -150,6 +152,9 @@ def add_parser(sub) -> None:
     t.add_argument("--norm-impl", default="triton", choices=NORM_IMPLS,
                    help="the blocks' LayerNorm + modulate steps (and the attention's gated residual): "
                         "inductor's kernels (torch) or ours (triton, models/triton_norm.py; CUDA)")
+    t.add_argument("--mlp-impl", default="torch", choices=MLP_IMPLS,
+                   help="the blocks' MLP: timm's, compiled by inductor (torch), or with the GELU's backward fused "
+                        "into the second linear's input-gradient matmul (triton, models/triton_mlp.py; CUDA)")
     t.add_argument("--joint-backward", action="store_true",
                    help="one backward of full + masked loss (default: the two passes in turn, less memory)")
     t.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")

@@ -16,11 +16,18 @@ from torch.utils.checkpoint import checkpoint
 from mdtzoo.models.attention import attention, check_impl
 
 NORM_IMPLS = ("torch", "triton")
+MLP_IMPLS = ("torch", "triton")
 
 
 def check_norm_impl(impl: str) -> str:
     if impl not in NORM_IMPLS:
         raise ValueError(f"unknown norm_impl {impl!r}; valid: {', '.join(repr(i) for i in NORM_IMPLS)}")
+    return impl
+
+
+def check_mlp_impl(impl: str) -> str:
+    if impl not in MLP_IMPLS:
+        raise ValueError(f"unknown mlp_impl {impl!r}; valid: {', '.join(repr(i) for i in MLP_IMPLS)}")
     return impl
 
 
@@ -62,7 +69,9 @@ class Block(nn.Module):
     MDT v2 dense input skips). ``norm_impl``: 'triton' (default: both LayerNorm + modulate steps,
     the second with the attention's gated residual, as one kernel each way, ``models.triton_norm``;
     the same maths, on CUDA with rows of at most 8192 -- elsewhere the torch maths) or 'torch' (the
-    maths below, compiled by inductor; docs/performance.md, session 10).
+    maths below, compiled by inductor; docs/performance.md, session 10). ``mlp_impl``: 'torch' (default:
+    timm's Mlp, compiled by inductor) or 'triton' (the same maths with the GELU's backward fused into the
+    second linear's input-gradient matmul, ``models.triton_mlp``; CUDA, elsewhere the module itself).
     """
 
     def __init__(
@@ -74,9 +83,11 @@ class Block(nn.Module):
         skip: bool = False,
         attn_impl: str = "auto",
         norm_impl: str = "triton",
+        mlp_impl: str = "torch",
     ):
         super().__init__()
         self.norm_impl = check_norm_impl(norm_impl)
+        self.mlp_impl = check_mlp_impl(mlp_impl)
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, rel_pos_bias=rel_pos_bias, impl=attn_impl)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -104,6 +115,10 @@ class Block(nn.Module):
         else:
             x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep)
             h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        if self.mlp_impl == "triton":
+            from mdtzoo.models.triton_mlp import gelu_mlp
+
+            return x + gate_mlp.unsqueeze(1) * gelu_mlp(h, self.mlp)
         return x + gate_mlp.unsqueeze(1) * self.mlp(h)
 
 
