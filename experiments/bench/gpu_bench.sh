@@ -642,6 +642,14 @@ mlp)  # session 13: the MLP's GELU backward inside fc2's input-gradient matmul (
     step "step_$1_$2" "$3" "$1" 64 --compile --mlp-impl "$2"
   done
   ;;
+mlp2)  # session 13: mlp_parts.py again (check_mlp now without TF32), then where MDT-XL/2's step with the fused MLP
+  # spends its time (it ran 14% slower than without in call (x1))
+  echo "== mlp_parts" >&2
+  timeout 150 "$py" experiments/bench/mlp_parts.py > "$OUT/mlp_parts.log" 2>&1 || echo "!! mlp_parts failed (rc $?)" >&2
+  grep -v "^ " "$OUT/mlp_parts.log" | tail -n 50 >&2
+  step profile_mdt_xl2_triton 150 mdt_xl2 64 --compile --profile --mlp-impl triton
+  grep -v "warn\|^  \|^This call\|^\s*$" "$OUT/profile_mdt_xl2_triton.log" | cut -c1-160 | tail -n 60 >&2
+  ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do
     set -- $spec
