@@ -138,7 +138,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                      separate_passes: bool = True,
                      activation_checkpointing: bool = False, profile: bool = False, flex_options: str | None = None,
                      triton_options: str | None = None, inductor_options: str | None = None,
-                     update: str = "auto", hold_grads: bool = True, log=None) -> dict:
+                     update: str = "auto", hold_grads: bool = True, windows: int = 0, log=None) -> dict:
     """Time the trainer's step for a preset at ImageNet latent shape; returns a result dict.
 
     ``flex_options``: a ``FLEX_VARIANTS`` name, FlexAttention's kernel options for this run;
@@ -147,7 +147,10 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     ``update``: the optimiser side as the trainer's ``train.update`` ('auto', 'fused', 'op_by_op');
     ``hold_grads``: as ``train.hold_grads`` (the fused update adds the full pass's gradients);
     ``norm_impl``: the blocks' ``norm_impl`` ('torch', 'triton': ``models.triton_norm``);
-    ``mlp_impl``: the blocks' ``mlp_impl`` ('torch', 'triton': ``models.triton_mlp``).
+    ``mlp_impl``: the blocks' ``mlp_impl`` ('torch', 'triton': ``models.triton_mlp``);
+    ``windows``: after the per-step timing, that many windows of ``steps`` steps each enqueued back to
+    back between two CUDA events (one sync per window, as a training loop that does not wait for each
+    step): ``window_step_ms`` (median per step) and ``window_img_per_s``.
 
     ``batch`` is per process: under torchrun (WORLD_SIZE > 1) the objective is wrapped in DDP
     as in the trainer and img/s counts all processes' images. An out-of-memory error does not
@@ -197,6 +200,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     )
     torch.manual_seed(seed)
     times: list[float] = []
+    window_times: list[float] = []
     variant = contextlib.ExitStack()  # the kernel variants hold from the checks to the last timed step
     variant.enter_context(flex_variant(flex_options))
     variant.enter_context(triton_variant(triton_options))
@@ -268,6 +272,16 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                 t0 = time.perf_counter()
                 one_step(step)
                 times.append(time.perf_counter() - t0)
+        if cuda and windows:  # the same steps back to back, as a training loop enqueues them: one sync per window
+            for w in range(windows):
+                first = warmup + steps + w * steps
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                for step in range(first, first + steps):
+                    one_step(step)
+                end.record()
+                end.synchronize()
+                window_times.append(begin.elapsed_time(end) / 1e3 / steps)
         if profile:  # the kernels of two more steps
             def two_steps():
                 for step in range(warmup + steps, warmup + steps + 2):
@@ -288,6 +302,10 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         tflops = flops / median / 1e12  # per GPU
         result.update(step_ms=median * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
                       img_per_s=batch * info.world / median, tflops=tflops, peak_fraction=tflops / peak_tflops)
+        if window_times:
+            per_step = statistics.median(window_times)
+            result.update(window_step_ms=per_step * 1e3, window_steps_ms=[t * 1e3 for t in window_times],
+                          window_img_per_s=batch * info.world / per_step)
     return result
 
 
@@ -383,8 +401,12 @@ def format_result(r: dict) -> str:
     mem = f", peak memory {r['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in r else ""
     if r.get("status") != "ok":
         return f"{head}: {r.get('status', '?').upper()} ({r.get('error', '')}){mem}"
+    window = ""
+    if "window_img_per_s" in r:
+        window = (f"; back to back: {r['window_img_per_s']:,.1f} img/s, {r['window_step_ms']:.1f} ms per step "
+                  f"(median of {len(r['window_steps_ms'])} windows of {r['steps']})")
     return (f"{head}: {r['img_per_s']:,.1f} img/s, step {r['step_ms']:.1f} ms (median of {r['steps']}), "
-            f"{r['tflops']:.1f} TFLOP/s = {100 * r['peak_fraction']:.1f}% of {r['peak_tflops']:g}{mem}")
+            f"{r['tflops']:.1f} TFLOP/s = {100 * r['peak_fraction']:.1f}% of {r['peak_tflops']:g}{mem}{window}")
 
 
 def _compile_cell(r: dict) -> str:

@@ -61,6 +61,7 @@
 #   bash experiments/bench/gpu_bench.sh ddp3      # 2-GPU host: MDT-XL/2 on 1 GPU, then DDP on 2 (session 12's code)
 #   bash experiments/bench/gpu_bench.sh offsets2  # the offset table's index math per token, not per element, against OLD: kernels, steps
 #   bash experiments/bench/gpu_bench.sh mlp       # the GELU backward fused into fc2's input-gradient matmul (models/triton_mlp.py): mlp_parts.py, then XL steps torch / triton alternating
+#   bash experiments/bench/gpu_bench.sh window    # the table's five steps, per step (synced) and in back-to-back windows
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -649,6 +650,13 @@ mlp2)  # session 13: mlp_parts.py again (check_mlp now without TF32), then where
   grep -v "^ " "$OUT/mlp_parts.log" | tail -n 50 >&2
   step profile_mdt_xl2_triton 150 mdt_xl2 64 --compile --profile --mlp-impl triton
   grep -v "warn\|^  \|^This call\|^\s*$" "$OUT/profile_mdt_xl2_triton.log" | cut -c1-160 | tail -n 60 >&2
+  ;;
+window)  # session 13: the table's five steps timed step by step (a sync after each) and in windows of steps
+  # enqueued back to back (one sync per window, --windows 3)
+  for spec in "mdt_xl2 64 10 110" "dit_xl2 64 10 100" "mdt_s2 256 20 90" "dit_s2 256 20 80" "mdt_b2 256 10 100"; do
+    set -- $spec
+    step "step_$1_b$2" "$4" "$1" "$2" --steps "$3" --compile --windows 3
+  done
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do

@@ -37,7 +37,7 @@ def run_train_step(args) -> int:
         separate_passes=not args.joint_backward,
         activation_checkpointing=args.activation_checkpointing, profile=args.profile, flex_options=args.flex_options,
         triton_options=args.triton_options, inductor_options=args.inductor_options, update=args.update,
-        hold_grads=not args.no_hold_grads, log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
+        hold_grads=not args.no_hold_grads, windows=args.windows, log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
     )
     from mdtzoo.training.distributed import env_info
 
@@ -155,6 +155,8 @@ def add_parser(sub) -> None:
     t.add_argument("--mlp-impl", default="torch", choices=MLP_IMPLS,
                    help="the blocks' MLP: timm's, compiled by inductor (torch), or with the GELU's backward fused "
                         "into the second linear's input-gradient matmul (triton, models/triton_mlp.py; CUDA)")
+    t.add_argument("--windows", type=int, default=0,
+                   help="also time this many windows of --steps steps enqueued back to back (one sync per window)")
     t.add_argument("--joint-backward", action="store_true",
                    help="one backward of full + masked loss (default: the two passes in turn, less memory)")
     t.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")
