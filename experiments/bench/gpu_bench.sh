@@ -62,6 +62,7 @@
 #   bash experiments/bench/gpu_bench.sh offsets2  # the offset table's index math per token, not per element, against OLD: kernels, steps
 #   bash experiments/bench/gpu_bench.sh mlp       # the GELU backward fused into fc2's input-gradient matmul (models/triton_mlp.py): mlp_parts.py, then XL steps torch / triton alternating
 #   bash experiments/bench/gpu_bench.sh window    # the table's five steps, per step (synced) and in back-to-back windows
+#   bash experiments/bench/gpu_bench.sh trainer   # the trainer's img/s and per-step syncs, this code / OLD (MDT-S/2, DiT-S/2)
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -656,6 +657,18 @@ window)  # session 13: the table's five steps timed step by step (a sync after e
   for spec in "mdt_xl2 64 10 110" "dit_xl2 64 10 100" "mdt_s2 256 20 90" "dit_s2 256 20 80" "mdt_b2 256 10 100"; do
     set -- $spec
     step "step_$1_b$2" "$4" "$1" "$2" --steps "$3" --compile --windows 3
+  done
+  ;;
+trainer)  # session 13: the trainer's own img/s and its synchronisations per step (trainer_syncs.py, random latents in
+  # memory): this code, which reads each step's loss one step later, / OLD's, which waited for it every step
+  for m in mdt_s2 dit_s2; do
+    for tree in new old; do
+      root=$PWD; [ $tree = old ] && root=${OLD:-/nonexistent}
+      echo "== trainer $m $tree" >&2
+      PYTHONPATH="$root:${PYTHONPATH:-}" TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$tree timeout 140 "$py" \
+        experiments/bench/trainer_syncs.py --model $m > "$OUT/trainer_${m}_$tree.log" 2>&1 || echo "!! failed (rc $?)" >&2
+      grep "img/s per\|synchronising\|RESULT\|Error" "$OUT/trainer_${m}_$tree.log" | cut -c1-300 >&2
+    done
   done
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps

@@ -10,6 +10,7 @@ a NaN/Inf loss stops the run naming the step and keeps the last good checkpoint.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import sys
 import time
@@ -62,6 +63,51 @@ class _Preemption:
     def __exit__(self, *exc):
         for s, handler in self._old.items():
             signal.signal(s, handler)
+
+
+class _DeferredCheck:
+    """A step's loss (and, under DDP, the all-reduced preemption flag) read without waiting for the step.
+
+    ``bool(loss)`` on a CUDA tensor waits until the GPU has run everything enqueued so far: the queue
+    drains every step, and the next step's first kernels wait for the host to launch them (the S/2
+    steps lost 5-18% to it, docs/performance.md, session 13). Instead each step's values are copied
+    to pinned host memory behind a CUDA event, and read one step later (``previous``) or before
+    anything that must not see a bad step -- a checkpoint, an evaluation, a log line (``current``):
+    by then the GPU is past that event, so reading waits for nothing queued after it.
+    A non-finite loss still stops the run before the next checkpoint is written.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list[tuple[int, torch.Tensor, object]] = []  # (step, host values, event)
+
+    def push(self, step: int, values: torch.Tensor) -> None:
+        values = values.detach().float()
+        if self.cuda:
+            host = torch.empty(values.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = values, None
+        self.pending.append((step, host, event))
+
+    def _resolve(self, keep: int) -> list[tuple[int, torch.Tensor]]:
+        done, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        out = []
+        for step, host, event in done:
+            if event is not None:
+                event.synchronize()
+            out.append((step, host))
+        return out
+
+    def previous(self):
+        """Every step's values but the last pushed, oldest first: [(step, values)]."""
+        return self._resolve(keep=1)
+
+    def current(self):
+        """Every pushed step's values, oldest first (waits for the last step's loss)."""
+        return self._resolve(keep=0)
 
 
 def make_optimizer(params, name: str, lr: float, weight_decay: float, betas, fused: bool):
@@ -307,6 +353,21 @@ def train(
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     step, window, t_last, status = start, [], time.perf_counter(), "done"
+    checks = _DeferredCheck(dev)
+
+    def verify(resolved) -> bool:
+        """Raise on the first non-finite loss among resolved steps; else whether any asked to stop."""
+        stop = False
+        for at, (loss, flag) in ((at, values.tolist()) for at, values in resolved):
+            if not math.isfinite(loss):
+                message = (f"loss is {loss} at step {at}; stopped. The last good checkpoint "
+                           f"is {run.latest_checkpoint()}")
+                if info.is_main:
+                    run.mark_failed(message)
+                raise NonFiniteLossError(message)
+            stop = stop or flag > 0
+        return stop
+
     bar = _progress_bar(start, steps) if (progress and info.is_main) else None
     batches = iter(loader)
     model.train()
@@ -334,24 +395,28 @@ def train(
             # One all-reduce of every logged scalar: the log shows the global batch, not rank 0's share.
             # The preemption flag rides along, so every rank stops at the same step (else one rank
             # would wait in the checkpoint barrier while another enters the next all-reduce).
+            # Neither is read now (that would wait for the GPU): ``checks`` reads them one step later.
             keys = sorted(losses)
-            flag = torch.tensor(float(preempt.requested), device=dev)
+            flag = torch.full((), float(preempt.requested), device=dev)  # a fill: no copy from the host, no wait
             reduced = dist_util.all_reduce_mean(torch.stack([losses[k] for k in keys] + [flag]))
-            losses, stop = dict(zip(keys, reduced[:-1])), bool(reduced[-1] > 0)
-            loss = losses["loss"]
-            if not torch.isfinite(loss):
-                message = (f"loss is {loss.item()} at step {step + 1}; stopped. The last good checkpoint "
-                           f"is {run.latest_checkpoint()}")
-                if info.is_main:
-                    run.mark_failed(message)
-                raise NonFiniteLossError(message)
+            losses = dict(zip(keys, reduced[:-1]))
+            checks.push(step + 1, reduced[[keys.index("loss"), -1]])
+            stop = verify(checks.previous())  # the steps before this one: finite, or raise
+            if info.world == 1:
+                stop = preempt.requested  # one process: at once (several agree on the all-reduced flag)
             grad_norm = updater.step(step + 1, grad_clip or None)  # AdamW + EMA (+ clip)
             opt.zero_grad(set_to_none=True)
             step += 1
             window.append({k: v for k, v in losses.items()} | {"grad_norm": grad_norm.detach().float()})
             if step == start + 1 and info.is_main:
                 write_text(run.operative_config, cfg.config_str(operative=True))
-            if step % log_every == 0 or step == steps:
+            at_log = step % log_every == 0 or step == steps
+            evaluating = step == steps or (heldout_every and step % heldout_every == 0) or (
+                sample_every and step % sample_every == 0) or (eval_every and step % eval_every == 0)
+            if at_log or evaluating or step % ckpt_every == 0 or stop:
+                # a log line, a checkpoint or an evaluation sees only finite steps: wait for this step's loss
+                stop = verify(checks.current()) or stop
+            if at_log:
                 now = time.perf_counter()
                 record = _summarise(window, step, opt, global_batch, now - t_last, dev, info.world)
                 window, t_last = [], now
@@ -365,8 +430,7 @@ def train(
             pause = time.perf_counter()
             if step % ckpt_every == 0 or step == steps or stop:
                 save(step)
-            if step == steps or (heldout_every and step % heldout_every == 0) or (
-                    sample_every and step % sample_every == 0) or (eval_every and step % eval_every == 0):
+            if evaluating:
                 evaluate(step)
             t_last += time.perf_counter() - pause  # the next log window times training only
             if stop and step < steps:
