@@ -63,6 +63,7 @@
 #   bash experiments/bench/gpu_bench.sh mlp       # the GELU backward fused into fc2's input-gradient matmul (models/triton_mlp.py): mlp_parts.py, then XL steps torch / triton alternating
 #   bash experiments/bench/gpu_bench.sh window    # the table's five steps, per step (synced) and in back-to-back windows
 #   bash experiments/bench/gpu_bench.sh trainer   # the trainer's img/s and per-step syncs, this code / OLD (MDT-S/2, DiT-S/2)
+#   bash experiments/bench/gpu_bench.sh trainer2  # trainer's A/B alternating, 80 steps: MDT-S/2 new/old twice, DiT-S/2 new/old
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -137,6 +138,19 @@ block() {  # block NAME LIMIT ARGS...: experiments/bench/block_parts.py ARGS; it
   timeout "$limit" "$py" experiments/bench/block_parts.py "$@" > "$OUT/$name.log" 2> "$OUT/$name.err" \
     || echo "!! $name failed (rc $?)" >&2
   grep "checked\|block (" "$OUT/$name.log" >&2
+}
+trainer_runs() {  # trainer_runs STEPS "MODEL TREE"...: trainer_syncs.py with this code (new) or $OLD's (old)
+  local steps=$1 i=0; shift
+  for spec in "$@"; do
+    set -- $spec
+    i=$((i + 1))
+    root=$PWD; [ "$2" = old ] && root=${OLD:-/nonexistent}
+    echo "== trainer $1 $2" >&2
+    PYTHONPATH="$root:${PYTHONPATH:-}" TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$2 timeout 140 "$py" \
+      experiments/bench/trainer_syncs.py --model "$1" --steps "$steps" > "$OUT/trainer_${i}_$1_$2.log" 2>&1 \
+      || echo "!! failed (rc $?)" >&2
+    grep "img/s per\|synchronising\|RESULT\|Error" "$OUT/trainer_${i}_$1_$2.log" | cut -c1-300 >&2
+  done
 }
 variant() {  # variant FLAG VALUE: "FLAG VALUE" as two arguments, nothing for the value '-' (the default)
   [ "$2" != - ] && printf '%s\n%s\n' "$1" "$2"
@@ -661,15 +675,10 @@ window)  # session 13: the table's five steps timed step by step (a sync after e
   ;;
 trainer)  # session 13: the trainer's own img/s and its synchronisations per step (trainer_syncs.py, random latents in
   # memory): this code, which reads each step's loss one step later, / OLD's, which waited for it every step
-  for m in mdt_s2 dit_s2; do
-    for tree in new old; do
-      root=$PWD; [ $tree = old ] && root=${OLD:-/nonexistent}
-      echo "== trainer $m $tree" >&2
-      PYTHONPATH="$root:${PYTHONPATH:-}" TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$tree timeout 140 "$py" \
-        experiments/bench/trainer_syncs.py --model $m > "$OUT/trainer_${m}_$tree.log" 2>&1 || echo "!! failed (rc $?)" >&2
-      grep "img/s per\|synchronising\|RESULT\|Error" "$OUT/trainer_${m}_$tree.log" | cut -c1-300 >&2
-    done
-  done
+  trainer_runs 60 "mdt_s2 new" "mdt_s2 old" "dit_s2 new" "dit_s2 old"
+  ;;
+trainer2)  # session 13: trainer's A/B again, alternating and longer (80 steps), after the pinned ring buffer
+  trainer_runs 80 "mdt_s2 new" "mdt_s2 old" "mdt_s2 new" "mdt_s2 old" "dit_s2 new" "dit_s2 old"
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do

@@ -70,36 +70,45 @@ class _DeferredCheck:
 
     ``bool(loss)`` on a CUDA tensor waits until the GPU has run everything enqueued so far: the queue
     drains every step, and the next step's first kernels wait for the host to launch them (the S/2
-    steps lost 5-18% to it, docs/performance.md, session 13). Instead each step's values are copied
-    to pinned host memory behind a CUDA event, and read one step later (``previous``) or before
-    anything that must not see a bad step -- a checkpoint, an evaluation, a log line (``current``):
-    by then the GPU is past that event, so reading waits for nothing queued after it.
-    A non-finite loss still stops the run before the next checkpoint is written.
+    steps lost 5-18% to it in ``bench train-step``, docs/performance.md, session 13). Instead each
+    step's values are copied to pinned host memory behind a CUDA event, and read one step later
+    (``previous``) or before anything that must not see a bad step -- a checkpoint, an evaluation, a
+    log line (``current``): by then the GPU is past that event, so reading waits for nothing queued
+    after it. A non-finite loss still stops the run before the next checkpoint is written. The pinned
+    buffers and events are a small ring, allocated once (a pinned allocation per step would cost more
+    than the wait it saves).
     """
 
-    def __init__(self, device: torch.device):
+    SLOTS = 4
+
+    def __init__(self, device: torch.device, width: int = 2):
         self.cuda = device.type == "cuda"
-        self.pending: list[tuple[int, torch.Tensor, object]] = []  # (step, host values, event)
+        self.pending: list[tuple] = []  # (step, slot, value read early or None), oldest first
+        self.next = 0
+        if self.cuda:
+            self.host = torch.empty((self.SLOTS, width), dtype=torch.float32, pin_memory=True)
+            self.events = [torch.cuda.Event() for _ in range(self.SLOTS)]
+        else:
+            self.host = torch.empty((self.SLOTS, width), dtype=torch.float32)
 
     def push(self, step: int, values: torch.Tensor) -> None:
-        values = values.detach().float()
+        slot = self.next
+        # (the loop keeps at most two pending) a step still in the slot about to be reused is read first
+        self.pending = [(at, None, self._read(s)) if s == slot else (at, s, v) for at, s, v in self.pending]
+        self.next = (slot + 1) % self.SLOTS
+        self.host[slot].copy_(values.detach().float(), non_blocking=self.cuda)
         if self.cuda:
-            host = torch.empty(values.shape, dtype=torch.float32, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host, event = values, None
-        self.pending.append((step, host, event))
+            self.events[slot].record()
+        self.pending.append((step, slot, None))
+
+    def _read(self, slot: int) -> torch.Tensor:
+        if self.cuda:
+            self.events[slot].synchronize()
+        return self.host[slot].clone()
 
     def _resolve(self, keep: int) -> list[tuple[int, torch.Tensor]]:
         done, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
-        out = []
-        for step, host, event in done:
-            if event is not None:
-                event.synchronize()
-            out.append((step, host))
-        return out
+        return [(at, self._read(slot) if value is None else value) for at, slot, value in done]
 
     def previous(self):
         """Every step's values but the last pushed, oldest first: [(step, values)]."""
