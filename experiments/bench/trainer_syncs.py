@@ -13,6 +13,7 @@ waits on every step shows about one per step.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import tempfile
@@ -74,8 +75,12 @@ def main() -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train()
-        messages = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+        # torch's prototype notice comes with every switch of the mode; the rest are synchronising calls
+        messages = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()
+                    and "prototype feature" not in str(w.message)]
         state["syncs"] = len(messages)
+        for text, count in collections.Counter(m.splitlines()[0][:160] for m in messages).most_common(5):
+            print(f"  {count} x {text}")
         records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     rates = [(r["step"], r["img_per_sec"]) for r in records if r["kind"] == "train"]
     print(f"{args.model} b{args.batch}: img/s per log window (step, img/s): "
