@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--error", action="store_true", help="raise at the first synchronising call of the steady steps "
+                                                          "(its traceback says where it is)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a GPU")
@@ -61,7 +63,7 @@ def main() -> None:
     original = DiffusionObjective.forward
 
     def watched(self, x0, y, step, *a, **kw):  # the sync debug mode on for the steady steps only
-        torch.cuda.set_sync_debug_mode("warn" if first <= step < last else "default")
+        torch.cuda.set_sync_debug_mode(("error" if args.error else "warn") if first <= step < last else "default")
         return original(self, x0, y, step, *a, **kw)
 
     DiffusionObjective.forward = watched
