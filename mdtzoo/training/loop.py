@@ -407,9 +407,9 @@ def train(
             # Neither is read now (that would wait for the GPU): ``checks`` reads them one step later.
             keys = sorted(losses)
             flag = torch.full((), float(preempt.requested), device=dev)  # a fill: no copy from the host, no wait
-            reduced = dist_util.all_reduce_mean(torch.stack([losses[k] for k in keys] + [flag]))
-            losses = dict(zip(keys, reduced[:-1]))
-            checks.push(step + 1, reduced[[keys.index("loss"), -1]])
+            reduced = dist_util.all_reduce_mean(torch.stack([losses["loss"], flag] + [losses[k] for k in keys]))
+            losses = dict(zip(keys, reduced[2:]))
+            checks.push(step + 1, reduced[:2])  # a slice: a list index would copy itself to the GPU, and wait
             stop = verify(checks.previous())  # the steps before this one: finite, or raise
             if info.world == 1:
                 stop = preempt.requested  # one process: at once (several agree on the all-reduced flag)
