@@ -272,16 +272,20 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                 t0 = time.perf_counter()
                 one_step(step)
                 times.append(time.perf_counter() - t0)
-        if cuda and windows:  # the same steps back to back, as a training loop enqueues them: one sync per window
-            for w in range(windows):
-                first = warmup + steps + w * steps
+        for w in range(windows):  # the same steps back to back, as the trainer enqueues them: one sync per window
+            first = warmup + steps + w * steps
+            if cuda:
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 begin.record()
-                for step in range(first, first + steps):
-                    one_step(step)
+            t0 = time.perf_counter()
+            for step in range(first, first + steps):
+                one_step(step)
+            if cuda:
                 end.record()
                 end.synchronize()
                 window_times.append(begin.elapsed_time(end) / 1e3 / steps)
+            else:
+                window_times.append((time.perf_counter() - t0) / steps)
         if profile:  # the kernels of two more steps
             def two_steps():
                 for step in range(warmup + steps, warmup + steps + 2):

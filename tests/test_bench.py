@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from mdtzoo.bench import bench_train_step, expected_kept_tokens, forward_macs, markdown_table, train_step_flops
+from mdtzoo.bench import (bench_train_step, expected_kept_tokens, format_result, forward_macs, markdown_table,
+                          train_step_flops)
 from mdtzoo.launch.cli import main
 from mdtzoo.models import build_model
 
@@ -73,18 +74,25 @@ def _cli_step(tmp_path, *args: str) -> dict:
 def test_bench_train_step_command_on_cpu(tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = main(["bench", "train-step", "--model", "mdt_xs2", "--batch", "4", "--steps", "2", "--warmup", "1",
-               "--device", "cpu", "--json", str(out)])
+               "--device", "cpu", "--windows", "3", "--json", str(out)])
     assert rc == 0
     assert "img/s" in capsys.readouterr().out
     r = json.loads(out.read_text())
     assert r["status"] == "ok" and r["model"] == "mdt_xs2" and r["passes"] == "both"
     assert r["precision"] == "fp32" and r["batch"] == 4 and r["steps"] == 2
-    assert r["norm_impl"] == "triton" and r["kernel_ops"] == "triton"  # the defaults, recorded with the result
+    assert r["norm_impl"] == "triton" and r["mlp_impl"] == "torch"  # the defaults, recorded with the result
+    assert r["kernel_ops"] == "triton"
+    # three windows of two steps back to back, after the step-by-step timing; their median per step
+    assert len(r["window_steps_ms"]) == 3 and all(t > 0 for t in r["window_steps_ms"])
+    assert r["window_step_ms"] == pytest.approx(sorted(r["window_steps_ms"])[1])
+    assert r["window_img_per_s"] == pytest.approx(4 / (r["window_step_ms"] / 1e3))
+    assert "back to back:" in format_result(r) and "(median of 3 windows of 2)" in format_result(r)
     if r["kernel_ops"] is not None:  # the kernels' launch settings too, the norm's resolved at the model's width
-        from mdtzoo.models import triton_attention, triton_norm
+        from mdtzoo.models import triton_attention, triton_mlp, triton_norm
 
         width = build_model("mdt_xs2").hidden_size
-        assert r["kernel_settings"] == {"attention": triton_attention.CONFIG, "norm": triton_norm.launch_settings(width)}
+        assert r["kernel_settings"] == {"attention": triton_attention.CONFIG, "norm": triton_norm.launch_settings(width),
+                                        "mlp": triton_mlp.CONFIG}
         assert None not in r["kernel_settings"]["norm"].values()
     assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["tflops"] > 0
     assert r["flops_per_step"] == pytest.approx(train_step_flops(build_model("mdt_xs2"), 4))

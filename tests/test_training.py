@@ -148,6 +148,44 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(toy, tmp_pat
     assert ckpt.latest_checkpoint(tmp_path / "nan" / "checkpoints").name == "ckpt_00000003.pt"
 
 
+@pytest.mark.parametrize("bad_step, last_run, last_ckpt", [(7, 8, 6), (6, 6, 3)])
+def test_a_nan_loss_read_a_step_late_still_stops_before_the_next_checkpoint(toy, tmp_path, monkeypatch, bad_step,
+                                                                           last_run, last_ckpt):
+    """The trainer reads each step's loss one step later (no wait on the GPU per step); with no log line
+    between, a non-finite loss at step 7 stops the run in step 8, before its update, and one at step 6 -- a
+    checkpoint step -- before that checkpoint is written. Either way the message names the bad step."""
+    setup_gin(tmp_path / "late", steps=12, log_every=100)
+    original = DiffusionObjective.forward
+    ran = []
+
+    def poison(self, x0, y, step, *args, **kwargs):
+        ran.append(step + 1)
+        out = original(self, x0, y, step, *args, **kwargs)
+        if step == bad_step - 1:  # 0-based inside the step
+            out["loss"] = out["loss"] * float("inf")
+        return out
+
+    monkeypatch.setattr(DiffusionObjective, "forward", poison)
+    with pytest.raises(NonFiniteLossError, match=f"at step {bad_step};"):
+        train()
+    assert max(ran) == last_run
+    assert ckpt.latest_checkpoint(tmp_path / "late" / "checkpoints").name == f"ckpt_{last_ckpt:08d}.pt"
+
+
+def test_deferred_checks_hand_back_every_step_in_order_through_the_ring():
+    from mdtzoo.training.loop import _DeferredCheck
+
+    checks = _DeferredCheck(torch.device("cpu"))
+    seen = []
+    for step in range(1, 8):  # more steps than the ring's slots between two reads of everything
+        checks.push(step, torch.tensor([float(step), step % 2]))
+    seen += checks.previous()
+    assert [at for at, _ in seen] == [1, 2, 3, 4, 5, 6]
+    seen += checks.current()
+    assert [(at, v.tolist()) for at, v in seen] == [(k, [float(k), float(k % 2)]) for k in range(1, 8)]
+    assert checks.previous() == [] and checks.current() == []
+
+
 def test_a_different_config_cannot_resume_a_run(toy, tmp_path):
     setup_gin(tmp_path / "r", steps=3)
     train()
