@@ -315,9 +315,10 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
 
 # Device kernels by kind, first match wins (names as torch.profiler reports them on CUDA).
 KERNEL_CLASSES = (
+    ("LayerNorm + modulate (ours)", ("_norm_fwd_kernel", "_norm_bwd_kernel")),  # before '_fwd_kernel' below
     ("attention", ("flex_attention", "flash", "fmha", "sdpa", "_fwd_kernel", "_bwd_kernel", "_dq_kernel",
-                   "_delta_kernel", "kept_grad")),
-    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
+                   "_delta_kernel", "kept_grad", "_offset_sum_kernel", "_batch_sum_kernel")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "_dgelu_kernel")),
     ("optimizer, EMA, grad norm", ("multi_tensor_apply", "adam", "lerp", "lpnorm", "foreach")),
     ("compiled elementwise", ("triton_poi", "triton_red", "triton_per")),
     ("copies, casts", ("copy", "catarray")),

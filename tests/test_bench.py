@@ -308,6 +308,28 @@ def test_published_performance_table_matches_its_json_results():
     assert f"| 256 | **{sample['img_per_s']:.2f}** |" in doc and sample["img_per_s"] >= 3.0
 
 
+def test_every_kernel_of_ours_is_counted_under_its_own_kind():
+    """Each Triton kernel in our modules lands in its module's kind by name: a kernel named like another
+    module's (the norm kernels were '_fwd_kernel' and '_bwd_kernel', as the attention's, until session
+    13) would be counted under the wrong kind in every profile."""
+    pytest.importorskip("triton")
+    from triton.runtime.jit import JITFunction
+
+    from mdtzoo.bench import kernel_class
+    from mdtzoo.models import triton_attention, triton_mlp, triton_norm
+    from mdtzoo.posenc import triton_offsets
+    from mdtzoo.training import fused_update
+
+    kinds = {triton_attention: "attention", triton_offsets: "attention",  # (the bias table's gradient)
+             triton_norm: "LayerNorm + modulate (ours)", triton_mlp: "matmul", fused_update: "optimizer, EMA, grad norm"}
+    for module, kind in kinds.items():
+        launched = [name for name, obj in vars(module).items() if isinstance(obj, JITFunction)
+                    and name.endswith("_kernel")]  # launched kernels; the rest are @triton.jit helpers
+        assert launched, module.__name__
+        for name in launched:
+            assert kernel_class(name) == kind, (module.__name__, name, kernel_class(name))
+
+
 def test_kernel_breakdown_sorts_kernels_by_kind_per_step():
     from mdtzoo.bench import kernel_breakdown, kernel_class
 

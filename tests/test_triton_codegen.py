@@ -60,7 +60,7 @@ def norm_launches():
     width, bf16 under autocast: a float32 stream, bf16 attention output and adaLN chunks."""
     from mdtzoo.models import triton_norm as tn
 
-    with _recording(tn, ("_fwd_kernel", "_bwd_kernel")) as launches:
+    with _recording(tn, ("_norm_fwd_kernel", "_norm_bwd_kernel")) as launches:
         g = torch.Generator().manual_seed(0)
         x, a = torch.randn(2, 256, 1152, generator=g), torch.randn(2, 256, 1152, generator=g).bfloat16()
         _, _, gate, shift, scale, _ = torch.randn(2, 6 * 1152, generator=g).bfloat16().chunk(6, dim=1)
@@ -73,7 +73,7 @@ def norm_launches():
 
 
 def test_xl_norm_kernels_move_16_bytes_at_a_time(norm_launches):
-    assert sorted(launch[0] for launch in norm_launches) == ["_bwd_kernel", "_bwd_kernel", "_fwd_kernel", "_fwd_kernel"]
+    assert sorted(launch[0] for launch in norm_launches) == ["_norm_bwd_kernel", "_norm_bwd_kernel", "_norm_fwd_kernel", "_norm_fwd_kernel"]
     for name, fn, args, kwargs in norm_launches:
         ptx = _ptx(fn, args, kwargs)
         narrow = [line.strip() for line in ptx.splitlines() if "ld.global.b16" in line or "st.global.b16" in line]
@@ -94,7 +94,7 @@ def test_kernels_compile_with_float_arguments_as_inductor_passes_them(xl_launche
     names = sorted(f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{name}" for name, fn, _, _ in with_floats)
     assert names == ["triton_attention._bwd_kernel", "triton_attention._bwd_kernel", "triton_attention._dq_kernel",
                      "triton_attention._dq_kernel", "triton_attention._fwd_kernel", "triton_attention._fwd_kernel",
-                     "triton_norm._fwd_kernel", "triton_norm._fwd_kernel"]  # scale and eps, both passes / forms
+                     "triton_norm._norm_fwd_kernel", "triton_norm._norm_fwd_kernel"]  # scale and eps, both passes / forms
     for name, fn, args, kwargs in with_floats:
         ptx = _ptx(fn, args, kwargs, floats="fp64")
         assert "cvt.rn.f32.f64" in ptx, name  # the argument narrowed once

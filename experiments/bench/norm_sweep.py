@@ -109,7 +109,7 @@ def registers(grid: dict, direction: str, dim: int) -> None:
     print(f"\n| {' | '.join(grid)} | gated: registers, spill bytes, warps/SM | plain: the same |")
     print("|" + "---|" * (len(grid) + 2))
     for setting in settings(grid):
-        with overridden(tn.CONFIG, setting), kc.recording(tn, ("_fwd_kernel", "_bwd_kernel")) as launches:
+        with overridden(tn.CONFIG, setting), kc.recording(tn, ("_norm_fwd_kernel", "_norm_bwd_kernel")) as launches:
             if direction == "fwd":
                 tn._launch_fwd(x, a, gate, shift, scale, 1e-6, torch.bfloat16)
                 tn._launch_fwd(x, None, None, shift, scale, 1e-6, torch.bfloat16)

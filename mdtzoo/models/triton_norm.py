@@ -114,7 +114,7 @@ def gated_residual_norm(x, a, gate, shift, scale, eps: float = 1e-6):
 
 if triton is not None:
     @triton.jit
-    def _fwd_kernel(X, A, G, SH, SC, X1, H, MEAN, RSTD, T, N, sg, ssh, ssc, eps,
+    def _norm_fwd_kernel(X, A, G, SH, SC, X1, H, MEAN, RSTD, T, N, sg, ssh, ssc, eps,
                     D: tl.constexpr, BD: tl.constexpr, ROWS: tl.constexpr, RES: tl.constexpr):
         """ROWS token rows per program: with RES, x1 = x + g a (stored), else x1 = x; x1's mean and
         1/std, h = x̂ (1 + sc) + sh."""
@@ -142,7 +142,7 @@ if triton is not None:
         tl.store(RSTD + rows, rstd, mask=r_ok)
 
     @triton.jit
-    def _bwd_kernel(X, A, G, SC, MEAN, RSTD, DH, DX1, DX, DA, PART, N, R, CH, sg, ssc,
+    def _norm_bwd_kernel(X, A, G, SC, MEAN, RSTD, DH, DX1, DX, DA, PART, N, R, CH, sg, ssc,
                     D: tl.constexpr, BD: tl.constexpr, ROWS: tl.constexpr, RES: tl.constexpr):
         """Rows [c R, (c + 1) R) of sample b (program (b, c)): dx = dx1 + the LayerNorm backward of
         dh (1 + sc), and the rows' column sums of dh and dh x̂ into PART[b, c, 1:]; with RES, x1 =
@@ -211,7 +211,7 @@ def _launch_fwd(x, a, gate, shift, scale, eps: float, h_dtype: torch.dtype):
     rstd = torch.empty_like(mean)
     bd = _tile(d)
     rows = _setting("fwd_rows", bd)
-    launch(_fwd_kernel, (triton.cdiv(b * n, rows),))(
+    launch(_norm_fwd_kernel, (triton.cdiv(b * n, rows),))(
         x, a, gate, shift, scale, x1 if res else h, h, mean, rstd, b * n, n, gate.stride(0), shift.stride(0),
         scale.stride(0), eps, D=d, BD=bd, ROWS=rows, RES=res, num_warps=_setting("fwd_warps", bd))
     return x1, h, mean, rstd
@@ -230,7 +230,7 @@ def _launch_bwd(x, a, gate, scale, mean, rstd, dh, dx_in):
     dx = torch.empty_like(x)
     da = torch.empty_like(a) if res else None
     part = torch.empty((b, ch, 3, d), device=x.device, dtype=torch.float32)
-    launch(_bwd_kernel, (b, ch))(x, a, gate, scale, mean, rstd, dh, dx_in, dx, da if res else dx, part, n, chunk, ch,
+    launch(_norm_bwd_kernel, (b, ch))(x, a, gate, scale, mean, rstd, dh, dx_in, dx, da if res else dx, part, n, chunk, ch,
                                  gate.stride(0), scale.stride(0), D=d, BD=bd, ROWS=_setting("bwd_rows", bd),
                                  RES=res, num_warps=_setting("bwd_warps", bd))
     return dx, da, part.sum(1)
