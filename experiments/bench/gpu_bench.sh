@@ -64,6 +64,7 @@
 #   bash experiments/bench/gpu_bench.sh window    # the table's five steps, per step (synced) and in back-to-back windows
 #   bash experiments/bench/gpu_bench.sh trainer   # the trainer's img/s and per-step syncs, this code / OLD (MDT-S/2, DiT-S/2)
 #   bash experiments/bench/gpu_bench.sh trainer2  # trainer's A/B alternating, 80 steps: MDT-S/2 new/old twice, DiT-S/2 new/old
+#   bash experiments/bench/gpu_bench.sh final14   # the trainer's waits counted (MDT-S/2), then the table's five steps with --windows 3
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -138,6 +139,12 @@ block() {  # block NAME LIMIT ARGS...: experiments/bench/block_parts.py ARGS; it
   timeout "$limit" "$py" experiments/bench/block_parts.py "$@" > "$OUT/$name.log" 2> "$OUT/$name.err" \
     || echo "!! $name failed (rc $?)" >&2
   grep "checked\|block (" "$OUT/$name.log" >&2
+}
+window_steps() {  # the table's five compiled steps, step by step and in 3 windows back to back (--windows 3)
+  for spec in "mdt_xl2 64 10 110" "dit_xl2 64 10 100" "mdt_s2 256 20 90" "dit_s2 256 20 80" "mdt_b2 256 10 100"; do
+    set -- $spec
+    step "step_$1_b$2" "$4" "$1" "$2" --steps "$3" --compile --windows 3
+  done
 }
 trainer_runs() {  # trainer_runs STEPS "MODEL TREE"...: trainer_syncs.py with this code (new) or $OLD's (old)
   local steps=$1 i=0; shift
@@ -668,10 +675,7 @@ mlp2)  # session 13: mlp_parts.py again (check_mlp now without TF32), then where
   ;;
 window)  # session 13: the table's five steps timed step by step (a sync after each) and in windows of steps
   # enqueued back to back (one sync per window, --windows 3)
-  for spec in "mdt_xl2 64 10 110" "dit_xl2 64 10 100" "mdt_s2 256 20 90" "dit_s2 256 20 80" "mdt_b2 256 10 100"; do
-    set -- $spec
-    step "step_$1_b$2" "$4" "$1" "$2" --steps "$3" --compile --windows 3
-  done
+  window_steps
   ;;
 trainer)  # session 13: the trainer's own img/s and its synchronisations per step (trainer_syncs.py, random latents in
   # memory): this code, which reads each step's loss one step later, / OLD's, which waited for it every step
@@ -679,6 +683,11 @@ trainer)  # session 13: the trainer's own img/s and its synchronisations per ste
   ;;
 trainer2)  # session 13: trainer's A/B again, alternating and longer (80 steps), after the pinned ring buffer
   trainer_runs 80 "mdt_s2 new" "mdt_s2 old" "mdt_s2 new" "mdt_s2 old" "dit_s2 new" "dit_s2 old"
+  ;;
+final14)  # for session 14: the trainer's waits per step counted after the slice fix (zero expected, MDT-S/2), then
+  # the table's five steps, step by step and back to back (--windows 3), the way the trainer now runs
+  trainer_runs 60 "mdt_s2 new"
+  window_steps
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do
