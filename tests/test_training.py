@@ -269,6 +269,47 @@ def test_ddp_on_two_cpu_processes_matches_one_process(toy, tmp_path):
     assert train_losses(tmp_path / "ddp") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-5)
 
 
+DDP_PREEMPT_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_training import Toy, setup_gin
+from mdtzoo.registry import DATASETS
+from mdtzoo.training import train
+from mdtzoo.training.objective import DiffusionObjective
+DATASETS.add("toy", Toy)
+original = DiffusionObjective.forward
+def forward(self, x0, y, step, *args, **kwargs):
+    if step == 2 and os.environ["RANK"] == "1" and kwargs.get("part") == "full":
+        os.kill(os.getpid(), signal.SIGTERM)  # SLURM's signal, to one rank only
+    return original(self, x0, y, step, *args, **kwargs)
+DiffusionObjective.forward = forward
+setup_gin({run!r}, steps=8, ckpt_every=100, log_every=100)
+print("RESULT", os.environ["RANK"], train()["status"], flush=True)
+"""
+
+
+def test_ddp_ranks_stop_together_when_one_is_preempted(toy, tmp_path):
+    """One rank gets the preemption signal in step 3. The all-reduced flag is read one step later on
+    every rank (the trainer does not wait for each step), so both stop after step 4, checkpoint it
+    together, and neither waits in a collective the other never enters."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_preempt.py"
+    script.write_text(DDP_PREEMPT_SCRIPT.format(tests=os.path.dirname(__file__), run=str(tmp_path / "ddp")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29733", str(script)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("RESULT")) == [
+        "RESULT 0 preempted", "RESULT 1 preempted"]
+    records = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
+    assert [r["step"] for r in records if r["kind"] == "preempted"] == [4]
+    assert ckpt.latest_checkpoint(tmp_path / "ddp" / "checkpoints").name == "ckpt_00000004.pt"
+
+
 def test_two_pass_loss_is_the_sum_of_the_passes():
     from mdtzoo.diffusion import build_diffusion
 
