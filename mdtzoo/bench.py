@@ -167,8 +167,9 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     from mdtzoo.training.loop import make_optimizer
     from mdtzoo.training.objective import DiffusionObjective, backward_parts, prepare_step, uses_cudagraphs
 
-    if batch < 1 or steps < 1 or warmup < 0:
-        raise ValueError(f"need batch >= 1, steps >= 1, warmup >= 0; got {batch}, {steps}, {warmup}")
+    if batch < 1 or steps < 1 or warmup < 0 or windows < 0:
+        raise ValueError(f"need batch >= 1, steps >= 1, warmup >= 0, windows >= 0; got {batch}, {steps}, {warmup}, "
+                         f"{windows}")
     check_flex_variant(flex_options)
     check_triton_variant(triton_options)
     check_inductor_variant(inductor_options)

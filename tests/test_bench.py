@@ -71,6 +71,13 @@ def _cli_step(tmp_path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+def test_bench_train_step_refuses_counts_out_of_range_before_building_anything():
+    for kwargs in (dict(batch=0), dict(steps=0), dict(warmup=-1), dict(windows=-1)):
+        args = dict(batch=2) | kwargs
+        with pytest.raises(ValueError, match="need batch >= 1, steps >= 1, warmup >= 0, windows >= 0; got"):
+            bench_train_step("mdt_xs2", args.pop("batch"), device="cpu", **args)
+
+
 def test_bench_train_step_command_on_cpu(tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = main(["bench", "train-step", "--model", "mdt_xs2", "--batch", "4", "--steps", "2", "--warmup", "1",
