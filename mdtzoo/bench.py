@@ -471,6 +471,16 @@ def _cuda_time(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def _record_errors(worst: dict, key: str, names, got, ref, tol: float, what: str) -> None:
+    """The relative errors (norms) of ``got`` against ``ref``, pairwise under ``names``: the worst kept in
+    ``worst[key]``; AssertionError naming ``what``, the key and the tensor at the first error >= ``tol``."""
+    for name, a, b in zip(names, got, ref):
+        err = ((a - b).norm() / b.norm()).item()
+        worst[key] = max(worst.get(key, 0.0), err)
+        if not err < tol:
+            raise AssertionError(f"{what} {key} {name}: relative error {err:.2e} >= {tol}")
+
+
 def check_mlp(dim: int, *, batch: int = 4, tokens: int = 256, device=None) -> dict:
     """Relative errors of the MLP with the fused GELU backward (``models.triton_mlp.GeluMLP``) against
     timm's ``Mlp`` at width ``dim``: the output and the gradients of the input and all four parameters,
@@ -503,11 +513,8 @@ def check_mlp(dim: int, *, batch: int = 4, tokens: int = 256, device=None) -> di
         for key, forward, autocast, tol in (("float32", lambda h: tmlp.gelu_mlp(h, mlp), False, 1e-5),
                                             ("bfloat16", lambda h: tmlp.gelu_mlp(h, mlp), True, 2e-2),
                                             ("module_bfloat16", mlp, True, 2e-2)):
-            for name, a, b in zip(("y", "dh", "dw1", "db1", "dw2", "db2"), run(forward, autocast), ref):
-                err = ((a - b).norm() / b.norm()).item()
-                worst[key] = max(worst.get(key, 0.0), err)
-                if not err < tol:
-                    raise AssertionError(f"fused MLP {key} {name}: relative error {err:.2e} >= {tol}")
+            _record_errors(worst, key, ("y", "dh", "dw1", "db1", "dw2", "db2"), run(forward, autocast), ref, tol,
+                           "fused MLP")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return worst
@@ -552,11 +559,7 @@ def check_norm(dim: int, *, batch: int = 4, tokens: int = 256, device=None, comp
     for (way, forward), (dtype, tol) in itertools.product(ways, ((torch.float32, 1e-5), (torch.bfloat16, 2e-2))):
         got = run(forward, dtype)
         key = way + str(dtype)[6:]
-        for name, a, b in zip(("h1", "x1", "h", "dx", "da", "dadaLN"), got, ref):
-            err = ((a - b).norm() / b.norm()).item()
-            worst[key] = max(worst.get(key, 0.0), err)
-            if not err < tol:
-                raise AssertionError(f"fused norm {key} {name}: relative error {err:.2e} >= {tol}")
+        _record_errors(worst, key, ("h1", "x1", "h", "dx", "da", "dadaLN"), got, ref, tol, "fused norm")
     return worst
 
 
@@ -597,12 +600,8 @@ def check_attention(impl: str, *, batch: int = 4, heads: int = 6, grid: int = 16
             ref = run("explicit", masked, torch.float32, attention)
             for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
                 got = run(impl, masked, dtype, fn)
-                for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), got, ref):
-                    err = ((a - b).norm() / b.norm()).item()
-                    key = f"{'masked' if masked else 'full'}_{str(dtype)[6:]}"
-                    worst[key] = max(worst.get(key, 0.0), err)
-                    if not err < tol:
-                        raise AssertionError(f"attention impl {impl!r} {key} {name}: relative error {err:.2e} >= {tol}")
+                key = f"{'masked' if masked else 'full'}_{str(dtype)[6:]}"
+                _record_errors(worst, key, ("out", "dq", "dk", "dv", "dtable"), got, ref, tol, f"attention impl {impl!r}")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return worst

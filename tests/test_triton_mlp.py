@@ -5,6 +5,7 @@ block's switch, and what the kernel compiles to for an H100."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import block_switch_error
 
 CHECK = """
 import torch
@@ -59,29 +60,8 @@ except AssertionError as err:
 
 
 def test_block_with_triton_mlp_matches_the_torch_mlp_in_the_interpreter(triton_interpreter):
-    script = """
-import torch
-from mdtzoo.models.blocks import Block
-from mdtzoo.models import triton_mlp as tm
-tm.CONFIG.update(BM=16, BN=32, BK=16, num_warps=4, num_stages=2)
-res = []
-for impl, compiled, checkpointed in (("torch", False, False), ("triton", False, False), ("triton", True, False),
-                                     ("triton", False, True)):
-    torch.manual_seed(1)
-    block = Block(24, 2, mlp_impl=impl)
-    block.checkpoint_activations = checkpointed
-    if compiled:  # the Function and the op inside a compiled block: no graph break
-        block.compile(dynamic=False, fullgraph=True)
-    for p in block.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(2, 6, 24, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
-    c = torch.randn(2, 24, generator=torch.Generator().manual_seed(3))
-    y = block(x, c)
-    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-    res.append([y, x.grad] + [p.grad for p in block.parameters()])
-print("WORST", max(((a - b).norm() / b.norm()).item() for r in res[1:] for a, b in zip(r, res[0])))
-"""
-    assert float(triton_interpreter(script).split("WORST")[-1]) < 1e-5
+    setup = "from mdtzoo.models import triton_mlp as tm\ntm.CONFIG.update(BM=16, BN=32, BK=16, num_warps=4, num_stages=2)"
+    assert block_switch_error(triton_interpreter, "mlp_impl", "triton_mlp", setup) < 1e-5
 
 
 def test_gelu_tanh_grad_is_the_derivative_of_torchs_tanh_gelu():

@@ -3,6 +3,7 @@ own maths, forward and every gradient, in Triton's CPU interpreter; the block's 
 
 import pytest
 import torch
+from conftest import block_switch_error
 
 CHECK = """
 import torch
@@ -79,28 +80,7 @@ def test_block_norm_impl_on_the_cpu_is_the_torch_maths_and_unknown_names_are_ref
 
 
 def test_block_with_triton_norm_matches_torch_norm_in_the_interpreter(triton_interpreter):
-    script = """
-import torch
-from mdtzoo.models.blocks import Block
-torch.manual_seed(0)
-res = []
-for impl, compiled, checkpointed in (("torch", False, False), ("triton", False, False), ("triton", True, False),
-                                     ("triton", False, True)):
-    torch.manual_seed(1)
-    block = Block(24, 2, norm_impl=impl)
-    block.checkpoint_activations = checkpointed  # the forward recomputed in the backward (norm_fork again)
-    if compiled:  # the ops inside a compiled block: fake kernels, autograd, no graph break
-        block.compile(dynamic=False, fullgraph=True)
-    for p in block.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(2, 6, 24, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
-    c = torch.randn(2, 24, generator=torch.Generator().manual_seed(3))
-    y = block(x, c)
-    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-    res.append([y, x.grad] + [p.grad for p in block.parameters()])
-print("WORST", max(((a - b).norm() / b.norm()).item() for r in res[1:] for a, b in zip(r, res[0])))
-"""
-    assert float(triton_interpreter(script).split("WORST")[-1]) < 1e-5
+    assert block_switch_error(triton_interpreter, "norm_impl", "triton_norm") < 1e-5
 
 
 def test_bench_cli_offers_every_norm_impl_and_the_model_refuses_unknown_ones():
