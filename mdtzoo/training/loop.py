@@ -70,7 +70,7 @@ class _DeferredCheck:
 
     ``bool(loss)`` on a CUDA tensor waits until the GPU has run everything enqueued so far: the queue
     drains every step, and the next step's first kernels wait for the host to launch them (the S/2
-    steps lost 5-18% to it in ``bench train-step``, docs/performance.md, session 13). Instead each
+    steps lost 4.5-18% to it in ``bench train-step``, docs/performance.md, session 13). Instead each
     step's values are copied to pinned host memory behind a CUDA event, and read one step later
     (``previous``) or before anything that must not see a bad step -- a checkpoint, an evaluation, a
     log line (``current``): by then the GPU is past that event, so reading waits for nothing queued
