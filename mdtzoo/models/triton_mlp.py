@@ -12,6 +12,11 @@ Everything else in the MLP stays torch (cuBLAS matmuls, inductor's GELU forward)
 autograd Function whose forward is the usual maths and whose backward calls the one fused op,
 ``mdtzoo::linear_dgelu``, between torch's weight-gradient and input-gradient matmuls.
 
+Measured (docs/performance.md, session 13): **slower than the default**. This matmul (pointer loads,
+no TMA, no warp specialisation) runs its main loop at about half of cuBLAS's rate, which costs more
+than the traffic it saves (XL/2 full pass on an H200: 509.5 µs against 424.9 for cuBLAS + inductor).
+So ``mlp_impl='torch'`` is the default. This path is kept for a faster matmul to build on.
+
 ``gelu_mlp`` is the entry point (``Block`` with ``mlp_impl='triton'``): the Function on CUDA (and
 under ``TRITON_INTERPRET=1``) for 16- and 32-bit floats, the module's own maths elsewhere. Under
 autocast the Function computes in autocast's dtype, as ``nn.Linear`` would: the weights are cast
