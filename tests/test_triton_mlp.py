@@ -85,7 +85,7 @@ def test_mlp_impl_off_cuda_is_the_module_and_unknown_names_are_refused():
     x, c = torch.randn(2, 4, 16), torch.randn(2, 16)
     assert not usable(x)  # no GPU, no interpreter: the module's own maths
     torch.testing.assert_close(block(x, c), ref(x, c))
-    assert gelu_mlp(x, ref.mlp) is not None
+    torch.testing.assert_close(gelu_mlp(x, ref.mlp), ref.mlp(x), rtol=0, atol=0)  # the module itself
     assert all(b.mlp_impl == "triton" for b in build_model("mdt_xs2", mlp_impl="triton").all_blocks())
     with pytest.raises(ValueError, match="unknown mlp_impl 'fused'; valid: 'torch', 'triton'"):
         Block(16, 2, mlp_impl="fused")

@@ -42,11 +42,14 @@ GRID = "BM=128 BN=128,256 BK=64 num_warps=4,8 num_stages=3,4"
 def parse_grid(text: str) -> list[dict]:
     keys, values = [], []
     for item in text.split():
-        key, vals = item.split("=")
+        key, _, vals = item.partition("=")
         if key not in tm.CONFIG:
             raise SystemExit(f"unknown setting {key!r}; valid: {', '.join(tm.CONFIG)}")
+        try:
+            values.append([int(v) for v in vals.split(",")])
+        except ValueError:
+            raise SystemExit(f"--grid item {item!r}: want KEY=v1,v2,... with integer values") from None
         keys.append(key)
-        values.append([int(v) for v in vals.split(",")])
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 

@@ -69,11 +69,12 @@ if triton is not None:
     @triton.jit
     def _dgelu_kernel(DY, W, U, DU, PART, M, N, K, s_dy, s_w, s_u, s_du,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                      IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                      IEEE: tl.constexpr, UPCAST: tl.constexpr, C: tl.constexpr, A: tl.constexpr):
         """Tile (pid_m, pid_n) of du = (dy w) gelu'(u), and its column sums into PART[pid_m]. Tiles go
         in groups of GROUP_M rows of tiles, so that neighbouring programs share dy's and w's tiles in L2.
         IEEE: float32 products (float32 inputs: no TF32). UPCAST: 16-bit tiles widened to float32
-        before the product (exact) -- for Triton's CPU interpreter, whose bf16 products are wrong."""
+        before the product (exact) -- for Triton's CPU interpreter, whose bf16 products are wrong.
+        C, A: the tanh GELU's sqrt(2 / pi) and cubic coefficient (``SQRT_2_OVER_PI``, ``GELU_CUBIC``)."""
         pid = tl.program_id(0)
         tiles_m = tl.cdiv(M, BM)
         tiles_n = tl.cdiv(N, BN)
@@ -105,9 +106,8 @@ if triton is not None:
             b_ptrs += BK * s_w
         ok = m_ok[:, None] & n_ok[None, :]
         u = tl.load(U + rm[:, None].to(tl.int64) * s_u + rn[None, :], mask=ok, other=0.0).to(tl.float32)
-        c: tl.constexpr = 0.7978845608028654  # sqrt(2 / pi)
-        t = _tanh(c * (u + 0.044715 * u * u * u))
-        du = acc * (0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * u * u))
+        t = _tanh(C * (u + A * u * u * u))
+        du = acc * (0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * C * (1.0 + 3.0 * A * u * u))
         tl.store(DU + rm[:, None].to(tl.int64) * s_du + rn[None, :], du.to(DU.dtype.element_ty), mask=ok)
         tl.store(PART + pid_m.to(tl.int64) * N + rn, tl.sum(du, 0), mask=n_ok)  # rows past M: du = 0
 
@@ -129,7 +129,8 @@ def linear_dgelu(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> tuple[to
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
     launch(_dgelu_kernel, grid)(dy, w, u, du, part, m, n, k, dy.stride(0), w.stride(0), u.stride(0), du.stride(0),
                                 BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"],
-                                IEEE=dy.dtype == torch.float32, UPCAST=INTERPRETED, num_warps=cfg["num_warps"],
+                                IEEE=dy.dtype == torch.float32, UPCAST=INTERPRETED, C=SQRT_2_OVER_PI, A=GELU_CUBIC,
+                                num_warps=cfg["num_warps"],
                                 num_stages=cfg["num_stages"])
     return du, part.sum(0)
 
