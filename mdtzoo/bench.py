@@ -138,7 +138,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                      separate_passes: bool = True,
                      activation_checkpointing: bool = False, profile: bool = False, flex_options: str | None = None,
                      triton_options: str | None = None, inductor_options: str | None = None,
-                     update: str = "auto", hold_grads: bool = True, windows: int = 0, log=None) -> dict:
+                     update: str = "auto", hold_grads: bool = True, windows: int = 0, graph_step: bool = False,
+                     log=None) -> dict:
     """Time the trainer's step for a preset at ImageNet latent shape; returns a result dict.
 
     ``flex_options``: a ``FLEX_VARIANTS`` name, FlexAttention's kernel options for this run;
@@ -151,6 +152,10 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     ``windows``: after the per-step timing, that many windows of ``steps`` steps each enqueued back to
     back between two CUDA events (one sync per window, as a training loop that does not wait for each
     step): ``window_step_ms`` (median per step) and ``window_img_per_s``.
+    ``graph_step``: the step captured as one CUDA graph, as ``train.graph_step`` runs it
+    (``training.graph_step``); before anything is timed, ``GRAPH_CHECK_STEPS`` replayed steps are
+    compared with the same steps run eagerly from the same state (``graph_check``), and the
+    result also has the peak memory the caching allocator reserved (the graph's pool included).
 
     ``batch`` is per process: under torchrun (WORLD_SIZE > 1) the objective is wrapped in DDP
     as in the trainer and img/s counts all processes' images. An out-of-memory error does not
@@ -164,6 +169,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     from mdtzoo.models.triton_norm import MAX_WIDTH as MAX_NORM_WIDTH
     from mdtzoo.training.ema import EMA
     from mdtzoo.training.fused_update import FusedAdamWEMA, check_update_mode, make_update
+    from mdtzoo.training.graph_step import (GRAPH_CHECK_STEPS, GRAPH_WARMUP, StepGraph, check_fixed_keep,
+                                            check_graph_step, graph_check)
     from mdtzoo.training.loop import make_optimizer
     from mdtzoo.training.objective import DiffusionObjective, backward_parts, prepare_step, uses_cudagraphs
 
@@ -177,6 +184,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     check_norm_impl(norm_impl)
     check_mlp_impl(mlp_impl)
     check_compile_scope(compile_scope)
+    if graph_step and warmup <= GRAPH_WARMUP:
+        raise ValueError(f"graph_step needs warmup > {GRAPH_WARMUP} (eager steps, then the capture); got {warmup}")
     info = dist_util.env_info()
     if info.world > 1:
         info, dev = dist_util.setup(device or "auto")
@@ -184,6 +193,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
     check_update_mode(update, dev)
+    if graph_step:
+        check_graph_step(dev, info.world, 1, compile)
     if precision == "auto":
         precision = "bf16" if cuda else "fp32"
     if precision not in ("bf16", "fp32"):
@@ -195,6 +206,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         steps=steps, warmup=warmup, peak_tflops=peak_tflops, device=dev.type, world=info.world,
         attn_impl=attn_impl, norm_impl=norm_impl, mlp_impl=mlp_impl, flex_options=flex_options, triton_options=triton_options,
         inductor_options=inductor_options, separate_passes=bool(separate_passes), kernel_ops=_kernel_ops_mode(),
+        graph_step=bool(graph_step),
         activation_checkpointing=bool(activation_checkpointing),
         card=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,
         date=datetime.date.today().isoformat(), status="ok",
@@ -245,8 +257,15 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         g = torch.Generator(device=dev).manual_seed(seed)
         x0 = torch.randn(batch, 4, 32, 32, device=dev, generator=g)
         y = torch.randint(0, 1000, (batch,), device=dev, generator=g)
+        graph = None
+        if graph_step:
+            check_fixed_keep(model)
+            graph = StepGraph(objective, step_fn, parts, updater, autocast, hold=hold)
 
-        def one_step(step: int) -> None:
+        def one_step(step: int, eager: bool = False) -> None:
+            if graph is not None and step >= GRAPH_WARMUP and not eager:
+                graph(x0, y, step)
+                return
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             backward_parts(step_fn, parts, (x0, y, step), autocast, world=info.world,
@@ -261,6 +280,14 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                 torch.cuda.synchronize(dev)
             log(f"warm-up step {step + 1}/{warmup}: {time.perf_counter() - start:.1f}s")
         result["warmup_s"] = time.perf_counter() - start
+        if graph is not None:  # replayed steps against the same steps run eagerly, before any timing
+            first = warmup
+            result["graph_check"] = graph_check(
+                lambda eager: [one_step(s, eager) for s in range(first, first + GRAPH_CHECK_STEPS)], model, opt, ema,
+                updater)
+            warmup += GRAPH_CHECK_STEPS
+            log(f"graph step checked against the eager step: {result['graph_check']}")
+            torch.cuda.reset_peak_memory_stats(dev)
         for step in range(warmup, warmup + steps):
             if cuda:
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -302,6 +329,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         variant.close()
         if cuda:
             result["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+            if graph_step:  # the graph's pool stays reserved between replays
+                result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
     if result["status"] == "ok":
         median = statistics.median(times)
         tflops = flops / median / 1e12  # per GPU
@@ -403,8 +432,11 @@ def format_result(r: dict) -> str:
     cell = _compile_cell(r)
     compiled = {"no": "", "yes": " compile"}.get(cell, f" compile ({cell})")
     head = (f"{r['model']} b{r['batch']} {r['precision']}{compiled} "
-            f"passes={r['passes']}{' update=' + r['update'] if 'update' in r else ''}")
+            f"passes={r['passes']}{' update=' + r['update'] if 'update' in r else ''}"
+            f"{' graph-step' if r.get('graph_step') else ''}")
     mem = f", peak memory {r['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in r else ""
+    if "peak_reserved_gib" in r:
+        mem += f" ({r['peak_reserved_gib']:.1f} reserved)"
     if r.get("status") != "ok":
         return f"{head}: {r.get('status', '?').upper()} ({r.get('error', '')}){mem}"
     window = ""

@@ -65,6 +65,8 @@
 #   bash experiments/bench/gpu_bench.sh trainer   # the trainer's img/s and per-step syncs, this code / OLD (MDT-S/2, DiT-S/2)
 #   bash experiments/bench/gpu_bench.sh trainer2  # trainer's A/B alternating, 80 steps: MDT-S/2 new/old twice, DiT-S/2 new/old
 #   bash experiments/bench/gpu_bench.sh final14   # the trainer's waits counted (MDT-S/2), then the table's five steps with --windows 3
+#   bash experiments/bench/gpu_bench.sh start14   # the trainer's waits counted, then the XL/2 profiles by kernel kind
+#   bash experiments/bench/gpu_bench.sh graph     # the step as one CUDA graph against the eager step
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -688,6 +690,20 @@ final14)  # for session 14: the trainer's waits per step counted after the slice
   # the table's five steps, step by step and back to back (--windows 3), the way the trainer now runs
   trainer_runs 60 "mdt_s2 new"
   window_steps
+  ;;
+start14)  # session 14's first call: the trainer's waits per step counted (zero expected, MDT-S/2), then the
+  # XL/2 steps' GPU time by kernel kind with the norm kernels counted apart
+  trainer_runs 60 "mdt_s2 new"
+  profile mdt_xl2 64 120 60
+  profile dit_xl2 64 120 60
+  ;;
+graph)  # session 14: the whole step as one CUDA graph (--graph-step, checked against the eager step first)
+  # against the eager step, both also timed back to back, in one call
+  for spec in "mdt_s2 256 20 graph" "mdt_s2 256 20 eager" "mdt_xl2 64 10 graph" "mdt_xl2 64 10 eager" \
+              "dit_xl2 64 10 graph" "dit_xl2 64 10 eager"; do
+    set -- $spec
+    step "step_$1_$4" 110 "$1" "$2" --steps "$3" --compile --windows 2 $([ "$4" = graph ] && echo --graph-step) --verbose
+  done
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
   for spec in "mdt_s2 triton" "mdt_s2 torch" "mdt_s2 triton" "mdt_s2 torch" "mdt_b2 triton" "mdt_b2 torch"; do

@@ -37,7 +37,7 @@ def run_train_step(args) -> int:
         separate_passes=not args.joint_backward,
         activation_checkpointing=args.activation_checkpointing, profile=args.profile, flex_options=args.flex_options,
         triton_options=args.triton_options, inductor_options=args.inductor_options, update=args.update,
-        hold_grads=not args.no_hold_grads, windows=args.windows, log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
+        hold_grads=not args.no_hold_grads, windows=args.windows, graph_step=args.graph_step, log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
     )
     from mdtzoo.training.distributed import env_info
 
@@ -158,6 +158,9 @@ def add_parser(sub) -> None:
                         "slower, docs/performance.md session 13)")
     t.add_argument("--windows", type=int, default=0,
                    help="also time this many windows of --steps steps enqueued back to back (one sync per window)")
+    t.add_argument("--graph-step", action="store_true",
+                   help="the whole step captured as one CUDA graph, as train.graph_step runs it (checked against the "
+                        "eager step first; one GPU, default compile mode)")
     t.add_argument("--joint-backward", action="store_true",
                    help="one backward of full + masked loss (default: the two passes in turn, less memory)")
     t.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")

@@ -18,12 +18,15 @@ changes through ``param_groups`` work as before. Tested against torch.optim.Adam
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
 import torch
 
 BLOCK = 4096  # elements per program; 16 per thread at 8 warps
+# The step's scalars as the kernel reads them from device memory (``_adamw_ema_kernel``'s SCAL).
+SCALARS = ("step_size", "bc2_sqrt", "wd_factor", "beta1", "beta2", "eps", "ema_weight")
 WARPS = 8
 ALIGN = 16  # bytes: the kernel's 128-bit loads assume every tensor starts at such an address
 
@@ -96,16 +99,18 @@ if triton is not None:
             tl.store(e_ptrs, e)
 
     @triton.jit
-    def _adamw_ema_kernel(P, G, G2, M, V, E, NUMEL, STEP_SIZE, BC2_SQRT, BLOCK_T, BLOCK_S, PARTIAL, COEF,
-                          step_size_all, bc2_sqrt_all, wd_factor, beta1, beta2, eps, ema_weight,
+    def _adamw_ema_kernel(P, G, G2, M, V, E, NUMEL, STEP_SIZE, BC2_SQRT, BLOCK_T, BLOCK_S, PARTIAL, COEF, SCAL,
                           UNIFORM: tl.constexpr, HAS_COEF: tl.constexpr, HAS_G2: tl.constexpr,
                           NORM_ONLY: tl.constexpr, BLOCK: tl.constexpr):
         """One program: BLOCK elements of tensor t = BLOCK_T[pid] from element BLOCK_S[pid] on.
         P, G, G2, M, V, E hold each tensor's address (int64; G2: a held gradient to add, 0 where
-        none); all tensors are float32, contiguous; STEP_SIZE and BC2_SQRT hold
-        lr / (1 - beta1^step) and sqrt(1 - beta2^step) per tensor, or, with UNIFORM (every tensor at
-        the same step count, the usual case), step_size_all and bc2_sqrt_all hold them for all.
-        NORM_ONLY: only the squared gradient's partial sums (the norm that clipping needs first)."""
+        none); all tensors are float32, contiguous. SCAL (float32, device memory) holds the step's
+        scalars, ``SCALARS`` in order: read from memory rather than passed as arguments, so that a
+        step captured in a CUDA graph takes each replay's learning rate, bias corrections and EMA
+        weight. STEP_SIZE and BC2_SQRT hold lr / (1 - beta1^step) and sqrt(1 - beta2^step) per
+        tensor; with UNIFORM (every tensor at the same step count, the usual case) SCAL's first two
+        entries hold them for all. NORM_ONLY: only the squared gradient's partial sums (the norm
+        that clipping needs first)."""
         pid = tl.program_id(0)
         t = tl.load(BLOCK_T + pid)
         start = tl.load(BLOCK_S + pid)
@@ -123,9 +128,14 @@ if triton is not None:
             m_ptrs = _column(M, t, offs, BLOCK)
             v_ptrs = _column(V, t, offs, BLOCK)
             e_ptrs = _column(E, t, offs, BLOCK)
+            wd_factor = tl.load(SCAL + 2)
+            beta1 = tl.load(SCAL + 3)
+            beta2 = tl.load(SCAL + 4)
+            eps = tl.load(SCAL + 5)
+            ema_weight = tl.load(SCAL + 6)
             if UNIFORM:
-                step_size = step_size_all
-                bc2_sqrt = bc2_sqrt_all
+                step_size = tl.load(SCAL + 0)
+                bc2_sqrt = tl.load(SCAL + 1)
             else:
                 step_size = tl.load(STEP_SIZE + t)
                 bc2_sqrt = tl.load(BC2_SQRT + t)
@@ -194,6 +204,10 @@ class FusedAdamWEMA:
         self._grad_addrs: dict = {}  # ("g" or "g2", group, present tensors) -> (host list, device tensor), last step
         self._plans: dict = {}  # (group, present tensors) -> ``_plan``
         self._held: dict[int, torch.Tensor] | None = None  # id(param) -> gradient held by ``hold_grads``
+        dev = next((p.device for group in opt.param_groups for p in group["params"]), torch.device("cpu"))
+        self._ema_weight = torch.zeros(1, dtype=torch.float32, device=dev)  # 1 - decay, for the EMA-only lerp
+        self._pending: list | None = None  # while capturing: (device tensor, values) to write once captured
+        self._captured: list | None = None  # the launches of the captured step (``capturing``)
 
     def hold_grads(self) -> None:
         """Set the optimised parameters' gradients aside (their .grad becomes None), so that the
@@ -212,15 +226,52 @@ class FusedAdamWEMA:
                     p.grad = None
         self._held = held
 
+    @contextlib.contextmanager
+    def capturing(self):
+        """For a step captured into a CUDA graph (``training.graph_step``): inside the block,
+        ``step`` only enqueues device work -- no copy from the host, whose source the graph would
+        read again at every replay. The device tables it would have filled (the new gradients'
+        addresses) are written by the first ``before_replay``, and the step's scalars (learning rate,
+        bias corrections, EMA weight) by every one. Every group's plan must exist already: one
+        eager step with the same parameters before the capture."""
+        self._pending, self._captured = [], None
+        try:
+            yield
+        finally:
+            self._deferred, self._pending = self._pending, None
+
+    def before_replay(self, ema_step: int) -> None:
+        """Before each replay of the captured step (the eager ``step``'s host side): the step
+        counts advance and the scalars of step ``ema_step`` go to the device buffers the kernels read."""
+        if self._captured is None:
+            raise RuntimeError("no step was captured: call step() inside capturing() first")
+        for tensor, values in self._deferred:  # once, after the capture
+            tensor.copy_(self._host(values, tensor.dtype))
+        self._deferred = []
+        self._write_scalars(self._captured, ema_step)
+
+    def step_counts(self) -> dict[int, int]:
+        """The host's mirror of every parameter's AdamW step count (``set_step_counts`` restores it
+        after the state tensors were restored in place, e.g. by ``graph_step.graph_check``)."""
+        return dict(self._steps)
+
+    def set_step_counts(self, counts: dict[int, int]) -> None:
+        self._steps.clear()
+        self._steps.update(counts)
+
     def _device_addresses(self, key, tensors: list, dev) -> torch.Tensor:
         """The addresses of ``tensors`` (0 for None) as a device int64 tensor, re-sent only when
         they changed since the last step with this key (the allocator usually hands out the same
-        memory)."""
+        memory). While capturing, the tensor is allocated and written after the capture."""
         addrs = [0 if t is None else t.data_ptr() for t in tensors]
         last = self._grad_addrs.get(key)
         if last is not None and last[0] == addrs:
             return last[1]
-        on_device = self._to_device(addrs, torch.int64, dev)
+        if self._pending is not None:
+            on_device = torch.empty(len(addrs), dtype=torch.int64, device=dev)
+            self._pending.append((on_device, addrs))
+        else:
+            on_device = self._to_device(addrs, torch.int64, dev)
         self._grad_addrs[key] = (addrs, on_device)
         return on_device
 
@@ -255,25 +306,44 @@ class FusedAdamWEMA:
         )
 
     @staticmethod
-    def _to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
-        host = torch.tensor(values, dtype=dtype)
+    def _host(values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype)
+
+    @classmethod
+    def _to_device(cls, values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+        host = cls._host(values, dtype)
         if dev.type == "cuda":  # pinned: the copy does not wait for the queued GPU work
             return host.pin_memory().to(dev, non_blocking=True)
         return host.to(dev)
 
+    @staticmethod
+    def _write(buffer: torch.Tensor, values: list) -> None:
+        """``buffer`` := values, queued behind the GPU work already enqueued (pinned, no wait)."""
+        host = torch.tensor(values, dtype=buffer.dtype).reshape(buffer.shape)
+        if buffer.device.type == "cuda":
+            buffer.copy_(host.pin_memory(), non_blocking=True)
+        else:
+            buffer.copy_(host)
+
     def _plan(self, gi: int, present: tuple[int, ...], chosen: list) -> dict:
         """What a step of one group needs besides the gradients: AdamW's states, their step
-        tensors, the device tables -- rebuilt only when the optimiser's state was replaced
-        (load_state_dict: new exp_avg / exp_avg_sq tensors), a parameter or EMA tensor moved, or the
-        set of parameters with a gradient changed."""
+        tensors, the device tables and the scalars' buffers -- rebuilt only when the optimiser's
+        state was replaced (load_state_dict: new exp_avg / exp_avg_sq tensors), a parameter or EMA
+        tensor moved, or the set of parameters with a gradient changed."""
         key = (gi, present)
         plan = self._plans.get(key)
         ident = [p.data_ptr() for p, _ in chosen] + [e.data_ptr() for _, e in chosen]
         if plan is not None and plan["opt_state"] is self.opt.state and plan["ident"] == ident:
             return plan
+        if self._pending is not None:
+            raise RuntimeError("a captured update step needs an eager step with the same parameters and "
+                               "optimiser state first (its tables are built from the host)")
         states = [self._state(p) for p, _ in chosen]
+        dev = chosen[0][0].device
         plan = dict(opt_state=self.opt.state, ident=ident, table=self._table(chosen, states),
-                    step_tensors=[st["step"] for st in states], ids=[id(p) for p, _ in chosen])
+                    step_tensors=[st["step"] for st in states], ids=[id(p) for p, _ in chosen],
+                    scal=torch.zeros(len(SCALARS), dtype=torch.float32, device=dev),
+                    per_tensor=torch.zeros((2, len(chosen)), dtype=torch.float32, device=dev))
         self._plans[key] = plan
         return plan
 
@@ -288,6 +358,15 @@ class FusedAdamWEMA:
 
     @torch.no_grad()
     def step(self, ema_step: int, max_norm: float | None = None) -> torch.Tensor:
+        launches = self._launches()
+        if self._pending is None:
+            self._write_scalars(launches, ema_step)
+        else:  # capturing: ``before_replay`` writes them
+            self._captured = launches
+        return self._launch(launches, max_norm)
+
+    def _launches(self) -> list[dict]:
+        """Host side, part 1: each group's plan and gradient tables (held gradients joined in)."""
         held, self._held = self._held or {}, None
         for group in self.opt.param_groups:  # a gradient that is only held is the gradient
             for p in group["params"]:
@@ -306,8 +385,38 @@ class FusedAdamWEMA:
             has_g2 = any(g is not None for g in g2s)
             g_addrs = self._device_addresses(("g", gi, present), gs, dev)
             g2_addrs = self._device_addresses(("g2", gi, present), g2s, dev) if has_g2 else g_addrs
+            counts = {self._steps[i] for i in plan["ids"]}  # (all advance by one: uniform stays uniform)
             launches.append(dict(group=group, plan=plan, g=g_addrs, g2=g2_addrs, has_g2=has_g2, dev=dev,
-                                 blocks=plan["table"]["block_t"].numel(), alive=gs + g2s))  # (copies kept alive)
+                                 blocks=plan["table"]["block_t"].numel(), uniform=len(counts) == 1,
+                                 alive=gs + g2s))  # (copies kept alive)
+        self._rest = list(self._ema_only)  # EMA for what AdamW does not touch: frozen parameters, no gradient
+        for group, pairs in zip(self.opt.param_groups, self._groups):
+            self._rest += [(e, p) for p, e in pairs if p.grad is None]
+        return launches
+
+    def _write_scalars(self, launches: list[dict], ema_step: int) -> None:
+        """Host side, part 2: the step counts advance, and every launch's scalars (``SCALARS``)
+        go to its device buffer."""
+        ema_weight = 1.0 - self.ema.decay_at(ema_step)
+        for ln in launches:
+            plan = ln["plan"]
+            lr, wd, beta1, beta2, eps = _group_hyper(ln["group"])
+            counts = [self._steps[i] + 1 for i in plan["ids"]]
+            self._steps.update(zip(plan["ids"], counts))
+            uniform = min(counts) == max(counts)
+            if ln["uniform"] != uniform:  # (cannot happen: the counts advance together)
+                raise RuntimeError("the parameters' step counts diverged within a step")
+            step_size = [lr / (1.0 - beta1**n) for n in counts]
+            bc2_sqrt = [math.sqrt(1.0 - beta2**n) for n in counts]
+            self._write(plan["scal"], [step_size[0], bc2_sqrt[0], 1.0 - lr * wd, beta1, beta2, eps, ema_weight])
+            if not uniform:
+                self._write(plan["per_tensor"], step_size + bc2_sqrt)
+        if self._rest:
+            self._write(self._ema_weight, [ema_weight])
+
+    def _launch(self, launches: list[dict], max_norm: float | None) -> torch.Tensor:
+        """Device side: the kernels (the norm first when clipping), the step counters, the EMA of
+        the rest and the buffers -- nothing here reads the host's values of this step."""
         coef = None
         if max_norm is not None and launches:  # the norm must be known before the update
             sums = []
@@ -316,41 +425,27 @@ class FusedAdamWEMA:
                 table, unused = ln["plan"]["table"], partial  # NORM_ONLY reads only G, G2 and the block map
                 _adamw_ema_kernel[(ln["blocks"],)](
                     unused, ln["g"], ln["g2"], unused, unused, unused, table["numel"], unused, unused,
-                    table["block_t"], table["block_s"], partial, unused, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                    table["block_t"], table["block_s"], partial, unused, unused,
                     UNIFORM=True, HAS_COEF=False, HAS_G2=ln["has_g2"], NORM_ONLY=True, BLOCK=self.block,
                     num_warps=WARPS)
                 sums.append(partial.sum())
             norm = torch.stack(sums).sum().sqrt()
             coef = torch.clamp(float(max_norm) / (norm + 1e-6), max=1.0).to(torch.float32)
         partials = []
-        ema_weight = 1.0 - self.ema.decay_at(ema_step)
         for ln in launches:
-            group, plan, dev, n_blocks = ln["group"], ln["plan"], ln["dev"], ln["blocks"]
-            lr, wd, beta1, beta2, eps = _group_hyper(group)
-            table, steps = plan["table"], self._steps
-            counts = [steps[i] + 1 for i in plan["ids"]]
-            steps.update(zip(plan["ids"], counts))
-            uniform = min(counts) == max(counts)
-            step_size = [lr / (1.0 - beta1**n) for n in (counts[:1] if uniform else counts)]
-            bc2_sqrt = [math.sqrt(1.0 - beta2**n) for n in (counts[:1] if uniform else counts)]
-            scalars = (table["numel"].new_empty((2, 1), dtype=torch.float32) if uniform  # (not read)
-                       else self._to_device([step_size, bc2_sqrt], torch.float32, dev))
-            partial = torch.empty(n_blocks, dtype=torch.float32, device=dev)
+            plan, n_blocks = ln["plan"], ln["blocks"]
+            table, per_tensor = plan["table"], plan["per_tensor"]
+            partial = torch.empty(n_blocks, dtype=torch.float32, device=ln["dev"])
             p_addrs, m_addrs, v_addrs, e_addrs = table["addrs"]
             _adamw_ema_kernel[(n_blocks,)](
-                p_addrs, ln["g"], ln["g2"], m_addrs, v_addrs, e_addrs, table["numel"], scalars[0], scalars[1],
-                table["block_t"], table["block_s"], partial, coef if coef is not None else partial,
-                step_size[0], bc2_sqrt[0], 1.0 - lr * wd, beta1, beta2, eps, ema_weight,
-                UNIFORM=uniform, HAS_COEF=coef is not None, HAS_G2=ln["has_g2"], NORM_ONLY=False, BLOCK=self.block,
-                num_warps=WARPS)
+                p_addrs, ln["g"], ln["g2"], m_addrs, v_addrs, e_addrs, table["numel"], per_tensor[0], per_tensor[1],
+                table["block_t"], table["block_s"], partial, coef if coef is not None else partial, plan["scal"],
+                UNIFORM=ln["uniform"], HAS_COEF=coef is not None, HAS_G2=ln["has_g2"], NORM_ONLY=False,
+                BLOCK=self.block, num_warps=WARPS)
             torch._foreach_add_(plan["step_tensors"], 1.0)
             partials.append(partial)
-        # EMA for what AdamW did not touch: frozen parameters and parameters without a gradient
-        rest = list(self._ema_only)
-        for group, pairs in zip(self.opt.param_groups, self._groups):
-            rest += [(e, p) for p, e in pairs if p.grad is None]
-        if rest:
-            torch._foreach_lerp_([e for e, _ in rest], [p.detach() for _, p in rest], ema_weight)
+        for e, p in self._rest:  # (few tensors: frozen parameters, parameters without a gradient)
+            e.lerp_(p.detach(), self._ema_weight[0])
         self.ema.copy_buffers()
         if not partials:
             return torch.zeros(())

@@ -61,22 +61,23 @@ class DiffusionObjective(nn.Module):
         g = step_generator(self.seed, step, 0, stream, self._device)
         return fn(g)[rows]
 
-    def _drop(self, y: torch.Tensor, stream: int, step: int, total: int, rows: slice) -> torch.Tensor:
-        """Label dropout (classifier-free guidance), drawn globally."""
+    def _drop_flags(self, stream: int, step: int, total: int, rows: slice) -> torch.Tensor | None:
+        """Which labels the pass drops (classifier-free guidance), drawn globally; None: no dropout."""
         p = self.model.y_embedder.dropout_prob
         if p <= 0:
-            return y
-        drop = self._draw(stream, step, lambda g: torch.rand(total, device=self._device, generator=g), rows) < p
-        return torch.where(drop, self.model.num_classes, y)
+            return None
+        return self._draw(stream, step, lambda g: torch.rand(total, device=self._device, generator=g), rows) < p
 
-    def forward(self, x0: torch.Tensor, y: torch.Tensor, step: int, offset: int = 0,
-                global_batch: int | None = None, part: str = "all") -> dict[str, torch.Tensor]:
-        """The step's losses; ``part`` = 'full' or 'masked' computes one pass only.
+    def _runs(self, pass_name: str, part: str) -> bool:
+        return self.passes in ("both", pass_name) and part in ("all", pass_name)
 
-        Backpropagating the two parts one after the other (the trainer's default) gives the
-        same gradient as one backward of their sum, but only one pass's activations are alive
-        at a time. Every draw depends on (seed, step, rows) only, never on ``part``.
-        """
+    def draw(self, x0: torch.Tensor, step: int, offset: int = 0, global_batch: int | None = None,
+             part: str = "all") -> dict:
+        """Every random draw of the step's rows offset..offset+b-1 that ``part`` needs: 't', and per
+        pass its noise and label-dropout flags ('full_noise', 'full_drop', 'masked_noise',
+        'masked_drop'; a flag is None without dropout), and the masked pass's 'mask' (a MaskOut).
+        ``forward(..., draws=...)`` takes them instead of drawing: a step captured in a CUDA graph
+        draws eagerly and replays the rest."""
         if part not in ("all", "full", "masked"):
             raise ValueError(f"part must be 'all', 'full' or 'masked'; got {part!r}")
         self._device = dev = x0.device
@@ -84,28 +85,55 @@ class DiffusionObjective(nn.Module):
         total = global_batch or b
         rows = slice(offset, offset + b)
         shape = (total, *x0.shape[1:])
-        t = self._draw(T_STREAM, step, lambda g: torch.randint(
-            0, self.diffusion.num_timesteps, (total,), device=dev, generator=g), rows)
+        draws = {"t": self._draw(T_STREAM, step, lambda g: torch.randint(
+            0, self.diffusion.num_timesteps, (total,), device=dev, generator=g), rows)}
+        if self._runs("full", part):
+            draws["full_noise"] = self._draw(FULL_NOISE, step, lambda g: torch.randn(shape, device=dev, generator=g),
+                                             rows)
+            draws["full_drop"] = self._drop_flags(FULL_DROP, step, total, rows)
+        if self._runs("masked", part):
+            draws["masked_noise"] = self._draw(MASKED_NOISE, step,
+                                               lambda g: torch.randn(shape, device=dev, generator=g), rows)
+            draws["masked_drop"] = self._drop_flags(MASKED_DROP, step, total, rows)
+            g = step_generator(self.seed, step, 0, MASK_STREAM, dev)
+            draws["mask"] = self.model.sample_mask(total, dev, g).rows(rows.start, rows.stop)
+        return draws
+
+    def _labels(self, y: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+        return y if drop is None else torch.where(drop, self.model.num_classes, y)
+
+    def forward(self, x0: torch.Tensor, y: torch.Tensor, step: int, offset: int = 0,
+                global_batch: int | None = None, part: str = "all", draws: dict | None = None
+                ) -> dict[str, torch.Tensor]:
+        """The step's losses; ``part`` = 'full' or 'masked' computes one pass only.
+
+        Backpropagating the two parts one after the other (the trainer's default) gives the
+        same gradient as one backward of their sum, but only one pass's activations are alive
+        at a time. Every draw depends on (seed, step, rows) only, never on ``part``; ``draws``
+        (``draw``'s result for the same rows and a part covering this one) replaces them.
+        """
+        if draws is None:
+            draws = self.draw(x0, step, offset, global_batch, part)
+        elif part not in ("all", "full", "masked"):
+            raise ValueError(f"part must be 'all', 'full' or 'masked'; got {part!r}")
+        t = draws["t"]
         out: dict[str, torch.Tensor] = {}
         loss = x0.new_zeros(())
-        if self.passes in ("both", "full") and part in ("all", "full"):
-            noise = self._draw(FULL_NOISE, step, lambda g: torch.randn(shape, device=dev, generator=g), rows)
-            y_full = self._drop(y, FULL_DROP, step, total, rows)
+        if self._runs("full", part):
             terms = self.diffusion.training_losses(
-                self.model, x0, t, noise=noise.to(x0.dtype), model_kwargs={"y": y_full, "drop_labels": False})
+                self.model, x0, t, noise=draws["full_noise"].to(x0.dtype),
+                model_kwargs={"y": self._labels(y, draws["full_drop"]), "drop_labels": False})
             loss = loss + terms["loss"].mean()
             out.update(full_loss=terms["loss"].mean(), full_mse=terms["mse"].mean(), full_vb=terms["vb"].mean())
-        if self.passes in ("both", "masked") and part in ("all", "masked"):
-            noise = self._draw(MASKED_NOISE, step, lambda g: torch.randn(shape, device=dev, generator=g), rows)
-            y_masked = self._drop(y, MASKED_DROP, step, total, rows)
-            g = step_generator(self.seed, step, 0, MASK_STREAM, dev)
-            mask = self.model.sample_mask(total, dev, g).rows(rows.start, rows.stop)
+        if self._runs("masked", part):
+            mask = draws["mask"]
             weight = None
             if self.masked_loss_on == "removed":
                 weight = token_weight_map(mask.mask.to(x0.dtype), self.model.grid, self.model.patch_size)
             terms = self.diffusion.training_losses(
-                self.model, x0, t, noise=noise.to(x0.dtype),
-                model_kwargs={"y": y_masked, "mask": mask, "drop_labels": False}, token_weight=weight)
+                self.model, x0, t, noise=draws["masked_noise"].to(x0.dtype),
+                model_kwargs={"y": self._labels(y, draws["masked_drop"]), "mask": mask, "drop_labels": False},
+                token_weight=weight)
             loss = loss + terms["loss"].mean()
             out.update(masked_loss=terms["loss"].mean(), masked_mse=terms["mse"].mean(),
                        masked_vb=terms["vb"].mean(), mask_ratio=mask.mask.mean())
@@ -170,21 +198,23 @@ def prepare_step(objective: DiffusionObjective, device: torch.device, world: int
 
 
 def backward_parts(step_fn, parts: list[str], args: tuple, autocast, *, sync: bool = True, scale: float = 1.0,
-                   world: int = 1, hold=None) -> dict[str, torch.Tensor]:
+                   world: int = 1, hold=None, draws: dict | None = None) -> dict[str, torch.Tensor]:
     """Forward and backward every part in turn (loss x ``scale``); detached float outputs, summed.
 
     Under DDP only the last part of a micro-batch with ``sync`` all-reduces the gradients.
     ``hold``: on one process, called after every backward but the step's last (``sync`` marks
     the last micro-batch) -- the update's ``hold_grads``, which sets the gradients so far aside
-    for its kernel to add, instead of autograd adding the next backward's into them.
+    for its kernel to add, instead of autograd adding the next backward's into them. ``draws``:
+    the step's random draws (``DiffusionObjective.draw``), passed to every part.
     """
+    extra = {} if draws is None else {"draws": draws}
     out_sum: dict[str, torch.Tensor] = {}
     for i, part in enumerate(parts):
         last = sync and i == len(parts) - 1
         context = contextlib.nullcontext() if (last or world == 1) else step_fn.no_sync()
         with context:
             with autocast:
-                out = step_fn(*args, part=part)
+                out = step_fn(*args, part=part, **extra)
             (out["loss"] * scale).backward()
         if hold is not None and world == 1 and not last:
             hold()
