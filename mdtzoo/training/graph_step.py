@@ -129,7 +129,7 @@ class StepGraph:
         torch.cuda.synchronize(x0.device)
         torch.cuda.empty_cache()  # the eager steps' cached blocks, before the graph takes its own pool
         graph = torch.cuda.CUDAGraph()
-        with self.updater.capturing(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with self.updater.capturing(), torch.cuda.graph(graph):
             out = backward_parts(self.step_fn, self.parts, (self._x0, self._y, step, offset, global_batch),
                                  self.autocast, hold=self.hold, draws=self._draws)
             norm = self.updater.step(step + 1, self.max_norm)
