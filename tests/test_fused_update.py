@@ -201,3 +201,62 @@ def test_op_by_op_update_returns_the_norm_before_clipping_and_clips():
         torch.testing.assert_close(p.grad, g * (float(expected) / 4) / (float(expected) + 1e-6))
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     torch.testing.assert_close(ema.model.weight, 0.99 * before[0] + 0.01 * model.weight.detach())
+
+
+# The update as a captured step replays it: the host side once (``prepare_launches``), then per step
+# only ``before_replay`` (scalars to device buffers) and ``launch`` (device work), the gradients
+# rewritten in place between steps. Must equal ``step()`` with the same gradients and schedule.
+REPLAY_CHECK = r'''
+import torch
+from torch import nn
+from mdtzoo.training.ema import EMA
+from mdtzoo.training.fused_update import make_update
+
+def make():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(9, 40), nn.Tanh(), nn.Linear(40, 3))
+    m.frozen = nn.Parameter(torch.randn(5), requires_grad=False)  # the EMA-only lerp reads the device weight
+    return m
+
+runs = []
+for replay in (False, True):
+    m = make()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99), foreach=False)
+    ema = EMA(m, 0.9, warmup=True)
+    up = make_update(opt, ema, "fused")
+    up.block = 64
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 9)
+    m(x).square().mean().backward()  # gradient tensors that stay in place, as a graph's do
+    trained = [p for p in m.parameters() if p.grad is not None]
+    grads = [p.grad for p in trained]
+    launches = None
+    norms = []
+    for step in range(1, 6):
+        for g in grads:
+            g.copy_(torch.randn(g.shape, generator=gen))
+        for group in opt.param_groups:
+            group["lr"] = 1e-2 / step  # a schedule: every step's scalars differ
+        m.frozen.data += 0.5
+        if not replay:
+            norms.append(up.step(step))
+            continue
+        if launches is None:
+            launches = up.prepare_launches()
+        up.before_replay(step)
+        norms.append(up.launch(launches))
+    runs.append([t.detach().clone() for t in list(m.parameters()) + list(ema.model.parameters())]
+                + [torch.stack(norms)] + [opt.state[p]["exp_avg_sq"].clone() for p in trained]
+                + [opt.state[p]["step"].clone() for p in trained])
+for a, b in zip(*runs):
+    assert torch.equal(a, b), (a, b)
+print("REPLAY_OK")
+'''
+
+
+def test_prepared_launches_replayed_equal_eager_steps_in_the_interpreter(triton_interpreter):
+    """``prepare_launches`` once, then ``before_replay`` + ``launch`` per step (how a captured update
+    runs) gives bitwise the same parameters, EMA (frozen parameter included), optimiser state and
+    norms as ``step()`` over five steps with a changing learning rate: the kernels read each step's
+    scalars from the device buffers, not the values of the step the launches were prepared at."""
+    assert "REPLAY_OK" in triton_interpreter(REPLAY_CHECK)

@@ -67,6 +67,7 @@
 #   bash experiments/bench/gpu_bench.sh final14   # the trainer's waits counted (MDT-S/2), then the table's five steps with --windows 3
 #   bash experiments/bench/gpu_bench.sh start14   # the trainer's waits counted, then the XL/2 profiles by kernel kind
 #   bash experiments/bench/gpu_bench.sh graph     # the step as one CUDA graph against the eager step
+#   bash experiments/bench/gpu_bench.sh graph2    # its smoke test, then the captured step against the eager one
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -703,6 +704,19 @@ graph)  # session 14: the whole step as one CUDA graph (--graph-step, checked ag
               "dit_xl2 64 10 graph" "dit_xl2 64 10 eager"; do
     set -- $spec
     step "step_$1_$4" 110 "$1" "$2" --steps "$3" --compile --windows 2 $([ "$4" = graph ] && echo --graph-step) --verbose
+  done
+  ;;
+graph2)  # session 14, after (y2)'s crash: the captured step's smoke test (graph_parts.py, DiT-S/2), then the
+  # captured step (--graph-step) against the eager step, both also back to back, alternating order
+  echo "== graph_parts step" >&2
+  (cd experiments/bench && timeout 90 "$py" graph_parts.py --stage step) > "$OUT/graph_parts.log" 2>&1
+  grep -v "^  \|warn" "$OUT/graph_parts.log" | tail -n 3 >&2
+  grep -q "step: ok" "$OUT/graph_parts.log" || exit 1
+  for spec in "dit_xl2 64 10 eager" "dit_xl2 64 10 graph" "mdt_xl2 64 10 graph" "mdt_xl2 64 10 eager" \
+              "mdt_s2 256 20 eager" "mdt_s2 256 20 graph"; do
+    set -- $spec
+    step "step_$1_$4" 150 "$1" "$2" --steps "$3" --compile --windows 2 $([ "$4" = graph ] && echo --graph-step) --verbose
+    grep "graph step checked" "$OUT/step_$1_$4.log" >&2
   done
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps

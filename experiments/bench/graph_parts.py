@@ -54,16 +54,8 @@ def run_stage(stage: str, model_name: str, batch: int) -> str:
     if kind == "step":
         graph = StepGraph(objective, step_fn, parts, updater, autocast, hold=hold)
         for step in range(2, 5):
-            if step == 3:  # the captured update's gradient tables against the gradients' addresses
-                for ln in updater._captured:
-                    table = ln["g"].tolist()
-                    actual = [g.data_ptr() if g is not None else 0 for g in ln["alive"][:len(table)]]
-                    print(f"g table == grads: {table == actual} ({len(table)}); p.grad is the captured: "
-                          f"{[p.grad is not None and p.grad.data_ptr() for p in opt.param_groups[0]['params'][:3]]} "
-                          f"{actual[:3]}", flush=True)
             out, norm = graph(x0, y, step)
             torch.cuda.synchronize()
-            print(f"step {step} ok", flush=True)
         return f"loss {out['loss'].item():.4f} norm {norm.item():.4f}"
     g = torch.cuda.CUDAGraph()
     if kind == "fb":
@@ -73,8 +65,9 @@ def run_stage(stage: str, model_name: str, batch: int) -> str:
     else:  # the update alone, gradients from an eager backward
         backward_parts(step_fn, parts, (x0, y, 2), autocast, hold=hold)
         torch.cuda.synchronize()
-        with updater.capturing(), torch.cuda.graph(g):
-            norm = updater.step(3)
+        launches = updater.prepare_launches()
+        with torch.cuda.graph(g):
+            norm = updater.launch(launches)
         out = {"loss": norm}
     for step in range(3, 5):
         if kind == "update":

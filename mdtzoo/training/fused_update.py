@@ -18,7 +18,6 @@ changes through ``param_groups`` work as before. Tested against torch.optim.Adam
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -206,8 +205,7 @@ class FusedAdamWEMA:
         self._held: dict[int, torch.Tensor] | None = None  # id(param) -> gradient held by ``hold_grads``
         dev = next((p.device for group in opt.param_groups for p in group["params"]), torch.device("cpu"))
         self._ema_weight = torch.zeros(1, dtype=torch.float32, device=dev)  # 1 - decay, for the EMA-only lerp
-        self._pending: list | None = None  # while capturing: (device tensor, values) to write once captured
-        self._captured: list | None = None  # the launches of the captured step (``capturing``)
+        self._captured: list | None = None  # the launches of a captured update (``prepare_launches``)
 
     def hold_grads(self) -> None:
         """Set the optimised parameters' gradients aside (their .grad becomes None), so that the
@@ -226,28 +224,20 @@ class FusedAdamWEMA:
                     p.grad = None
         self._held = held
 
-    @contextlib.contextmanager
-    def capturing(self):
-        """For a step captured into a CUDA graph (``training.graph_step``): inside the block,
-        ``step`` only enqueues device work -- no copy from the host, whose source the graph would
-        read again at every replay. The device tables it would have filled (the new gradients'
-        addresses) are written by the first ``before_replay``, and the step's scalars (learning rate,
-        bias corrections, EMA weight) by every one. Every group's plan must exist already: one
-        eager step with the same parameters before the capture."""
-        self._pending, self._captured = [], None
-        try:
-            yield
-        finally:
-            self._deferred, self._pending = self._pending, None
+    def prepare_launches(self) -> list[dict]:
+        """For a step whose backward was captured in a CUDA graph (``training.graph_step``): the
+        update's host side for the gradients the captured backward writes (their tables are sent
+        now, outside any graph). Capture ``launch(result)`` next, then call ``before_replay`` before
+        each replay: the kernels read the step's scalars from device buffers, so the graph takes
+        each step's learning rate, bias corrections and EMA weight."""
+        self._captured = self._launches()
+        return self._captured
 
     def before_replay(self, ema_step: int) -> None:
-        """Before each replay of the captured step (the eager ``step``'s host side): the step
-        counts advance and the scalars of step ``ema_step`` go to the device buffers the kernels read."""
+        """Before each replay of the captured update (the eager ``step``'s host side): the step
+        counts advance and the scalars of step ``ema_step`` go to the buffers the kernels read."""
         if self._captured is None:
-            raise RuntimeError("no step was captured: call step() inside capturing() first")
-        for tensor, values in self._deferred:  # once, after the capture
-            tensor.copy_(self._host(values, tensor.dtype))
-        self._deferred = []
+            raise RuntimeError("no update was prepared for capture: call prepare_launches() first")
         self._write_scalars(self._captured, ema_step)
 
     def step_counts(self) -> dict[int, int]:
@@ -262,16 +252,12 @@ class FusedAdamWEMA:
     def _device_addresses(self, key, tensors: list, dev) -> torch.Tensor:
         """The addresses of ``tensors`` (0 for None) as a device int64 tensor, re-sent only when
         they changed since the last step with this key (the allocator usually hands out the same
-        memory). While capturing, the tensor is allocated and written after the capture."""
+        memory)."""
         addrs = [0 if t is None else t.data_ptr() for t in tensors]
         last = self._grad_addrs.get(key)
         if last is not None and last[0] == addrs:
             return last[1]
-        if self._pending is not None:
-            on_device = torch.empty(len(addrs), dtype=torch.int64, device=dev)
-            self._pending.append((on_device, addrs))
-        else:
-            on_device = self._to_device(addrs, torch.int64, dev)
+        on_device = self._to_device(addrs, torch.int64, dev)
         self._grad_addrs[key] = (addrs, on_device)
         return on_device
 
@@ -335,9 +321,6 @@ class FusedAdamWEMA:
         ident = [p.data_ptr() for p, _ in chosen] + [e.data_ptr() for _, e in chosen]
         if plan is not None and plan["opt_state"] is self.opt.state and plan["ident"] == ident:
             return plan
-        if self._pending is not None:
-            raise RuntimeError("a captured update step needs an eager step with the same parameters and "
-                               "optimiser state first (its tables are built from the host)")
         states = [self._state(p) for p, _ in chosen]
         dev = chosen[0][0].device
         plan = dict(opt_state=self.opt.state, ident=ident, table=self._table(chosen, states),
@@ -359,11 +342,8 @@ class FusedAdamWEMA:
     @torch.no_grad()
     def step(self, ema_step: int, max_norm: float | None = None) -> torch.Tensor:
         launches = self._launches()
-        if self._pending is None:
-            self._write_scalars(launches, ema_step)
-        else:  # capturing: ``before_replay`` writes them
-            self._captured = launches
-        return self._launch(launches, max_norm)
+        self._write_scalars(launches, ema_step)
+        return self.launch(launches, max_norm)
 
     def _launches(self) -> list[dict]:
         """Host side, part 1: each group's plan and gradient tables (held gradients joined in)."""
@@ -414,7 +394,7 @@ class FusedAdamWEMA:
         if self._rest:
             self._write(self._ema_weight, [ema_weight])
 
-    def _launch(self, launches: list[dict], max_norm: float | None) -> torch.Tensor:
+    def launch(self, launches: list[dict], max_norm: float | None = None) -> torch.Tensor:
         """Device side: the kernels (the norm first when clipping), the step counters, the EMA of
         the rest and the buffers -- nothing here reads the host's values of this step."""
         coef = None

@@ -2,8 +2,9 @@
 
 An eager step costs the host about as much time as the GPU at XL/2 and more at S/2: some 2,000 to
 3,500 kernel launches from inductor's wrappers, the autograd engine's nodes, the update
-(docs/performance.md). Captured once, the step is one graph launch: the forward and backward of
-every part, the held gradients and the update kernel. What changes from step to step stays
+(docs/performance.md). Captured once, the step is two graph launches: the forward and backward of
+every part with the held gradients, then the update kernel (a second graph in the same memory pool,
+because its tables hold the addresses of the gradients the first one writes). What changes from step to step stays
 outside the graph and reaches it through fixed buffers:
 
 - the batch (x0, y) and the step's random draws (``DiffusionObjective.draw``, drawn eagerly
@@ -119,6 +120,7 @@ class StepGraph:
                 _copy(name, self._draws[name], value)
         self.updater.before_replay(step + 1)
         self.graph.replay()
+        self._update.replay()
         values = torch.stack([*self._out.values(), self._norm])  # one copy out of the graph's buffers
         return dict(zip(self._out, values[:-1])), values[-1]
 
@@ -128,16 +130,20 @@ class StepGraph:
         self.updater.opt.zero_grad(set_to_none=True)  # the captured backward allocates and writes them
         torch.cuda.synchronize(x0.device)
         torch.cuda.empty_cache()  # the eager steps' cached blocks, before the graph takes its own pool
-        graph = torch.cuda.CUDAGraph()
-        with self.updater.capturing(), torch.cuda.graph(graph):
+        graph, update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             out = backward_parts(self.step_fn, self.parts, (self._x0, self._y, step, offset, global_batch),
                                  self.autocast, hold=self.hold, draws=self._draws)
-            norm = self.updater.step(step + 1, self.max_norm)
-        self._out, self._norm, self.graph = out, norm.reshape(()), graph
+        # The update is a second graph in the same memory pool: its device tables hold the addresses
+        # of the gradients the first graph writes, sent from the host now, between the two captures.
+        launches = self.updater.prepare_launches()
+        with torch.cuda.graph(update, pool=graph.pool()):
+            norm = self.updater.launch(launches, self.max_norm)
+        self._out, self._norm, self.graph, self._update = out, norm.reshape(()), graph, update
 
 
 GRAPH_CHECK_STEPS = 2  # steps compared, replayed against eager, before a benchmark times the graph
-GRAPH_CHECK_TOL = 1e-2  # the largest difference allowed, relative to each tensor's change over those steps
+GRAPH_CHECK_TOL = 2e-2  # the largest difference allowed, relative to each tensor's change over those steps
 
 
 def _state(model, opt, ema) -> list[torch.Tensor]:
@@ -151,10 +157,12 @@ def _state(model, opt, ema) -> list[torch.Tensor]:
 @torch.no_grad()
 def graph_check(run_steps, model, opt, ema, updater) -> dict:
     """The same steps replayed and run eagerly from the same state: ``run_steps(eager)`` runs them
-    one way. The state (host copies) is restored in place between the two, so the graph's buffers
-    keep their addresses; the eager run's state is kept. Returns the largest difference relative to
-    each tensor's change over the steps and whether all are bitwise equal; raises if the difference
-    is over ``GRAPH_CHECK_TOL``."""
+    one way. The state (host copies) is restored in place between the two, so the graphs' buffers
+    keep their addresses; the eager run's state is kept. Returns whether every tensor came out
+    bitwise equal and the largest difference ||eager - graphed|| / ||eager - start|| over the
+    tensors (a norm, not an element's worst case: where a kernel sums in a varying order, as
+    cuDNN's attention backward does, Adam can turn a near-zero gradient's noise into a full-size
+    step of either sign); raises if it is over ``GRAPH_CHECK_TOL``."""
     tensors = _state(model, opt, ema)
     start = [t.to("cpu", copy=True) for t in tensors]
     counts = updater.step_counts()
@@ -166,12 +174,12 @@ def graph_check(run_steps, model, opt, ema, updater) -> dict:
     run_steps(True)
     worst, bitwise = 0.0, True
     for t, s, g in zip(tensors, start, graphed):
-        e = t.to("cpu")
-        if torch.equal(e, g):
+        g = g.to(t.device)
+        if torch.equal(t, g):
             continue
         bitwise = False
-        change = (e.double() - s.double()).abs().max().item()
-        diff = (e.double() - g.double()).abs().max().item()
+        change = torch.linalg.vector_norm(t.double() - s.to(t.device).double()).item()
+        diff = torch.linalg.vector_norm(t.double() - g.double()).item()
         worst = max(worst, diff / change if change > 0 else float("inf"))
     result = {"steps": GRAPH_CHECK_STEPS, "bitwise": bitwise, "max_rel_diff": worst}
     if worst > GRAPH_CHECK_TOL:

@@ -1,0 +1,105 @@
+"""The captured training step's CPU-testable parts (training/graph_step.py): the objective's draws
+taken out of its forward, the checks that refuse settings a captured step cannot run, and the
+copies into the captured inputs. The capture itself needs CUDA: ``bench train-step --graph-step``
+compares replayed steps with eager ones before it times anything (``graph_check``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mdtzoo.diffusion import build_diffusion
+from mdtzoo.masking.base import MaskOut
+from mdtzoo.models import build_model
+from mdtzoo.training.graph_step import StepGraph, _copy, check_fixed_keep, check_graph_step
+from mdtzoo.training.objective import DiffusionObjective
+
+
+def _model(name: str, **kw):
+    torch.manual_seed(0)
+    model = build_model(name, input_size=8, in_channels=3, num_classes=3, **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model
+
+
+@pytest.mark.parametrize("name,passes,part", [
+    ("mdt_xs2", "both", "all"), ("mdt_xs2", "both", "full"), ("mdt_xs2", "both", "masked"),
+    ("mdt_xs2", "masked", "all"), ("mdt_xs2", "masked", "masked"), ("dit_s2", "full", "all"), ("dit_s2", "full", "full"),
+])
+def test_forward_with_drawn_draws_equals_forward_drawing(name, passes, part):
+    """forward(draws=draw(...)) is bitwise forward(step) for every pass set and part, on a
+    micro-batch's rows of a global batch; gradients too."""
+    model = _model(name)
+    objective = DiffusionObjective(model, build_diffusion(), passes, seed=3)
+    x0, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+    runs = []
+    for drawn in (False, True):
+        model.zero_grad(set_to_none=True)
+        draws = objective.draw(x0, 11, 2, 4, part) if drawn else None
+        out = objective(x0, y, 11, 2, 4, part=part, draws=draws)
+        out["loss"].backward()
+        runs.append((out, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (a, ga), (b, gb) = runs
+    assert a.keys() == b.keys() and len(ga) == len(gb) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for x, z in zip(ga, gb):
+        assert torch.equal(x, z)
+
+
+def test_draws_depend_on_step_and_rows_and_name_their_parts():
+    model = _model("mdt_xs2")
+    objective = DiffusionObjective(model, build_diffusion(), "both", seed=3)
+    x0 = torch.randn(4, 3, 8, 8)
+    full = objective.draw(x0, 5, 0, 4)
+    assert set(full) == {"t", "full_noise", "full_drop", "masked_noise", "masked_drop", "mask"}
+    assert isinstance(full["mask"], MaskOut) and full["full_noise"].shape == x0.shape
+    rows = objective.draw(x0[:2], 5, 2, 4)  # rows 2..3 of the same global draw
+    assert torch.equal(rows["full_noise"], full["full_noise"][2:]) and torch.equal(rows["t"], full["t"][2:])
+    assert torch.equal(rows["mask"].ids_shuffle, full["mask"].ids_shuffle[2:])
+    assert not torch.equal(objective.draw(x0, 6, 0, 4)["full_noise"], full["full_noise"])
+    assert set(objective.draw(x0, 5, part="full")) == {"t", "full_noise", "full_drop"}
+    with pytest.raises(ValueError, match="part must be"):
+        objective.draw(x0, 5, part="both")
+
+
+def test_check_graph_step_names_every_problem():
+    check_graph_step(torch.device("cuda", 0), 1, 1, True)  # (a check of the settings only: no GPU touched)
+    with pytest.raises(ValueError) as err:
+        check_graph_step(torch.device("cpu"), 2, 4, "reduce-overhead")
+    message = str(err.value)
+    for part in ("needs CUDA", "one process", "accumulates 4", "train.micro_batch", "'reduce-overhead'"):
+        assert part in message, (part, message)
+
+
+def test_check_fixed_keep_refuses_a_varying_kept_count():
+    check_fixed_keep(_model("mdt_xs2"))  # random masking at a fixed ratio: one count
+    check_fixed_keep(_model("dit_s2"))  # no masked pass
+    with pytest.raises(ValueError, match=r"random_jitter|RandomJitter.*different number of tokens"):
+        check_fixed_keep(_model("mdt_xs2", masking="random_jitter"))
+
+
+def test_copy_into_captured_inputs_refuses_another_shape():
+    static = torch.zeros(2, 3)
+    _copy("x0", static, torch.ones(2, 3))
+    assert torch.equal(static, torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"'x0' is \(3, 3\).*captured step's \(2, 3\)"):
+        _copy("x0", static, torch.ones(3, 3))
+    mask = MaskOut(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4), 3)
+    other = MaskOut(mask.ids_shuffle, mask.ids_restore, mask.mask, 2)
+    with pytest.raises(ValueError, match="keeps 2 tokens, the captured step 3"):
+        _copy("mask", mask, other)
+    with pytest.raises(ValueError, match="was absent"):
+        _copy("full_drop", None, torch.zeros(2, dtype=torch.bool))
+
+
+def test_step_graph_needs_the_fused_update():
+    from mdtzoo.training.ema import EMA
+    from mdtzoo.training.fused_update import OpByOpUpdate
+
+    model = _model("dit_s2")
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="needs the fused update.*OpByOpUpdate"):
+        StepGraph(None, None, ["all"], OpByOpUpdate(opt, EMA(model)), None)
