@@ -708,10 +708,18 @@ graph)  # session 14: the whole step as one CUDA graph (--graph-step, checked ag
   ;;
 graph2)  # session 14, after (y2)'s crash: the captured step's smoke test (graph_parts.py, DiT-S/2), then the
   # captured step (--graph-step) against the eager step, both also back to back, alternating order
-  echo "== graph_parts step" >&2
-  (cd experiments/bench && timeout 90 "$py" graph_parts.py --stage step) > "$OUT/graph_parts.log" 2>&1
+  echo "== graph_parts step (MDT-S/2, b16, eager blocks)" >&2
+  (cd experiments/bench && timeout 90 "$py" graph_parts.py --stage step --model mdt_s2) > "$OUT/graph_parts.log" 2>&1
   grep -v "^  \|warn" "$OUT/graph_parts.log" | tail -n 3 >&2
-  grep -q "step: ok" "$OUT/graph_parts.log" || exit 1
+  if ! grep -q "step: ok" "$OUT/graph_parts.log"; then  # what fails, then the sanitizer's first errors
+    for stage in fb update; do
+      (cd experiments/bench && timeout 90 "$py" graph_parts.py --stage $stage --model mdt_s2 2>&1 | tail -n 2) >&2
+    done
+    (cd experiments/bench && timeout 240 compute-sanitizer --tool memcheck --print-limit 20 "$py" graph_parts.py \
+      --stage step --model mdt_s2 --batch 4) > "$OUT/sanitizer.log" 2>&1
+    grep -v "Host Frame\|^=========\s*$" "$OUT/sanitizer.log" | grep -A6 "=====" | head -n 60 >&2
+    exit 1
+  fi
   for spec in "dit_xl2 64 10 eager" "dit_xl2 64 10 graph" "mdt_xl2 64 10 graph" "mdt_xl2 64 10 eager" \
               "mdt_s2 256 20 eager" "mdt_s2 256 20 graph"; do
     set -- $spec
