@@ -154,7 +154,6 @@ def _state(model, opt, ema) -> list[torch.Tensor]:
     return tensors
 
 
-@torch.no_grad()
 def graph_check(run_steps, model, opt, ema, updater) -> dict:
     """The same steps replayed and run eagerly from the same state: ``run_steps(eager)`` runs them
     one way. The state (host copies) is restored in place between the two, so the graphs' buffers
@@ -163,13 +162,14 @@ def graph_check(run_steps, model, opt, ema, updater) -> dict:
     tensors (a norm, not an element's worst case: where a kernel sums in a varying order, as
     cuDNN's attention backward does, Adam can turn a near-zero gradient's noise into a full-size
     step of either sign); raises if it is over ``GRAPH_CHECK_TOL``."""
-    tensors = _state(model, opt, ema)
+    tensors = [t.detach() for t in _state(model, opt, ema)]  # (the steps themselves need autograd)
     start = [t.to("cpu", copy=True) for t in tensors]
     counts = updater.step_counts()
     run_steps(False)
     graphed = [t.to("cpu", copy=True) for t in tensors]
-    for t, s in zip(tensors, start):
-        t.copy_(s)
+    with torch.no_grad():
+        for t, s in zip(tensors, start):
+            t.copy_(s)
     updater.set_step_counts(counts)
     run_steps(True)
     worst, bitwise = 0.0, True
