@@ -262,16 +262,17 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
             check_fixed_keep(model)
             graph = StepGraph(objective, step_fn, parts, updater, autocast, hold=hold)
 
-        def one_step(step: int, eager: bool = False) -> None:
+        def one_step(step: int, eager: bool = False):
+            """(losses, grad norm) of one training step: replayed, or eager (``eager`` or before the capture)."""
             if graph is not None and step >= GRAPH_WARMUP and not eager:
-                graph(x0, y, step)
-                return
+                return graph(x0, y, step)
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            backward_parts(step_fn, parts, (x0, y, step), autocast, world=info.world,
-                           hold=hold)
-            updater.step(step + 1)  # grad norm, AdamW, EMA
+            out = backward_parts(step_fn, parts, (x0, y, step), autocast, world=info.world,
+                                 hold=hold)
+            norm = updater.step(step + 1)  # grad norm, AdamW, EMA
             opt.zero_grad(set_to_none=True)
+            return out, norm
 
         start = time.perf_counter()
         for step in range(warmup):
@@ -284,7 +285,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
             first = warmup
             result["graph_check"] = graph_check(
                 lambda eager: [one_step(s, eager) for s in range(first, first + GRAPH_CHECK_STEPS)], model, opt, ema,
-                updater)
+                updater, log=log)
             warmup += GRAPH_CHECK_STEPS
             log(f"graph step checked against the eager step: {result['graph_check']}")
             torch.cuda.reset_peak_memory_stats(dev)

@@ -103,3 +103,69 @@ def test_step_graph_needs_the_fused_update():
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match="needs the fused update.*OpByOpUpdate"):
         StepGraph(None, None, ["all"], OpByOpUpdate(opt, EMA(model)), None)
+
+
+class _Counted:
+    """OpByOpUpdate with the step-count mirror ``graph_check`` restores (torch's AdamW keeps none)."""
+
+    def __init__(self, opt, ema):
+        from mdtzoo.training.fused_update import OpByOpUpdate
+
+        self.inner, self.opt = OpByOpUpdate(opt, ema), opt
+
+    def step(self, ema_step):
+        return self.inner.step(ema_step)
+
+    def step_counts(self):
+        return {}
+
+    def set_step_counts(self, counts):
+        pass
+
+
+def _check_setup():
+    from mdtzoo.training.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    ema = EMA(model, 0.9, warmup=True)
+    updater = _Counted(opt, ema)
+    inputs = [torch.randn(5, 6, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+
+    def one(step, lr=1e-2, stale=False):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = model(inputs[0 if stale else step]).square().mean()
+        loss.backward()
+        norm = updater.step(step + 1)
+        opt.zero_grad(set_to_none=True)
+        return {"loss": loss.detach()}, norm
+
+    one(0)  # AdamW's state exists before the check, as after a benchmark's warm-up
+    return model, opt, ema, updater, one
+
+
+@pytest.mark.parametrize("fault", [None, "lr", "stale"])
+def test_graph_check_passes_the_same_steps_and_names_a_stale_input_or_scalar(fault):
+    """graph_check on the CPU with an eager 'replay': the same steps pass, bitwise, with the eager
+    run against itself beside them; a replay that kept an old learning rate (changes 2x as large)
+    or an old batch (other losses) fails, naming what differs."""
+    from mdtzoo.training.graph_step import graph_check
+
+    model, opt, ema, updater, one = _check_setup()
+
+    def run_steps(eager):
+        if eager or fault is None:
+            return [one(s) for s in (1, 2)]
+        return [one(s, lr=2e-2) if fault == "lr" else one(s, stale=True) for s in (1, 2)]
+
+    if fault is None:
+        result = graph_check(run_steps, model, opt, ema, updater)
+        assert result["values_rel_diff"] == {"graphed": 0.0, "eager_again": 0.0}
+        assert all(c["bitwise"] and c["ratio"] == 1.0 for c in result["graphed"].values())
+        assert set(result["graphed"]) == {"params", "ema", "exp_avg", "exp_avg_sq", "step"}
+        return
+    match = r"params changed 1\.9\d*x as much replayed" if fault == "lr" else "losses or gradient norms differ"
+    with pytest.raises(RuntimeError, match=match):
+        graph_check(run_steps, model, opt, ema, updater)
