@@ -152,10 +152,10 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     ``windows``: after the per-step timing, that many windows of ``steps`` steps each enqueued back to
     back between two CUDA events (one sync per window, as a training loop that does not wait for each
     step): ``window_step_ms`` (median per step) and ``window_img_per_s``.
-    ``graph_step``: the step captured as one CUDA graph, as ``train.graph_step`` runs it
-    (``training.graph_step``); before anything is timed, ``GRAPH_CHECK_STEPS`` replayed steps are
-    compared with the same steps run eagerly from the same state (``graph_check``), and the
-    result also has the peak memory the caching allocator reserved (the graph's pool included).
+    ``graph_step``: the step captured as CUDA graphs (``training.graph_step``; experimental). Before
+    anything is timed, ``GRAPH_CHECK_STEPS`` replayed steps are compared with the same steps run
+    eagerly from the same state (``graph_check``). The result also has the peak memory the caching
+    allocator reserved, the graphs' pool included.
 
     ``batch`` is per process: under torchrun (WORLD_SIZE > 1) the objective is wrapped in DDP
     as in the trainer and img/s counts all processes' images. An out-of-memory error does not

@@ -70,7 +70,7 @@ def test_check_graph_step_names_every_problem():
     with pytest.raises(ValueError) as err:
         check_graph_step(torch.device("cpu"), 2, 4, "reduce-overhead")
     message = str(err.value)
-    for part in ("needs CUDA", "one process", "accumulates 4", "train.micro_batch", "'reduce-overhead'"):
+    for part in ("needs CUDA", "one process", "accumulates 4", "micro-batch the per-GPU batch", "'reduce-overhead'"):
         assert part in message, (part, message)
 
 

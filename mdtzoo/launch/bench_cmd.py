@@ -159,8 +159,9 @@ def add_parser(sub) -> None:
     t.add_argument("--windows", type=int, default=0,
                    help="also time this many windows of --steps steps enqueued back to back (one sync per window)")
     t.add_argument("--graph-step", action="store_true",
-                   help="the whole step captured as one CUDA graph, as train.graph_step runs it (checked against the "
-                        "eager step first; one GPU, default compile mode)")
+                   help="the whole step captured as CUDA graphs (training/graph_step.py), checked against the eager "
+                        "step before anything is timed; one GPU, default compile mode. Experimental: its check has "
+                        "not passed on a GPU yet (docs/performance.md, session 14)")
     t.add_argument("--joint-backward", action="store_true",
                    help="one backward of full + masked loss (default: the two passes in turn, less memory)")
     t.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")

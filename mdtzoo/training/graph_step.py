@@ -1,4 +1,4 @@
-"""A whole training step replayed as one CUDA graph (``train.graph_step``, ``bench train-step --graph-step``).
+"""A whole training step replayed from CUDA graphs (``bench train-step --graph-step``).
 
 An eager step costs the host about as much time as the GPU at XL/2 and more at S/2: some 2,000 to
 3,500 kernel launches from inductor's wrappers, the autograd engine's nodes, the update
@@ -14,6 +14,11 @@ outside the graph and reaches it through fixed buffers:
 
 The gradients live in the graph's memory and every replay's backward writes them anew, so the
 eager step's ``zero_grad(set_to_none=True)`` is not called between replays.
+
+Status (session 14, docs/performance.md): a benchmark option only (``bench train-step
+--graph-step``), not in the trainer. The two graphs replay; the first comparison of replayed and
+eager steps on an H100 failed (an elementwise measure that Adam's noise near initialisation can
+move), and ``graph_check``'s present form has not run on a GPU yet, so no captured step is timed.
 
 What it needs (``check_graph_step``, before any step runs): CUDA, one process (DDP's all-reduce
 is not captured), no gradient accumulation, the fused update, torch.compile's default mode (its
@@ -43,12 +48,12 @@ def check_graph_step(device: torch.device, world: int, accum: int, compile) -> N
         problems.append(f"it runs on one process, and this run has {world} (DDP's all-reduce is not captured)")
     if accum > 1:
         problems.append(f"it runs one micro-batch a step, and this run accumulates {accum} "
-                        "(set train.micro_batch to the per-GPU batch)")
+                        "(make the micro-batch the per-GPU batch)")
     if uses_cudagraphs(compile):
         problems.append(f"compile mode {compile!r} replays its own CUDA graphs, which do not nest in the "
                         "step's; use compile=True")
     if problems:
-        raise ValueError("train.graph_step: " + "; ".join(problems))
+        raise ValueError("graph_step: " + "; ".join(problems))
 
 
 def check_fixed_keep(model, tries: int = 8) -> None:
@@ -60,9 +65,9 @@ def check_fixed_keep(model, tries: int = 8) -> None:
     counts = sorted({masking(1, model.grid, device="cpu", generator=torch.Generator().manual_seed(i)).num_keep
                      for i in range(tries)})
     if len(counts) > 1:
-        raise ValueError(f"train.graph_step: masking {masking!r} keeps a different number of tokens at each draw "
+        raise ValueError(f"graph_step: masking {masking!r} keeps a different number of tokens at each draw "
                          f"({', '.join(map(str, counts))} in {tries} draws), and a captured step has one shape; "
-                         "use a strategy with a fixed ratio or train.graph_step=False")
+                         "use a strategy with a fixed ratio, or the eager step")
 
 
 def _clone(value):
@@ -102,7 +107,7 @@ class StepGraph:
     def __init__(self, objective, step_fn, parts: list[str], updater, autocast, *, hold=None,
                  max_norm: float | None = None):
         if not isinstance(updater, FusedAdamWEMA):
-            raise ValueError(f"train.graph_step needs the fused update (update='fused' or 'auto' with AdamW on "
+            raise ValueError(f"graph_step needs the fused update (update='fused' or 'auto' with AdamW on "
                              f"CUDA); this run's update is {type(updater).__name__}")
         self.objective, self.step_fn, self.parts, self.updater = objective, step_fn, parts, updater
         self.autocast, self.hold, self.max_norm = autocast, hold, max_norm
