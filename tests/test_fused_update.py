@@ -228,6 +228,7 @@ for replay in (False, True):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(6, 9)
     m(x).square().mean().backward()  # gradient tensors that stay in place, as a graph's do
+    m[0].weight.grad = torch.zeros(9, 40).t()  # a transposed view: the kernel reads a copy of it
     trained = [p for p in m.parameters() if p.grad is not None]
     grads = [p.grad for p in trained]
     launches = None
@@ -257,6 +258,8 @@ print("REPLAY_OK")
 def test_prepared_launches_replayed_equal_eager_steps_in_the_interpreter(triton_interpreter):
     """``prepare_launches`` once, then ``before_replay`` + ``launch`` per step (how a captured update
     runs) gives bitwise the same parameters, EMA (frozen parameter included), optimiser state and
-    norms as ``step()`` over five steps with a changing learning rate: the kernels read each step's
-    scalars from the device buffers, not the values of the step the launches were prepared at."""
+    norms as ``step()`` over five steps with a changing learning rate and gradients rewritten in
+    place, one of them a transposed view: the kernels read each step's scalars from the device
+    buffers and each step's copy of that gradient, not the values of the step the launches were
+    prepared at."""
     assert "REPLAY_OK" in triton_interpreter(REPLAY_CHECK)

@@ -292,12 +292,8 @@ class FusedAdamWEMA:
         )
 
     @staticmethod
-    def _host(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype)
-
-    @classmethod
-    def _to_device(cls, values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
-        host = cls._host(values, dtype)
+    def _to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+        host = torch.tensor(values, dtype=dtype)
         if dev.type == "cuda":  # pinned: the copy does not wait for the queued GPU work
             return host.pin_memory().to(dev, non_blocking=True)
         return host.to(dev)
@@ -331,13 +327,20 @@ class FusedAdamWEMA:
         return plan
 
     @staticmethod
-    def _kernel_ready(grads: list) -> list:
-        """Gradients as the kernel reads them: float32, contiguous, 16-byte aligned (a view into a
-        bucket, say, is copied first)."""
+    def _kernel_ready(grads: list, copies: list) -> list:
+        """Gradients as the kernel reads them: float32, contiguous, 16-byte aligned. One that is not
+        (a view into a bucket, say) gets a buffer of its own, and (buffer, gradient) goes to
+        ``copies``: ``launch`` copies it there first, so that a captured update replays the copy
+        with the rest instead of reading the values of the step it was prepared at."""
         if any(g is not None and g.dtype != torch.float32 for g in grads):
             raise ValueError("FusedAdamWEMA needs float32 gradients")
-        return [g if g is None or (g.is_contiguous() and g.data_ptr() % ALIGN == 0)
-                else g.clone(memory_format=torch.contiguous_format) for g in grads]
+        ready = []
+        for g in grads:
+            if g is not None and not (g.is_contiguous() and g.data_ptr() % ALIGN == 0):
+                copies.append((torch.empty(g.shape, dtype=g.dtype, device=g.device), g))
+                g = copies[-1][0]
+            ready.append(g)
+        return ready
 
     @torch.no_grad()
     def step(self, ema_step: int, max_norm: float | None = None) -> torch.Tensor:
@@ -360,15 +363,16 @@ class FusedAdamWEMA:
             chosen = pairs if len(present) == len(pairs) else [pairs[i] for i in present]
             plan = self._plan(gi, present, chosen)
             dev = chosen[0][0].device
-            gs = self._kernel_ready([p.grad for p, _ in chosen])
-            g2s = self._kernel_ready([held.get(id(p)) for p, _ in chosen])
+            copies = []
+            gs = self._kernel_ready([p.grad for p, _ in chosen], copies)
+            g2s = self._kernel_ready([held.get(id(p)) for p, _ in chosen], copies)
             has_g2 = any(g is not None for g in g2s)
             g_addrs = self._device_addresses(("g", gi, present), gs, dev)
             g2_addrs = self._device_addresses(("g2", gi, present), g2s, dev) if has_g2 else g_addrs
             counts = {self._steps[i] for i in plan["ids"]}  # (all advance by one: uniform stays uniform)
             launches.append(dict(group=group, plan=plan, g=g_addrs, g2=g2_addrs, has_g2=has_g2, dev=dev,
                                  blocks=plan["table"]["block_t"].numel(), uniform=len(counts) == 1,
-                                 alive=gs + g2s))  # (copies kept alive)
+                                 copies=copies, alive=gs + g2s))  # (held gradients kept alive)
         self._rest = list(self._ema_only)  # EMA for what AdamW does not touch: frozen parameters, no gradient
         for group, pairs in zip(self.opt.param_groups, self._groups):
             self._rest += [(e, p) for p, e in pairs if p.grad is None]
@@ -397,6 +401,9 @@ class FusedAdamWEMA:
     def launch(self, launches: list[dict], max_norm: float | None = None) -> torch.Tensor:
         """Device side: the kernels (the norm first when clipping), the step counters, the EMA of
         the rest and the buffers -- nothing here reads the host's values of this step."""
+        for ln in launches:
+            for buffer, grad in ln["copies"]:
+                buffer.copy_(grad)
         coef = None
         if max_norm is not None and launches:  # the norm must be known before the update
             sums = []
