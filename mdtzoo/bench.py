@@ -287,7 +287,6 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                 lambda eager: [one_step(s, eager) for s in range(first, first + GRAPH_CHECK_STEPS)], model, opt, ema,
                 updater, log=log)
             warmup += GRAPH_CHECK_STEPS
-            log(f"graph step checked against the eager step: {result['graph_check']}")
             torch.cuda.reset_peak_memory_stats(dev)
         for step in range(warmup, warmup + steps):
             if cuda:

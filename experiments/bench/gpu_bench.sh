@@ -724,14 +724,14 @@ graph2)  # session 14, after (y2)'s crash: the captured step's smoke test (graph
               "mdt_s2 256 20 eager" "mdt_s2 256 20 graph"; do
     set -- $spec
     step "step_$1_$4" 150 "$1" "$2" --steps "$3" --compile --windows 2 $([ "$4" = graph ] && echo --graph-step) --verbose
-    grep "graph step checked" "$OUT/step_$1_$4.log" >&2
+    grep "graph check" "$OUT/step_$1_$4.log" >&2
   done
   ;;
 graph3)  # (y5) on the same warm machine, after graph_check's fix: the captured steps alone
   for spec in "mdt_xl2 64 10" "dit_xl2 64 10" "mdt_s2 256 20"; do
     set -- $spec
     step "step_$1_graph" 150 "$1" "$2" --steps "$3" --compile --windows 2 --graph-step --verbose
-    grep "graph step checked" "$OUT/step_$1_graph.log" >&2
+    grep "graph check" "$OUT/step_$1_graph.log" >&2
   done
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps

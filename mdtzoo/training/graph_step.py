@@ -3,9 +3,9 @@
 An eager step costs the host about as much time as the GPU at XL/2 and more at S/2: some 2,000 to
 3,500 kernel launches from inductor's wrappers, the autograd engine's nodes, the update
 (docs/performance.md). Captured once, the step is two graph launches: the forward and backward of
-every part with the held gradients, then the update kernel (a second graph in the same memory pool,
-because its tables hold the addresses of the gradients the first one writes). What changes from step to step stays
-outside the graph and reaches it through fixed buffers:
+every part with the held gradients, then the update (a second graph in the same memory pool: its
+tables hold the addresses of the gradients the first one writes, sent between the two captures).
+What changes from step to step stays outside the graphs and reaches them through fixed buffers:
 
 - the batch (x0, y) and the step's random draws (``DiffusionObjective.draw``, drawn eagerly
   exactly as an eager step draws them) are copied into the captured inputs;
@@ -15,10 +15,12 @@ outside the graph and reaches it through fixed buffers:
 The gradients live in the graph's memory and every replay's backward writes them anew, so the
 eager step's ``zero_grad(set_to_none=True)`` is not called between replays.
 
-Status (session 14, docs/performance.md): a benchmark option only (``bench train-step
---graph-step``), not in the trainer. The two graphs replay; the first comparison of replayed and
-eager steps on an H100 failed (an elementwise measure that Adam's noise near initialisation can
-move), and ``graph_check``'s present form has not run on a GPU yet, so no captured step is timed.
+Status (session 14, docs/performance.md): a benchmark option only, not in the trainer. The two
+graphs replay on an H100, but the first comparison of replayed and eager steps there failed. It
+was an elementwise measure, which Adam's noise near initialisation can move. Since then the
+comparison has changed (``graph_check``), and a bug was fixed (a gradient the update kernel cannot
+read in place was copied once, when the update was prepared). Neither has run on a GPU yet, so no
+captured step has been timed.
 
 What it needs (``check_graph_step``, before any step runs): CUDA, one process (DDP's all-reduce
 is not captured), no gradient accumulation, the fused update, torch.compile's default mode (its
@@ -51,7 +53,7 @@ def check_graph_step(device: torch.device, world: int, accum: int, compile) -> N
                         "(make the micro-batch the per-GPU batch)")
     if uses_cudagraphs(compile):
         problems.append(f"compile mode {compile!r} replays its own CUDA graphs, which do not nest in the "
-                        "step's; use compile=True")
+                        "step's; use the default mode")
     if problems:
         raise ValueError("graph_step: " + "; ".join(problems))
 
