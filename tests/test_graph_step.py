@@ -151,7 +151,7 @@ def test_graph_check_passes_the_same_steps_and_names_a_stale_input_or_scalar(fau
     """graph_check on the CPU with an eager 'replay': the same steps pass, bitwise, with the eager
     run against itself beside them; a replay that kept an old learning rate (changes 2x as large)
     or an old batch (other losses) fails, naming what differs."""
-    from mdtzoo.training.graph_step import graph_check
+    from mdtzoo.training.graph_step import GraphCheckError, graph_check
 
     model, opt, ema, updater, one = _check_setup()
 
@@ -165,7 +165,12 @@ def test_graph_check_passes_the_same_steps_and_names_a_stale_input_or_scalar(fau
         assert result["values_rel_diff"] == {"graphed": 0.0, "eager_again": 0.0}
         assert all(c["bitwise"] and c["ratio"] == 1.0 for c in result["graphed"].values())
         assert set(result["graphed"]) == {"params", "ema", "exp_avg", "exp_avg_sq", "step"}
+        assert set(result["graphed"]["params"]["worst"].values()) == {0.0}
         return
     match = r"params changed 1\.9\d*x as much replayed" if fault == "lr" else "losses or gradient norms differ"
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(GraphCheckError, match=match) as err:
         graph_check(run_steps, model, opt, ema, updater)
+    if fault == "lr":  # every parameter changed about twice as much: each differs by about its own change
+        worst = err.value.result["graphed"]["params"]["worst"]
+        assert set(worst) == {n for n, _ in model.named_parameters()}, worst
+        assert all(0.5 < r < 1.5 for r in worst.values()), worst

@@ -175,20 +175,34 @@ def _norm(tensors) -> float:
     return math.sqrt(sum(torch.linalg.vector_norm(t.double()).item() ** 2 for t in tensors))
 
 
-def _compare(groups: dict, start: dict, other: dict) -> dict:
+def _compare(groups: dict, start: dict, other: dict, names: list[str]) -> dict:
     """Per group, the live state (an eager run's) against ``other`` (another run's host copy), both
     from ``start``: their changes ||x - start|| as norms, ``ratio`` = other's / the live one's,
-    ``diff`` = ||live - other|| relative to the live change, and whether they are bitwise equal."""
+    ``diff`` = ||live - other|| relative to the live change, and whether they are bitwise equal;
+    for the parameters also the five tensors (``names``) that differ most, relative to their change."""
     out = {}
     for k, ts in groups.items():
         dev = [t.device for t in ts]
-        change = _norm([t.double() - s.to(d).double() for t, s, d in zip(ts, start[k], dev)])
-        other_change = _norm([o.double() - s.double() for o, s in zip(other[k], start[k])])
-        diff = _norm([t.double() - o.to(d).double() for t, o, d in zip(ts, other[k], dev)])
+        changes = [_norm([t.double() - s.to(d).double()]) for t, s, d in zip(ts, start[k], dev)]
+        diffs = [_norm([t.double() - o.to(d).double()]) for t, o, d in zip(ts, other[k], dev)]
+        change, diff = math.hypot(*changes), math.hypot(*diffs)
+        other_change = math.hypot(*(_norm([o.double() - s.double()]) for o, s in zip(other[k], start[k])))
         out[k] = {"ratio": other_change / change if change > 0 else float("inf"),
                   "diff": diff / change if change > 0 else float("inf"),
                   "bitwise": all(torch.equal(t, o.to(d)) for t, o, d in zip(ts, other[k], dev))}
+        if k == "params":
+            worst = sorted(((d / c if c > 0 else float("inf") if d > 0 else 0.0), n)
+                           for d, c, n in zip(diffs, changes, names))[::-1][:5]
+            out[k]["worst"] = {n: r for r, n in worst}
     return out
+
+
+class GraphCheckError(RuntimeError):
+    """The captured step differs from the eager one; ``result`` holds ``graph_check``'s comparison."""
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
 
 
 def _values(steps: list) -> list[dict[str, float]]:
@@ -209,7 +223,7 @@ def graph_check(run_steps, model, opt, ema, updater, log=None) -> dict:
     most gradients are rounding noise, which Adam's normalisation turns into full-size steps of
     either sign, so a kernel that sums in another order moves them differently. Those differences
     are reported per group (``diff``: the distance relative to the change) with the eager run
-    against itself beside them (``eager_again``)."""
+    against itself beside them (``eager_again``); the error (``GraphCheckError``) carries them too."""
     log = log or (lambda *_: None)
     groups = _groups(model, opt, ema)
     start = _snapshot(groups)
@@ -228,8 +242,9 @@ def graph_check(run_steps, model, opt, ema, updater, log=None) -> dict:
     eager_values = from_start(True)
     eager = _snapshot(groups)
     again_values = from_start(True)
-    result = {"steps": GRAPH_CHECK_STEPS, "graphed": _compare(groups, start, graphed),
-              "eager_again": _compare(groups, start, eager)}
+    names = [n for n, _ in model.named_parameters()]
+    result = {"steps": GRAPH_CHECK_STEPS, "graphed": _compare(groups, start, graphed, names),
+              "eager_again": _compare(groups, start, eager, names)}
     del graphed, eager
     worst = {}
     for name, values in (("graphed", graphed_values), ("eager_again", again_values)):
@@ -245,5 +260,5 @@ def graph_check(run_steps, model, opt, ema, updater, log=None) -> dict:
             problems.append(f"{k} changed {c['ratio']:.3f}x as much replayed as eagerly (tolerance 1 +- {UPDATE_TOL})")
     log(f"graph check: {result}")
     if problems:
-        raise RuntimeError("the captured step differs from the eager step: " + "; ".join(problems))
+        raise GraphCheckError("the captured step differs from the eager step: " + "; ".join(problems), result)
     return result
