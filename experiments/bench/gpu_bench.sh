@@ -68,6 +68,7 @@
 #   bash experiments/bench/gpu_bench.sh start14   # the trainer's waits counted, then the XL/2 profiles by kernel kind
 #   bash experiments/bench/gpu_bench.sh graph     # the step as one CUDA graph against the eager step
 #   bash experiments/bench/gpu_bench.sh graph2    # its smoke test, then the captured step against the eager one
+#   bash experiments/bench/gpu_bench.sh graph4a   # the captured XL/2 steps against the eager ones (graph4b: S/2, B/2)
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -732,6 +733,16 @@ graph3)  # (y5) on the same warm machine, after graph_check's fix: the captured 
     set -- $spec
     step "step_$1_graph" 150 "$1" "$2" --steps "$3" --compile --windows 2 --graph-step --verbose
     grep "graph check" "$OUT/step_$1_graph.log" >&2
+  done
+  ;;
+graph4a|graph4b)  # for session 15: the captured step against the eager one after the copy fix and the
+  # new graph_check, each also back to back, alternating order; 4a the XL/2 steps, 4b the S/2 and B/2 steps
+  if [ "$group" = graph4a ]; then specs="dit_xl2:64:10:eager dit_xl2:64:10:graph mdt_xl2:64:10:graph mdt_xl2:64:10:eager"
+  else specs="mdt_s2:256:20:eager mdt_s2:256:20:graph dit_s2:256:20:graph dit_s2:256:20:eager mdt_b2:256:10:graph"; fi
+  for spec in $specs; do
+    IFS=: read -r m b n kind <<< "$spec"
+    step "step_${m}_$kind" 150 "$m" "$b" --steps "$n" --compile --windows 2 $([ "$kind" = graph ] && echo --graph-step) --verbose
+    grep "graph check" "$OUT/step_${m}_$kind.log" | cut -c1-600 >&2
   done
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
