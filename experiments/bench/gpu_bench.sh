@@ -69,6 +69,7 @@
 #   bash experiments/bench/gpu_bench.sh graph     # the step as one CUDA graph against the eager step
 #   bash experiments/bench/gpu_bench.sh graph2    # its smoke test, then the captured step against the eager one
 #   bash experiments/bench/gpu_bench.sh graph4a   # the captured XL/2 steps against the eager ones (graph4b: S/2, B/2)
+#   bash experiments/bench/gpu_bench.sh cppwrap   # inductor's C++ wrapper against the default at XL/2 (long compiles)
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
@@ -743,6 +744,13 @@ graph4a|graph4b)  # for session 15: the captured step against the eager one afte
     IFS=: read -r m b n kind <<< "$spec"
     step "step_${m}_$kind" 150 "$m" "$b" --steps "$n" --compile --windows 2 $([ "$kind" = graph ] && echo --graph-step) --verbose
     grep "graph check" "$OUT/step_${m}_$kind.log" | cut -c1-600 >&2
+  done
+  ;;
+cppwrap)  # inductor's C++ wrapper (--inductor-options cpp: kernels launched from generated C++, not Python)
+  # against the default, DiT-XL/2 and MDT-XL/2; session 6 gave it 110 s and it did not finish compiling
+  for spec in "dit_xl2 -" "dit_xl2 cpp" "mdt_xl2 cpp" "mdt_xl2 -"; do
+    set -- $spec
+    step "step_$1_${2/-/default}" 280 "$1" 64 --compile --windows 2 $(variant --inductor-options "$2")
   done
   ;;
 norm2)  # --norm-impl triton against inductor's kernels on the smaller MDT steps
