@@ -63,6 +63,8 @@ def test_draws_depend_on_step_and_rows_and_name_their_parts():
     assert set(objective.draw(x0, 5, part="full")) == {"t", "full_noise", "full_drop"}
     with pytest.raises(ValueError, match="part must be"):
         objective.draw(x0, 5, part="both")
+    with pytest.raises(ValueError, match=r"draws lacks \['masked_noise', 'masked_drop', 'mask'\] for part 'masked'"):
+        objective(x0, torch.zeros(4, dtype=torch.long), 5, part="masked", draws=objective.draw(x0, 5, part="full"))
 
 
 def test_check_graph_step_names_every_problem():

@@ -116,6 +116,13 @@ class DiffusionObjective(nn.Module):
             draws = self.draw(x0, step, offset, global_batch, part)
         elif part not in ("all", "full", "masked"):
             raise ValueError(f"part must be 'all', 'full' or 'masked'; got {part!r}")
+        else:
+            needed = ["t"] + ["full_noise", "full_drop"] * self._runs("full", part) + \
+                ["masked_noise", "masked_drop", "mask"] * self._runs("masked", part)
+            missing = [k for k in needed if k not in draws]
+            if missing:
+                raise ValueError(f"draws lacks {missing} for part {part!r}: draw them with "
+                                 f"draw(..., part={part!r}) or part='all'")
         t = draws["t"]
         out: dict[str, torch.Tensor] = {}
         loss = x0.new_zeros(())
