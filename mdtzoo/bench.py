@@ -186,6 +186,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     check_compile_scope(compile_scope)
     if graph_step and warmup <= GRAPH_WARMUP:
         raise ValueError(f"graph_step needs warmup > {GRAPH_WARMUP} (eager steps, then the capture); got {warmup}")
+    if graph_step and update == "op_by_op":
+        raise ValueError("graph_step needs the fused update (update 'auto' or 'fused'); got update 'op_by_op'")
     info = dist_util.env_info()
     if info.world > 1:
         info, dev = dist_util.setup(device or "auto")

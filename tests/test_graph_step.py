@@ -213,3 +213,16 @@ def test_captured_step_agrees_with_the_eager_step_on_cuda(name):
     graph_check(lambda eager: [one(s, eager) for s in (3, 4)], model, opt, ema, updater)
     losses = [float(one(s)[0]["loss"]) for s in range(5, 9)]
     assert all(map(torch.isfinite, torch.tensor(losses))), losses
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"update": "op_by_op"}, "needs the fused update"),
+    ({"warmup": 2}, r"needs warmup > 2"),
+    ({"device": "cpu"}, "it needs CUDA, and the device is cpu"),
+    ({"device": "cpu", "compile": "reduce-overhead"}, "compile mode 'reduce-overhead'"),
+])
+def test_bench_refuses_a_graph_step_it_cannot_run_before_building_anything(kwargs, message):
+    from mdtzoo.bench import bench_train_step
+
+    with pytest.raises(ValueError, match=message):
+        bench_train_step("dit_s2", 2, graph_step=True, **kwargs)
