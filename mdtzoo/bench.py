@@ -159,7 +159,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
 
     ``batch`` is per process: under torchrun (WORLD_SIZE > 1) the objective is wrapped in DDP
     as in the trainer and img/s counts all processes' images. An out-of-memory error does not
-    raise: the result has ``status='oom'``.
+    raise: the result has ``status='oom'``; nor does a failed ``graph_check``: ``status=
+    'graph_check_failed'``, with the comparison under ``graph_check``.
     """
     from mdtzoo.training import distributed as dist_util
     from mdtzoo.diffusion import build_diffusion
@@ -169,8 +170,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     from mdtzoo.models.triton_norm import MAX_WIDTH as MAX_NORM_WIDTH
     from mdtzoo.training.ema import EMA
     from mdtzoo.training.fused_update import FusedAdamWEMA, check_update_mode, make_update
-    from mdtzoo.training.graph_step import (GRAPH_CHECK_STEPS, GRAPH_WARMUP, StepGraph, check_fixed_keep,
-                                            check_graph_step, graph_check)
+    from mdtzoo.training.graph_step import (GRAPH_CHECK_STEPS, GRAPH_WARMUP, GraphCheckError, StepGraph,
+                                            check_fixed_keep, check_graph_step, graph_check)
     from mdtzoo.training.loop import make_optimizer
     from mdtzoo.training.objective import DiffusionObjective, backward_parts, prepare_step, uses_cudagraphs
 
@@ -323,6 +324,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
 
             result["profile"] = _profile_table(two_steps, dev, rows=25, per=2,
                                                step_ms=statistics.median(times) * 1e3 if cuda else None)
+    except GraphCheckError as err:  # a refusal, not a crash: the comparison goes to the JSON, nothing is timed
+        result.update(status="graph_check_failed", error=str(err), graph_check=err.result)
     except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
         if not _is_oom(err):
             raise

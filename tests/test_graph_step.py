@@ -226,3 +226,25 @@ def test_bench_refuses_a_graph_step_it_cannot_run_before_building_anything(kwarg
 
     with pytest.raises(ValueError, match=message):
         bench_train_step("dit_s2", 2, graph_step=True, **kwargs)
+
+
+def test_bench_command_reports_a_failed_graph_check_and_exits_1(monkeypatch, tmp_path, capsys):
+    """A failed check is a result, not a traceback: its line, its comparison in the JSON, exit status 1."""
+    import json
+
+    from mdtzoo import bench
+    from mdtzoo.launch.cli import main
+
+    def failed(model_name, batch, **kw):
+        assert kw["graph_step"] is True
+        return dict(model=model_name, batch=batch, precision="bf16", compile=True, passes="full", graph_step=True,
+                    status="graph_check_failed", error="the captured step differs from the eager step: params ...",
+                    graph_check={"graphed": {"params": {"ratio": 2.0}}})
+
+    monkeypatch.setattr(bench, "bench_train_step", failed)
+    out = tmp_path / "r.json"
+    assert main(["bench", "train-step", "--model", "dit_s2", "--graph-step", "--json", str(out)]) == 1
+    assert "GRAPH_CHECK_FAILED (the captured step differs" in capsys.readouterr().out
+    assert json.loads(out.read_text())["graph_check"]["graphed"]["params"]["ratio"] == 2.0
+    monkeypatch.setattr(bench, "bench_train_step", lambda *a, **kw: {**failed(*a, **kw), "status": "oom"})
+    assert main(["bench", "train-step", "--model", "dit_s2", "--graph-step", "--json", str(out)]) == 0

@@ -47,7 +47,7 @@ def run_train_step(args) -> int:
         print(format_result(result), flush=True)
         if args.json:
             write_json(result, args.json)
-    return 0
+    return 1 if result["status"] == "graph_check_failed" else 0
 
 
 def run_sample(args) -> int:

@@ -292,20 +292,19 @@ class FusedAdamWEMA:
         )
 
     @staticmethod
-    def _to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    def _staged(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+        """``values`` on the host, pinned for a CUDA device: the copy does not wait for the queued GPU work."""
         host = torch.tensor(values, dtype=dtype)
-        if dev.type == "cuda":  # pinned: the copy does not wait for the queued GPU work
-            return host.pin_memory().to(dev, non_blocking=True)
-        return host.to(dev)
+        return host.pin_memory() if dev.type == "cuda" else host
 
-    @staticmethod
-    def _write(buffer: torch.Tensor, values: list) -> None:
-        """``buffer`` := values, queued behind the GPU work already enqueued (pinned, no wait)."""
-        host = torch.tensor(values, dtype=buffer.dtype).reshape(buffer.shape)
-        if buffer.device.type == "cuda":
-            buffer.copy_(host.pin_memory(), non_blocking=True)
-        else:
-            buffer.copy_(host)
+    @classmethod
+    def _to_device(cls, values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+        return cls._staged(values, dtype, dev).to(dev, non_blocking=True)
+
+    @classmethod
+    def _write(cls, buffer: torch.Tensor, values: list) -> None:
+        """``buffer`` := values, queued behind the GPU work already enqueued."""
+        buffer.copy_(cls._staged(values, buffer.dtype, buffer.device).reshape(buffer.shape), non_blocking=True)
 
     def _plan(self, gi: int, present: tuple[int, ...], chosen: list) -> dict:
         """What a step of one group needs besides the gradients: AdamW's states, their step
@@ -387,13 +386,10 @@ class FusedAdamWEMA:
             lr, wd, beta1, beta2, eps = _group_hyper(ln["group"])
             counts = [self._steps[i] + 1 for i in plan["ids"]]
             self._steps.update(zip(plan["ids"], counts))
-            uniform = min(counts) == max(counts)
-            if ln["uniform"] != uniform:  # (cannot happen: the counts advance together)
-                raise RuntimeError("the parameters' step counts diverged within a step")
             step_size = [lr / (1.0 - beta1**n) for n in counts]
             bc2_sqrt = [math.sqrt(1.0 - beta2**n) for n in counts]
             self._write(plan["scal"], [step_size[0], bc2_sqrt[0], 1.0 - lr * wd, beta1, beta2, eps, ema_weight])
-            if not uniform:
+            if not ln["uniform"]:  # (set by ``_launches``: the counts all advance by one)
                 self._write(plan["per_tensor"], step_size + bc2_sqrt)
         if self._rest:
             self._write(self._ema_weight, [ema_weight])

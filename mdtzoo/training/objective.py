@@ -117,8 +117,11 @@ class DiffusionObjective(nn.Module):
         elif part not in ("all", "full", "masked"):
             raise ValueError(f"part must be 'all', 'full' or 'masked'; got {part!r}")
         else:
-            needed = ["t"] + ["full_noise", "full_drop"] * self._runs("full", part) + \
-                ["masked_noise", "masked_drop", "mask"] * self._runs("masked", part)
+            needed = ["t"]
+            if self._runs("full", part):
+                needed += ["full_noise", "full_drop"]
+            if self._runs("masked", part):
+                needed += ["masked_noise", "masked_drop", "mask"]
             missing = [k for k in needed if k not in draws]
             if missing:
                 raise ValueError(f"draws lacks {missing} for part {part!r}: draw them with "
