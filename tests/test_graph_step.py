@@ -135,24 +135,27 @@ def _check_setup():
     updater = _Counted(opt, ema)
     inputs = [torch.randn(5, 6, generator=torch.Generator().manual_seed(s)) for s in range(4)]
 
-    def one(step, lr=1e-2, stale=False):
+    def one(step, lr=1e-2, stale=False, keep_grads=False):
         for group in opt.param_groups:
             group["lr"] = lr
         loss = model(inputs[0 if stale else step]).square().mean()
         loss.backward()
         norm = updater.step(step + 1)
-        opt.zero_grad(set_to_none=True)
+        if not keep_grads:  # a replayed step leaves its gradients in .grad
+            opt.zero_grad(set_to_none=True)
         return {"loss": loss.detach()}, norm
 
     one(0)  # AdamW's state exists before the check, as after a benchmark's warm-up
     return model, opt, ema, updater, one
 
 
-@pytest.mark.parametrize("fault", [None, "lr", "stale"])
+@pytest.mark.parametrize("fault", [None, "kept_grads", "lr", "stale"])
 def test_graph_check_passes_the_same_steps_and_names_a_stale_input_or_scalar(fault):
     """graph_check on the CPU with an eager 'replay': the same steps pass, bitwise, with the eager
-    run against itself beside them; a replay that kept an old learning rate (changes 2x as large)
-    or an old batch (other losses) fails, naming what differs."""
+    run against itself beside them, also when the 'replay' leaves its gradients in .grad as a CUDA
+    graph's does (the eager run after it must not add to them: session 15's first GPU check failed
+    so); a replay that kept an old learning rate (changes 2x as large) or an old batch (other
+    losses) fails, naming what differs."""
     from mdtzoo.training.graph_step import GraphCheckError, graph_check
 
     model, opt, ema, updater, one = _check_setup()
@@ -160,9 +163,11 @@ def test_graph_check_passes_the_same_steps_and_names_a_stale_input_or_scalar(fau
     def run_steps(eager):
         if eager or fault is None:
             return [one(s) for s in (1, 2)]
+        if fault == "kept_grads":
+            return [one(1), one(2, keep_grads=True)]  # a replay overwrites them, and the last one stays
         return [one(s, lr=2e-2) if fault == "lr" else one(s, stale=True) for s in (1, 2)]
 
-    if fault is None:
+    if fault in (None, "kept_grads"):
         result = graph_check(run_steps, model, opt, ema, updater)
         assert result["values_rel_diff"] == {"graphed": 0.0, "eager_again": 0.0}
         assert all(c["bitwise"] and c["ratio"] == 1.0 for c in result["graphed"].values())

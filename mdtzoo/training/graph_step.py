@@ -235,6 +235,9 @@ def graph_check(run_steps, model, opt, ema, updater, log=None) -> dict:
                 for t, s in zip(ts, start[k]):
                     t.copy_(s)
         updater.set_step_counts(counts)
+        # A replay leaves the graph's gradient buffers in .grad (it never zeroes them); an eager
+        # backward would add to them, so every run starts as an eager step expects, without gradients.
+        opt.zero_grad(set_to_none=True)
         return _values(run_steps(eager))
 
     graphed_values = from_start(False)
