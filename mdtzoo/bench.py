@@ -154,8 +154,10 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     step): ``window_step_ms`` (median per step) and ``window_img_per_s``.
     ``graph_step``: the step captured as CUDA graphs (``training.graph_step``; experimental). Before
     anything is timed, ``GRAPH_CHECK_STEPS`` replayed steps are compared with the same steps run
-    eagerly from the same state (``graph_check``). The result also has the peak memory the caching
-    allocator reserved, the graphs' pool included.
+    eagerly from the same state (``graph_check``). Its peak memory (``peak_mem_gib``) is what the
+    caching allocator reserved while the replays were timed (``peak_mem_kind='reserved'``): the
+    graphs' pool holds the step's temporaries without counting them as allocated
+    (``peak_allocated_gib``).
 
     ``batch`` is per process: under torchrun (WORLD_SIZE > 1) the objective is wrapped in DDP
     as in the trainer and img/s counts all processes' images. An out-of-memory error does not
@@ -290,6 +292,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                 lambda eager: [one_step(s, eager) for s in range(first, first + GRAPH_CHECK_STEPS)], model, opt, ema,
                 updater, log=log)
             warmup += GRAPH_CHECK_STEPS
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()  # the check's eager steps' blocks: the replays need only the graphs' pool
             torch.cuda.reset_peak_memory_stats(dev)
         for step in range(warmup, warmup + steps):
             if cuda:
@@ -334,8 +338,10 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         variant.close()
         if cuda:
             result["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-            if graph_step:  # the graph's pool stays reserved between replays
-                result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
+            if graph_step:  # the graphs' pool holds every temporary of the step between replays, unallocated
+                result["peak_allocated_gib"] = result["peak_mem_gib"]
+                result["peak_mem_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
+                result["peak_mem_kind"] = "reserved"
     if result["status"] == "ok":
         median = statistics.median(times)
         tflops = flops / median / 1e12  # per GPU
@@ -440,8 +446,8 @@ def format_result(r: dict) -> str:
             f"passes={r['passes']}{' update=' + r['update'] if 'update' in r else ''}"
             f"{' graph-step' if r.get('graph_step') else ''}")
     mem = f", peak memory {r['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in r else ""
-    if "peak_reserved_gib" in r:
-        mem += f" ({r['peak_reserved_gib']:.1f} reserved)"
+    if r.get("peak_mem_kind") == "reserved":
+        mem += " reserved (the graphs' pool included)"
     if r.get("status") != "ok":
         return f"{head}: {r.get('status', '?').upper()} ({r.get('error', '')}){mem}"
     window = ""
@@ -469,12 +475,15 @@ def markdown_table(results: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         mem = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-"
+        if r.get("peak_mem_kind") == "reserved":
+            mem += " reserved"
+        compiled = _compile_cell(r) + (", graph step" if r.get("graph_step") else "")
         if r.get("status") == "ok":
             nums = (f"{r['img_per_s']:,.0f} | {r['step_ms']:.1f} | {r['tflops']:.0f} | "
                     f"{100 * r['peak_fraction']:.0f}%")
         else:
             nums = f"{r.get('status', '?')} | - | - | -"
-        lines.append(f"| {r['model']} | {r['batch']} | {r.get('world', 1)} | {r['precision']} | {_compile_cell(r)} | "
+        lines.append(f"| {r['model']} | {r['batch']} | {r.get('world', 1)} | {r['precision']} | {compiled} | "
                      f"{r['passes']} | {nums} | {mem} | {r.get('card', '-')} |")
     return "\n".join(lines)
 

@@ -107,8 +107,13 @@ def test_bench_train_step_command_on_cpu(tmp_path, capsys):
     assert "| mdt_xs2 | 4 |" in markdown_table([r])
     # the compile cell names a mode or scope that is not the default, so such rows tell apart
     cells = [markdown_table([r | change]).splitlines()[-1].split(" | ")[4] for change in (
-        {"compile": True}, {"compile": "default", "compile_scope": "stacks"}, {"compile": "reduce-overhead"})]
-    assert cells == ["yes", "stacks", "reduce-overhead"]
+        {"compile": True}, {"compile": "default", "compile_scope": "stacks"}, {"compile": "reduce-overhead"},
+        {"compile": True, "graph_step": True})]
+    assert cells == ["yes", "stacks", "reduce-overhead", "yes, graph step"]
+    # a captured step's memory is what was reserved (its graphs' pool), and says so
+    reserved = r | {"graph_step": True, "peak_mem_gib": 33.25, "peak_mem_kind": "reserved"}
+    assert markdown_table([reserved]).splitlines()[-1].split(" | ")[10] == "33.2 reserved"
+    assert "peak memory 33.2 GiB reserved (the graphs' pool included)" in format_result(reserved)
     assert main(["bench", "table", str(out)]) == 0
     assert "| mdt_xs2 | 4 | 1 | fp32 | no | both |" in capsys.readouterr().out
 
