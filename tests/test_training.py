@@ -481,3 +481,64 @@ def test_backward_parts_holds_gradients_after_every_backward_but_the_steps_last(
         assert len(calls) == expected, (parts, sync, world)
         assert out["loss"].item() == pytest.approx(3.0 * sum(2.0 if p == "full" else 3.0 for p in parts))
     assert torch.equal(w.grad, torch.full((3,), 5.0))  # nothing held by the stub: autograd summed both parts
+
+
+@pytest.mark.parametrize("bindings, message", [
+    ({}, "graph_step: it needs CUDA, and the device is cpu"),
+    ({"micro_batch": 4, "compile": "reduce-overhead"},
+     "it needs CUDA.*accumulates 2 .*compile mode 'reduce-overhead' replays its own CUDA graphs"),
+    ({"update": "op_by_op", "_device_ok": True}, "graph_step needs the fused update .*update 'op_by_op'"),
+    ({"optimizer": "adan", "_device_ok": True}, "graph_step needs the fused update .*optimizer 'adan'"),
+    ({"_jitter": True, "_device_ok": True}, "RandomJitterMasking.*keeps a different number of tokens"),
+])
+def test_a_graph_step_it_cannot_run_fails_before_the_run_dir_exists(toy, tmp_path, monkeypatch, bindings, message):
+    """train.graph_step's needs (training.graph_step), each named before the run directory is made;
+    '_device_ok' lets the later checks be reached on this CPU."""
+    from mdtzoo.training import loop
+
+    bindings = dict(bindings)
+    if bindings.pop("_device_ok", False):
+        monkeypatch.setattr(loop, "check_graph_step", lambda *args: None)
+    jitter = bindings.pop("_jitter", False)
+    run = tmp_path / "run"
+    setup_gin(run, graph_step=True, **bindings)
+    if jitter:
+        gin.bind_parameter("models.mdt_xs2.masking", gin.config.ConfigurableReference("masking.random_jitter", True))
+    with pytest.raises(ValueError, match=message):
+        train()
+    assert not run.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("model", ["mdt_xs2", "dit_s2"])
+def test_a_captured_step_trains_and_resumes_bit_exactly_as_the_eager_one_on_cuda(toy, tmp_path, monkeypatch, model):
+    """On a GPU, train.graph_step: the logged losses are bitwise the eager trainer's (steps 1-2 eager,
+    then captured and replayed, with a linear warm-up changing the learning rate and a gradient clip),
+    and a run killed at step 5 resumes from the step-3 checkpoint (two eager steps again, a new
+    capture) to the same losses and final weights."""
+    kw = dict(model=model, steps=8, warmup_steps=4, grad_clip=1.0, update="fused", device="cuda")
+    setup_gin(tmp_path / "eager", **kw)
+    train()
+    reference = train_losses(tmp_path / "eager")
+    setup_gin(tmp_path / "graph", graph_step=True, **kw)
+    train()
+    assert train_losses(tmp_path / "graph") == reference
+
+    original = DiffusionObjective.draw  # a replayed step calls draw (the forward is in the graph)
+
+    def crash(self, x0, step, *args, **kwargs):
+        if step == 4:
+            raise KeyboardInterrupt("killed")
+        return original(self, x0, step, *args, **kwargs)
+
+    setup_gin(tmp_path / "crashed", graph_step=True, **kw)
+    monkeypatch.setattr(DiffusionObjective, "draw", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    monkeypatch.setattr(DiffusionObjective, "draw", original)
+    assert len(train_losses(tmp_path / "crashed")) == 4
+    setup_gin(tmp_path / "crashed", graph_step=True, **kw)
+    assert train()["status"] == "done"
+    assert train_losses(tmp_path / "crashed") == reference
+    final = [ckpt.load(tmp_path / run / "checkpoints" / "ckpt_00000008.pt")["model"] for run in ("eager", "crashed")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])

@@ -69,6 +69,7 @@
 #   bash experiments/bench/gpu_bench.sh graph     # the step as one CUDA graph against the eager step
 #   bash experiments/bench/gpu_bench.sh graph2    # its smoke test, then the captured step against the eager one
 #   bash experiments/bench/gpu_bench.sh graph4a   # the captured XL/2 steps against the eager ones (graph4b: S/2, B/2)
+#   bash experiments/bench/gpu_bench.sh start15   # GPU tests of train.graph_step, then the trainer eager / graph step
 #   bash experiments/bench/gpu_bench.sh cppwrap   # inductor's C++ wrapper against the default at XL/2 (long compiles)
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
@@ -151,7 +152,8 @@ window_steps() {  # the table's five compiled steps, step by step and in 3 windo
     step "step_$1_b$2" "$4" "$1" "$2" --steps "$3" --compile --windows 3
   done
 }
-trainer_runs() {  # trainer_runs STEPS "MODEL TREE"...: trainer_syncs.py with this code (new) or $OLD's (old)
+trainer_runs() {  # trainer_runs STEPS "MODEL TREE"...: trainer_syncs.py with this code (new), $OLD's (old),
+  # or this code with train.graph_step (graph)
   local steps=$1 i=0; shift
   for spec in "$@"; do
     set -- $spec
@@ -159,7 +161,8 @@ trainer_runs() {  # trainer_runs STEPS "MODEL TREE"...: trainer_syncs.py with th
     root=$PWD; [ "$2" = old ] && root=${OLD:-/nonexistent}
     echo "== trainer $1 $2" >&2
     PYTHONPATH="$root:${PYTHONPATH:-}" TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$2 timeout 140 "$py" \
-      experiments/bench/trainer_syncs.py --model "$1" --steps "$steps" > "$OUT/trainer_${i}_$1_$2.log" 2>&1 \
+      experiments/bench/trainer_syncs.py --model "$1" --steps "$steps" $([ "$2" = graph ] && echo --graph-step) \
+      > "$OUT/trainer_${i}_$1_$2.log" 2>&1 \
       || echo "!! failed (rc $?)" >&2
     grep "img/s per\|synchronising\|RESULT\|Error" "$OUT/trainer_${i}_$1_$2.log" | cut -c1-300 >&2
   done
@@ -745,6 +748,15 @@ graph4a|graph4b)  # for session 15: the captured step against the eager one afte
     step "step_${m}_$kind" 150 "$m" "$b" --steps "$n" --compile --windows 2 $([ "$kind" = graph ] && echo --graph-step) --verbose
     grep "graph check" "$OUT/step_${m}_$kind.log" | cut -c1-600 >&2
   done
+  ;;
+start15)  # session 15's last call: the GPU tests (the captured step against the eager one, the trainer with
+  # train.graph_step against the eager trainer and through a resume), then the trainer's own img/s, eager
+  # and with train.graph_step, alternating
+  echo "== GPU tests" >&2
+  timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/test_graph_step.py tests/test_training.py \
+    -k "on_cuda" > "$OUT/pytest.log" 2>&1 || echo "!! GPU tests failed (rc $?)" >&2
+  tail -n 3 "$OUT/pytest.log" >&2
+  trainer_runs 60 "mdt_s2 new" "mdt_s2 graph" "dit_s2 graph" "dit_s2 new"
   ;;
 cppwrap)  # inductor's C++ wrapper (--inductor-options cpp: kernels launched from generated C++, not Python)
   # against the default, DiT-XL/2 and MDT-XL/2; session 6 gave it 110 s and it did not finish compiling

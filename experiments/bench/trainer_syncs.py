@@ -1,6 +1,6 @@
 """The trainer's own img/s on ImageNet-latent shapes, and whether its steps wait for the GPU.
 
-    python experiments/bench/trainer_syncs.py --model mdt_s2 --batch 256    # a GPU
+    python experiments/bench/trainer_syncs.py --model mdt_s2 --batch 256 [--graph-step]   # a GPU
 
 Runs ``train()`` (compiled, bf16, the fused update) on random 4x32x32 latents held in memory (no
 files, 1000 classes) for ``--steps`` steps, logging every ``--log-every``. It prints the img/s the
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--graph-step", action="store_true", help="train.graph_step: the step captured as CUDA graphs")
     ap.add_argument("--error", action="store_true", help="raise at the first synchronising call of the steady steps "
                                                           "(its traceback says where it is)")
     args = ap.parse_args()
@@ -60,20 +61,21 @@ def main() -> None:
         raise SystemExit("needs a GPU")
     first, last = args.log_every + 2, args.steps - 2  # steady steps: past the first log, before the last
     state = {"syncs": 0}
-    original = DiffusionObjective.forward
+    original = DiffusionObjective.draw  # every step draws (a replayed one calls no forward)
 
-    def watched(self, x0, y, step, *a, **kw):  # the sync debug mode on for the steady steps only
+    def watched(self, x0, step, *a, **kw):  # the sync debug mode on for the steady steps only
         torch.cuda.set_sync_debug_mode(("error" if args.error else "warn") if first <= step < last else "default")
-        return original(self, x0, y, step, *a, **kw)
+        return original(self, x0, step, *a, **kw)
 
-    DiffusionObjective.forward = watched
+    DiffusionObjective.draw = watched
     with tempfile.TemporaryDirectory() as tmp, DATASETS.temporary("random_latents", RandomLatents):
         run = os.path.join(tmp, "run")
         config.parse([], [f"build.model = @models.{args.model}", f"train.run_dir = '{run}'",
                           "train.dataset = 'datasets.random_latents'", "train.progress = False",
                           f"train.steps = {args.steps}", f"train.global_batch = {args.batch}",
                           f"train.log_every = {args.log_every}", f"train.ckpt_every = {10 * args.steps}",
-                          "train.compile = True", "train.precision = 'bf16'", "train.lr = 1e-4"])
+                          "train.compile = True", "train.precision = 'bf16'", "train.lr = 1e-4",
+                          f"train.graph_step = {args.graph_step}"])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train()
@@ -85,13 +87,13 @@ def main() -> None:
             print(f"  {count} x {text}")
         records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     rates = [(r["step"], r["img_per_sec"]) for r in records if r["kind"] == "train"]
-    print(f"{args.model} b{args.batch}: img/s per log window (step, img/s): "
+    print(f"{args.model} b{args.batch}{' graph step' if args.graph_step else ''}: img/s per log window (step, img/s): "
           + ", ".join(f"({s}, {v:,.1f})" for s, v in rates))
     print(f"synchronising calls in steps {first}..{last - 1}: {state['syncs']}"
           + (f"; first: {messages[0][:200]}" if messages else ""))
     steady = [v for s, v in rates[1:]]
     if steady:
-        print(f"RESULT {args.model} steady img/s {sum(steady) / len(steady):,.1f} syncs {state['syncs']}")
+        print(f"RESULT {args.model}{' graph' if args.graph_step else ''} steady img/s {sum(steady) / len(steady):,.1f} syncs {state['syncs']}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""A whole training step replayed from CUDA graphs (``bench train-step --graph-step``).
+"""A whole training step replayed from CUDA graphs (``train.graph_step``, ``bench train-step --graph-step``).
 
 An eager step costs the host about as much time as the GPU at XL/2 and more at S/2: some 2,000 to
 3,500 kernel launches from inductor's wrappers, the autograd engine's nodes, the update
@@ -15,12 +15,11 @@ What changes from step to step stays outside the graphs and reaches them through
 The gradients live in the graph's memory and every replay's backward writes them anew, so the
 eager step's ``zero_grad(set_to_none=True)`` is not called between replays.
 
-Status (session 14, docs/performance.md): a benchmark option only, not in the trainer. The two
-graphs replay on an H100, but the first comparison of replayed and eager steps there failed. It
-was an elementwise measure, which Adam's noise near initialisation can move. Since then the
-comparison has changed (``graph_check``), and a bug was fixed (a gradient the update kernel cannot
-read in place was copied once, when the update was prepared). Neither has run on a GPU yet, so no
-captured step has been timed.
+Status (session 15, docs/performance.md): on an H100 the replayed steps are bitwise the eager ones
+(losses, gradient norms, parameters, EMA, AdamW's moments) at every benchmarked size, DiT-S/2 to
+MDT-XL/2, and the trainer runs it as ``train.graph_step``. The benchmark compares them before it
+times anything (``graph_check``): run ``mdtzoo bench train-step --graph-step`` once on a new card
+or torch version.
 
 What it needs (``check_graph_step``, before any step runs): CUDA, one process (DDP's all-reduce
 is not captured), no gradient accumulation, the fused update, torch.compile's default mode (its

@@ -27,6 +27,7 @@ from mdtzoo.training import distributed as dist_util
 from mdtzoo.training.data import StepSampler, make_loader
 from mdtzoo.training.ema import EMA
 from mdtzoo.training.fused_update import check_update_mode, make_update
+from mdtzoo.training.graph_step import GRAPH_WARMUP, StepGraph, check_fixed_keep, check_graph_step
 from mdtzoo.training.heldout import heldout_loss
 from mdtzoo.training.objective import DiffusionObjective, backward_parts, prepare_step, uses_cudagraphs
 from mdtzoo.training.rundir import RunDir, write_text
@@ -197,6 +198,7 @@ def train(
     activation_checkpointing: bool = False,
     update: str = "auto",
     hold_grads: bool = True,
+    graph_step: bool = False,
     seed: int = 0,
     log_every: int = 50,
     ckpt_every: int = 1000,
@@ -242,6 +244,15 @@ def train(
       pass) are set aside and the update kernel adds them to the masked pass's, instead of autograd
       adding them one launch per parameter (one gradient-sized buffer more while the masked pass
       runs; False: autograd accumulates, as op_by_op and DDP always do).
+    graph_step: after ``GRAPH_WARMUP`` eager steps, capture the whole step (forward, backward and the
+      fused update) as CUDA graphs and replay it (``training.graph_step``): the host launches two
+      graphs a step instead of thousands of kernels. On an H100 the replayed steps were bitwise the
+      eager ones at every benchmarked size, so a resumed run (two eager steps, then a new capture)
+      still replays the uninterrupted one; ``bench train-step --graph-step`` checks that on your card.
+      There it gave 1.5-5% more img/s than eager steps run back to back, as this loop runs them
+      (docs/performance.md, session 15). Needs one CUDA process, no gradient
+      accumulation, the fused update (AdamW), compile's default mode, and a masking strategy that
+      keeps a fixed number of tokens; each is checked before any work.
     heldout_every / heldout_items / heldout_timesteps: the held-out loss (EMA weights) every so many
       steps, on the first ``heldout_items`` held-out items at ``heldout_timesteps`` evenly spaced t.
     keep_every: checkpoints at multiples of this step are never pruned (0: keep only the newest
@@ -262,6 +273,12 @@ def train(
     check_compile_scope(compile_scope)
     info, dev = dist_util.setup(device)
     check_update_mode(update, dev, optimizer)
+    if graph_step:  # everything it needs, before the run directory is touched
+        world_batch = global_batch // info.world
+        check_graph_step(dev, info.world, world_batch // (micro_batch or world_batch), compile)
+        if update == "op_by_op" or optimizer != "adamw":
+            raise ValueError(f"train.graph_step needs the fused update (AdamW, update 'auto' or 'fused'); this run "
+                             f"has optimizer {optimizer!r}, update {update!r}")
     run = RunDir(run_dir)
     config_text = cfg.config_str()
     if run.is_done():  # before any work: a finished run is never touched
@@ -278,6 +295,8 @@ def train(
         autoencoder = load_vae(vae, device=dev)
     torch.manual_seed(seed)  # the initial weights are part of the run's seed
     model = build_for_dataset(data, autoencoder).to(dev)
+    if graph_step:
+        check_fixed_keep(model)
     diffusion = configured_diffusion()
     writer = _tensorboard_writer(run) if (tensorboard and info.is_main) else None
     if info.is_main:
@@ -291,6 +310,8 @@ def train(
         precision = "bf16" if dev.type == "cuda" else "fp32"
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16', 'fp32' or 'auto'; got {precision!r}")
+    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
 
     opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay, betas, fused=dev.type == "cuda")
     ema = EMA(model, ema_decay, ema_warmup)
@@ -317,6 +338,8 @@ def train(
     sampler = StepSampler(len(data), global_batch, micro_batch, info.rank, info.world, seed, start, steps - start)
     loader = make_loader(data, sampler, num_workers)
     accum = world_batch // micro_batch
+    graph = (StepGraph(objective, step_fn, parts, updater, autocast, hold=hold,
+                       max_norm=grad_clip or None) if graph_step else None)
     heldout = DATASETS.build(dataset, split="heldout") if (heldout_every or sample_every or eval_every) else None
     if eval_every:
         from mdtzoo import evaluation  # registers the run metrics
@@ -359,8 +382,6 @@ def train(
                                     vae=autoencoder, device=dev)
             run.log({"step": step, "kind": "eval", **result["metrics"]})
 
-    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
     step, window, t_last, status = start, [], time.perf_counter(), "done"
     checks = _DeferredCheck(dev)
 
@@ -387,6 +408,7 @@ def train(
             losses = {}
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
+            replay = graph is not None and step >= start + GRAPH_WARMUP  # (else eager: compiles, then the capture)
             for micro in range(accum):
                 x0, y = next(batches)
                 x0, y = x0.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
@@ -396,9 +418,12 @@ def train(
                     g = dist_util.step_generator(seed, step, 0, VAE_STREAM, dev)
                     z = torch.randn((global_batch, *mean.shape[1:]), device=dev, generator=g)
                     x0 = (mean + std * z[offset : offset + mean.shape[0]]).float()
-                out = backward_parts(step_fn, parts, (x0, y, step, offset, global_batch), autocast,
-                                     sync=micro == accum - 1, scale=1.0 / accum, world=info.world,
-                                     hold=hold)
+                if replay:  # forward, backward and the update (one micro-batch: check_graph_step)
+                    out, grad_norm = graph(x0, y, step, offset, global_batch)
+                else:
+                    out = backward_parts(step_fn, parts, (x0, y, step, offset, global_batch), autocast,
+                                         sync=micro == accum - 1, scale=1.0 / accum, world=info.world,
+                                         hold=hold)
                 for k, v in out.items():
                     losses[k] = losses.get(k, 0.0) + v
             # One all-reduce of every logged scalar: the log shows the global batch, not rank 0's share.
@@ -413,8 +438,9 @@ def train(
             stop = verify(checks.previous())  # the steps before this one: finite, or raise
             if info.world == 1:
                 stop = preempt.requested  # one process: at once (several agree on the all-reduced flag)
-            grad_norm = updater.step(step + 1, grad_clip or None)  # AdamW + EMA (+ clip)
-            opt.zero_grad(set_to_none=True)
+            if not replay:
+                grad_norm = updater.step(step + 1, grad_clip or None)  # AdamW + EMA (+ clip)
+                opt.zero_grad(set_to_none=True)
             step += 1
             window.append({k: v for k, v in losses.items()} | {"grad_norm": grad_norm.detach().float()})
             if step == start + 1 and info.is_main:
@@ -462,8 +488,9 @@ def _summarise(window: list[dict], step: int, opt, global_batch: int, seconds: f
     for k in window[0]:
         record[k] = float(torch.stack([w[k] for w in window]).mean())
     record["img_per_sec"] = len(window) * global_batch / max(seconds, 1e-9)
-    if dev.type == "cuda":
+    if dev.type == "cuda":  # (a captured step's temporaries are reserved in its graphs' pool, not allocated)
         record["max_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        record["max_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
     return record  # full float precision: resumed runs are compared bit for bit
 
 
