@@ -152,9 +152,9 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     ``windows``: after the per-step timing, that many windows of ``steps`` steps each enqueued back to
     back between two CUDA events (one sync per window, as a training loop that does not wait for each
     step): ``window_step_ms`` (median per step) and ``window_img_per_s``.
-    ``graph_step``: the step captured as CUDA graphs (``training.graph_step``; experimental). Before
-    anything is timed, ``GRAPH_CHECK_STEPS`` replayed steps are compared with the same steps run
-    eagerly from the same state (``graph_check``). Its peak memory (``peak_mem_gib``) is what the
+    ``graph_step``: the step captured as CUDA graphs (``training.graph_step``; the trainer's
+    ``train.graph_step``). Before anything is timed, ``GRAPH_CHECK_STEPS`` replayed steps are
+    compared with the same steps run eagerly from the same state (``graph_check``). Its peak memory (``peak_mem_gib``) is what the
     caching allocator reserved while the replays were timed (``peak_mem_kind='reserved'``): the
     graphs' pool holds the step's temporaries without counting them as allocated
     (``peak_allocated_gib``).

@@ -160,8 +160,8 @@ def add_parser(sub) -> None:
                    help="also time this many windows of --steps steps enqueued back to back (one sync per window)")
     t.add_argument("--graph-step", action="store_true",
                    help="the whole step captured as CUDA graphs (training/graph_step.py), checked against the eager "
-                        "step before anything is timed; one GPU, default compile mode. Experimental: its check has "
-                        "not passed on a GPU yet (docs/performance.md, session 14)")
+                        "step before anything is timed (bitwise equal on an H100: docs/performance.md, session 15); "
+                        "one GPU, default compile mode; the trainer's train.graph_step")
     t.add_argument("--joint-backward", action="store_true",
                    help="one backward of full + masked loss (default: the two passes in turn, less memory)")
     t.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")

@@ -249,7 +249,7 @@ def train(
       graphs a step instead of thousands of kernels. On an H100 the replayed steps were bitwise the
       eager ones at every benchmarked size, so a resumed run (two eager steps, then a new capture)
       still replays the uninterrupted one; ``bench train-step --graph-step`` checks that on your card.
-      There it gave 1.5-5% more img/s than eager steps run back to back, as this loop runs them
+      There it gave 1-5% more img/s than eager steps run back to back, as this loop runs them
       (docs/performance.md, session 15). Needs one CUDA process, no gradient
       accumulation, the fused update (AdamW), compile's default mode, and a masking strategy that
       keeps a fixed number of tokens; each is checked before any work.
