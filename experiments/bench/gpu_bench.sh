@@ -70,6 +70,7 @@
 #   bash experiments/bench/gpu_bench.sh graph2    # its smoke test, then the captured step against the eager one
 #   bash experiments/bench/gpu_bench.sh graph4a   # the captured XL/2 steps against the eager ones (graph4b: S/2, B/2)
 #   bash experiments/bench/gpu_bench.sh start15   # GPU tests of train.graph_step, then the trainer eager / graph step
+#   bash experiments/bench/gpu_bench.sh final16a  # the XL/2 steps eager and captured, memory as reserved (16b: S/2, B/2)
 #   bash experiments/bench/gpu_bench.sh cppwrap   # inductor's C++ wrapper against the default at XL/2 (long compiles)
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
@@ -757,6 +758,16 @@ start15)  # session 15's last call: the GPU tests (the captured step against the
     -k "on_cuda" > "$OUT/pytest.log" 2>&1 || echo "!! GPU tests failed (rc $?)" >&2
   tail -n 3 "$OUT/pytest.log" >&2
   trainer_runs 60 "mdt_s2 new" "mdt_s2 graph" "dit_s2 graph" "dit_s2 new"
+  ;;
+final16a|final16b)  # for session 16: the table's steps eager and captured (--graph-step), alternating, each also
+  # back to back; the captured step's memory is what was reserved (the check's eager blocks released
+  # first). 16a: the XL/2 steps (MDT-XL/2's captured step needed more than 120 s in (z5)); 16b: S/2, B/2
+  if [ "$group" = final16a ]; then specs="mdt_xl2:64:10:graph mdt_xl2:64:10:eager dit_xl2:64:10:eager dit_xl2:64:10:graph"
+  else specs="mdt_s2:256:20:eager mdt_s2:256:20:graph dit_s2:256:20:graph dit_s2:256:20:eager mdt_b2:256:10:graph mdt_b2:256:10:eager"; fi
+  for spec in $specs; do
+    IFS=: read -r m b n kind <<< "$spec"
+    step "step_${m}_$kind" 170 "$m" "$b" --steps "$n" --compile --windows 2 $([ "$kind" = graph ] && echo --graph-step)
+  done
   ;;
 cppwrap)  # inductor's C++ wrapper (--inductor-options cpp: kernels launched from generated C++, not Python)
   # against the default, DiT-XL/2 and MDT-XL/2; session 6 gave it 110 s and it did not finish compiling
