@@ -192,6 +192,34 @@ metrics = ["heldout_loss", "relation_acc", "no_such_metric"]
     assert sorted(p.name for p in root.iterdir()) == ["taken"]  # nothing written
 
 
+def test_validation_checks_the_trainers_options_for_the_jobs_processes_and_devices(tmp_path, capsys):
+    """train.* options a job cannot run are refused before submission, for the resources it asks
+    for: the captured step (train.graph_step) on 2 GPUs or on none, or with a varying kept count; a
+    global batch that does not split over the processes; an unknown compile mode or optimizer."""
+    sweep = make_sweep({"gin": ["demo/mdt.gin"], "bindings": TINY + ["train.global_batch = 4"],
+                        "zip": [{"name": ["good", "graph", "jitter", "odd", "mode", "optim"], "bindings": [
+                            [], ["train.graph_step = True"],
+                            ["train.graph_step = True", "models.mdt_xs4.masking = @masking.random_jitter()"],
+                            ["train.global_batch = 3"], ["train.compile = 'fast'"], ["train.optimizer = 'sgd'"]]}]},
+                       base=REPO / "experiments", name="t", root=tmp_path / "runs")
+    one_gpu = validate(sweep.points, world=1, gpus=True)
+    assert set(one_gpu) == {"jitter", "mode", "optim"}, one_gpu  # a batch of 3 splits over one process
+    assert "RandomJitterMasking" in one_gpu["jitter"] and "keeps a different number of tokens" in one_gpu["jitter"]
+    assert "torch.compile mode" in one_gpu["mode"] and "'fast'" in one_gpu["mode"]
+    assert "unknown optimizer 'sgd'; valid: adamw, adan" in one_gpu["optim"]
+    two_gpus = validate(sweep.points, world=2, gpus=True)
+    assert "graph_step: it runs on one process, and this run has 2" in two_gpus["graph"]
+    assert "global batch 3 must split evenly over 2 processes" in two_gpus["odd"]
+    assert "graph_step: it needs CUDA, and the device is cpu" in validate(sweep.points, world=1, gpus=False)["graph"]
+    # the command asks for the resources' processes: 2 GPUs per node refuse the graph step, nothing submitted
+    code, _, err = run_cli(capsys, "sweep", write(tmp_path / "g.sweep", f"""
+gin = ["{REPO}/experiments/demo/mdt.gin"]
+bindings = {json.dumps(TINY + ["train.graph_step = True"])}
+"""), "--executor", "local", "--root", tmp_path / "r2", "--gpus-per-node", "2")
+    assert code == 2 and "it runs on one process, and this run has 2" in err
+    assert not (tmp_path / "r2").exists()
+
+
 def test_a_run_dir_inside_another_run_is_refused(tmp_path):
     write(tmp_path / "outer" / "config.gin", "x\n")
     sweep = make_sweep({"gin": ["demo/mdt.gin"], "bindings": TINY}, base=REPO / "experiments", name="t",
@@ -406,13 +434,13 @@ def test_preemption_checkpoints_requeues_the_same_strings_and_resumes_exactly(to
 
 
 def test_a_job_that_raises_records_its_error_in_the_run_dir(toy, tmp_path):
-    job = _toy_job(tmp_path, "bad", optimizer="sgd_nope")
-    with pytest.raises(ValueError, match="unknown optimizer"):
+    job = _toy_job(tmp_path, "bad", eval_every=2, eval_metrics=("fid",))  # an error after the run dir exists
+    with pytest.raises(ValueError, match="takes run metrics"):
         job()
     failed = (Path(job.run_dir) / "FAILED").read_text()
-    assert failed.startswith("ValueError: unknown optimizer 'sgd_nope'") and "Traceback" in failed
+    assert failed.startswith("ValueError: train.eval_metrics takes run metrics") and "Traceback" in failed
     st = status.point_status("bad", job.run_dir, None, {})
-    assert st.state == "failed" and "unknown optimizer 'sgd_nope'" in st.message
+    assert st.state == "failed" and "'fid' is not one" in st.message
 
 
 def test_a_finished_run_is_only_evaluated_again(toy, tmp_path, monkeypatch):

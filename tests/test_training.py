@@ -542,3 +542,15 @@ def test_a_captured_step_trains_and_resumes_bit_exactly_as_the_eager_one_on_cuda
     assert train_losses(tmp_path / "crashed") == reference
     final = [ckpt.load(tmp_path / run / "checkpoints" / "ckpt_00000008.pt")["model"] for run in ("eager", "crashed")]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+@pytest.mark.parametrize("bindings, message", [
+    ({"optimizer": "sgd"}, "unknown optimizer 'sgd'; valid: adamw, adan"),
+    ({"micro_batch": 3}, "global batch 8 must split evenly over 1 processes and then into micro-batches of 3"),
+])
+def test_an_option_the_trainer_cannot_run_fails_before_the_run_dir_exists(toy, tmp_path, bindings, message):
+    run = tmp_path / "run"
+    setup_gin(run, **bindings)
+    with pytest.raises(ValueError, match=message):
+        train()
+    assert not run.exists()

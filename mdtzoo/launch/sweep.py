@@ -299,10 +299,12 @@ def _evaluation(data: dict, where: str) -> dict:
 
 
 # -- validation --------------------------------------------------------------------------------------
-def validate(points: Sequence[Point], evaluation: dict | None = None) -> dict[str, str]:
-    """Check every point without training: gin parses, data exists, the model builds (meta device),
-    the evaluation applies to the data, the run dir is not nested in another run and does not hold
-    a run of another config.
+def validate(points: Sequence[Point], evaluation: dict | None = None, *, world: int = 1,
+             gpus: bool = True) -> dict[str, str]:
+    """Check every point without training: gin parses, the trainer's options can run on a job of
+    ``world`` processes with (``gpus``) or without GPUs (``training.loop.check_options``), data
+    exists, the model builds (meta device), the evaluation applies to the data, the run dir is not
+    nested in another run and does not hold a run of another config.
 
     Returns {point name (or "[eval]"): one-line problem}; empty when all is fine. Gin is left cleared.
     """
@@ -310,7 +312,7 @@ def validate(points: Sequence[Point], evaluation: dict | None = None) -> dict[st
     import torch
 
     from mdtzoo.registry import DATASETS, METRICS
-    from mdtzoo.training.loop import build_for_dataset, configured_diffusion
+    from mdtzoo.training.loop import build_for_dataset, check_bound_options, configured_diffusion
     from mdtzoo.training.rundir import _normalise
 
     problems: dict[str, str] = {}
@@ -336,8 +338,9 @@ def validate(points: Sequence[Point], evaluation: dict | None = None) -> dict[st
             if key not in datasets:
                 datasets[key] = DATASETS.build(name, split="train")
             with torch.device("meta"):
-                build_for_dataset(datasets[key])
+                model = build_for_dataset(datasets[key])
                 configured_diffusion()
+            check_bound_options(world, torch.device("cuda" if gpus else "cpu"), model)
             if "relation_acc" in metrics and not hasattr(datasets[key], "oracle"):
                 raise ValueError(f"[eval] relation_acc needs the relations data (an oracle); {name} has none")
             sampling = [m for m in metrics if m != "heldout_loss"]

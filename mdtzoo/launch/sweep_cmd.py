@@ -64,7 +64,11 @@ def run_sweep(args) -> int:
     params = slurm.executor_parameters(args.executor, res, f"mdtzoo-{sweep.name}")
 
     print(f"sweep {sweep.name}: {len(sweep.points)} points under {sweep.root}; validating ...", flush=True)
-    problems = validate(sweep.points, sweep.evaluation)
+    import torch
+
+    # a job's processes and devices: one task per GPU; the debug executor runs in this process, seeing its GPUs
+    gpus = res["gpus_per_node"] > 0 or (args.executor == "debug" and torch.cuda.is_available())
+    problems = validate(sweep.points, sweep.evaluation, world=res["nodes"] * max(1, res["gpus_per_node"]), gpus=gpus)
     if problems:
         listing = "\n".join(f"  {name}: {problem}" for name, problem in problems.items())
         bad = len([name for name in problems if name != "[eval]"])

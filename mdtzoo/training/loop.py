@@ -120,6 +120,52 @@ class _DeferredCheck:
         return self._resolve(keep=0)
 
 
+def check_options(*, compile, compile_scope: str, update: str, optimizer: str, graph_step: bool, global_batch: int,
+                  micro_batch: int | None, device: torch.device, world: int) -> None:
+    """A ValueError naming the first of the trainer's options (``train.*``) that cannot run on
+    ``world`` processes of ``device``'s kind: the checks that need no data, model or GPU. ``train``
+    runs them before any work, and a sweep's validation before anything is submitted (with the
+    job's process count and device kind from its resources)."""
+    uses_cudagraphs(compile)
+    check_compile_scope(compile_scope)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    check_update_mode(update, device, optimizer)
+    per_rank = global_batch // world
+    if global_batch % world or per_rank % (micro_batch or per_rank):
+        raise ValueError(f"global batch {global_batch} must split evenly over {world} processes and then into "
+                         f"micro-batches of {micro_batch}")
+    if graph_step:
+        check_graph_step(device, world, per_rank // (micro_batch or per_rank), compile)
+        if update == "op_by_op" or optimizer != "adamw":
+            raise ValueError(f"train.graph_step needs the fused update (AdamW, update 'auto' or 'fused'); this run "
+                             f"has optimizer {optimizer!r}, update {update!r}")
+
+
+def check_bound_options(world: int, device: torch.device, model=None) -> None:
+    """``check_options`` on the parsed gin config's ``train.*`` bindings (the trainer's defaults
+    where unbound), for ``world`` processes on ``device``'s kind (``train.device``, when bound, wins);
+    with ``train.graph_step``, also ``model``'s masking (``check_fixed_keep``)."""
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
+
+    def value(name):
+        try:
+            return gin.query_parameter(f"train.{name}")
+        except ValueError:  # not bound
+            return defaults[name]
+
+    bound = value("device")
+    if bound not in (None, "auto"):
+        device = torch.device(bound)
+    check_options(compile=value("compile"), compile_scope=value("compile_scope"), update=value("update"),
+                  optimizer=value("optimizer"), graph_step=value("graph_step"), global_batch=value("global_batch"),
+                  micro_batch=value("micro_batch"), device=device, world=world)
+    if value("graph_step") and model is not None:
+        check_fixed_keep(model)
+
+
 def make_optimizer(params, name: str, lr: float, weight_decay: float, betas, fused: bool):
     """AdamW (the paper: lr 3e-4, no weight decay) or Adan (MDT v2; from pytorch-optimizer)."""
     params = [p for p in params if p.requires_grad]
@@ -270,15 +316,10 @@ def train(
     tensorboard: also write every logged record to RUN/tensorboard (needs the tensorboard package).
     """
     cudagraphs = uses_cudagraphs(compile)  # checks the value before any work
-    check_compile_scope(compile_scope)
     info, dev = dist_util.setup(device)
-    check_update_mode(update, dev, optimizer)
-    if graph_step:  # everything it needs, before the run directory is touched
-        world_batch = global_batch // info.world
-        check_graph_step(dev, info.world, world_batch // (micro_batch or world_batch), compile)
-        if update == "op_by_op" or optimizer != "adamw":
-            raise ValueError(f"train.graph_step needs the fused update (AdamW, update 'auto' or 'fused'); this run "
-                             f"has optimizer {optimizer!r}, update {update!r}")
+    check_options(compile=compile, compile_scope=compile_scope, update=update, optimizer=optimizer,
+                  graph_step=graph_step, global_batch=global_batch, micro_batch=micro_batch, device=dev,
+                  world=info.world)
     run = RunDir(run_dir)
     config_text = cfg.config_str()
     if run.is_done():  # before any work: a finished run is never touched
