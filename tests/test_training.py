@@ -513,10 +513,12 @@ def test_a_graph_step_it_cannot_run_fails_before_the_run_dir_exists(toy, tmp_pat
 @pytest.mark.parametrize("model", ["mdt_xs2", "dit_s2"])
 def test_a_captured_step_trains_and_resumes_bit_exactly_as_the_eager_one_on_cuda(toy, tmp_path, monkeypatch, model):
     """On a GPU, train.graph_step: the logged losses are bitwise the eager trainer's (steps 1-2 eager,
-    then captured and replayed, with a linear warm-up changing the learning rate and a gradient clip),
-    and a run killed at step 5 resumes from the step-3 checkpoint (two eager steps again, a new
-    capture) to the same losses and final weights."""
-    kw = dict(model=model, steps=8, warmup_steps=4, grad_clip=1.0, update="fused", device="cuda")
+    then captured and replayed, with a linear warm-up changing the learning rate, a gradient clip,
+    and checkpoints, held-out losses and samples between replays), and a run killed at step 5
+    resumes from the step-3 checkpoint (two eager steps again, a new capture) to the same losses,
+    held-out losses and final weights."""
+    kw = dict(model=model, steps=8, warmup_steps=4, grad_clip=1.0, update="fused", device="cuda", heldout_every=3,
+              sample_every=4, sample_count=2, sample_respacing="5")
     setup_gin(tmp_path / "eager", **kw)
     train()
     reference = train_losses(tmp_path / "eager")
@@ -540,6 +542,13 @@ def test_a_captured_step_trains_and_resumes_bit_exactly_as_the_eager_one_on_cuda
     setup_gin(tmp_path / "crashed", graph_step=True, **kw)
     assert train()["status"] == "done"
     assert train_losses(tmp_path / "crashed") == reference
+
+    def heldout(run):  # (each record's wall-clock time apart)
+        return [{k: v for k, v in r.items() if k != "time"}
+                for r in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if r["kind"] == "heldout"]
+
+    assert heldout("graph") == heldout("eager") and [r["step"] for r in heldout("graph")] == [3, 4, 6, 8]
+    assert heldout("crashed") == heldout("eager")
     final = [ckpt.load(tmp_path / run / "checkpoints" / "ckpt_00000008.pt")["model"] for run in ("eager", "crashed")]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
 
