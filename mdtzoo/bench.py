@@ -154,10 +154,10 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     step): ``window_step_ms`` (median per step) and ``window_img_per_s``.
     ``graph_step``: the step captured as CUDA graphs (``training.graph_step``; the trainer's
     ``train.graph_step``). Before anything is timed, ``GRAPH_CHECK_STEPS`` replayed steps are
-    compared with the same steps run eagerly from the same state (``graph_check``). Its peak memory (``peak_mem_gib``) is what the
-    caching allocator reserved while the replays were timed (``peak_mem_kind='reserved'``): the
-    graphs' pool holds the step's temporaries without counting them as allocated
-    (``peak_allocated_gib``).
+    compared with the same steps run eagerly from the same state (``graph_check``). Its peak
+    memory (``peak_mem_gib``) is what the caching allocator reserved while the replays were timed
+    (``peak_mem_kind='reserved'``): the graphs' pool holds the step's temporaries without counting
+    them as allocated (``peak_allocated_gib``).
 
     ``batch`` is per process: under torchrun (WORLD_SIZE > 1) the objective is wrapped in DDP
     as in the trainer and img/s counts all processes' images. An out-of-memory error does not

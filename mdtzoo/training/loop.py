@@ -10,6 +10,7 @@ a NaN/Inf loss stops the run naming the step and keeps the last good checkpoint.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import signal
 import sys
@@ -120,8 +121,8 @@ class _DeferredCheck:
         return self._resolve(keep=0)
 
 
-def check_options(*, compile, compile_scope: str, update: str, optimizer: str, graph_step: bool, global_batch: int,
-                  micro_batch: int | None, device: torch.device, world: int) -> None:
+def check_options(*, compile, compile_scope: str, update: str, optimizer: str, precision: str, graph_step: bool,
+                  global_batch: int, micro_batch: int | None, device: torch.device, world: int) -> None:
     """A ValueError naming the first of the trainer's options (``train.*``) that cannot run on
     ``world`` processes of ``device``'s kind: the checks that need no data, model or GPU. ``train``
     runs them before any work, and a sweep's validation before anything is submitted (with the
@@ -131,6 +132,8 @@ def check_options(*, compile, compile_scope: str, update: str, optimizer: str, g
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     check_update_mode(update, device, optimizer)
+    if precision not in ("bf16", "fp32", "auto"):
+        raise ValueError(f"precision must be 'bf16', 'fp32' or 'auto'; got {precision!r}")
     per_rank = global_batch // world
     if global_batch % world or per_rank % (micro_batch or per_rank):
         raise ValueError(f"global batch {global_batch} must split evenly over {world} processes and then into "
@@ -146,8 +149,6 @@ def check_bound_options(world: int, device: torch.device, model=None) -> None:
     """``check_options`` on the parsed gin config's ``train.*`` bindings (the trainer's defaults
     where unbound), for ``world`` processes on ``device``'s kind (``train.device``, when bound, wins);
     with ``train.graph_step``, also ``model``'s masking (``check_fixed_keep``)."""
-    import inspect
-
     defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
 
     def value(name):
@@ -160,7 +161,7 @@ def check_bound_options(world: int, device: torch.device, model=None) -> None:
     if bound not in (None, "auto"):
         device = torch.device(bound)
     check_options(compile=value("compile"), compile_scope=value("compile_scope"), update=value("update"),
-                  optimizer=value("optimizer"), graph_step=value("graph_step"), global_batch=value("global_batch"),
+                  optimizer=value("optimizer"), precision=value("precision"), graph_step=value("graph_step"), global_batch=value("global_batch"),
                   micro_batch=value("micro_batch"), device=device, world=world)
     if value("graph_step") and model is not None:
         check_fixed_keep(model)
@@ -318,7 +319,7 @@ def train(
     cudagraphs = uses_cudagraphs(compile)  # checks the value before any work
     info, dev = dist_util.setup(device)
     check_options(compile=compile, compile_scope=compile_scope, update=update, optimizer=optimizer,
-                  graph_step=graph_step, global_batch=global_batch, micro_batch=micro_batch, device=dev,
+                  precision=precision, graph_step=graph_step, global_batch=global_batch, micro_batch=micro_batch, device=dev,
                   world=info.world)
     run = RunDir(run_dir)
     config_text = cfg.config_str()
@@ -349,8 +350,6 @@ def train(
     micro_batch = micro_batch or world_batch
     if precision == "auto":
         precision = "bf16" if dev.type == "cuda" else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be 'bf16', 'fp32' or 'auto'; got {precision!r}")
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
 
