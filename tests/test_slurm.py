@@ -187,26 +187,28 @@ def test_failing_points_report_their_errors_while_the_others_finish(tmp_path, ca
 gin = ["{REPO}/experiments/demo/base.gin", "{REPO}/experiments/models/dit_xs2.gin"]
 bindings = {json.dumps(SMALL + ["train.steps = 3", "train.ckpt_every = 2", "train.warmup_steps = 0"])}
 [[zip]]
-name = ["ok", "nan", "bad_optimizer"]
-bindings = [[], ["train.lr = 1e30"], ["train.optimizer = 'sgd_nope'"]]
+name = ["ok", "nan", "bad_metric"]
+bindings = [[], ["train.lr = 1e30"], ["train.eval_every = 2", "train.eval_metrics = ('fid',)"]]
 [eval]
 metrics = ["heldout_loss"]
 """)
     root = tmp_path / "runs"
     assert cli.main(["sweep", str(sweep_file), "--executor", "slurm", "--profile", "local_ci", "--root", str(root)]) == 0
     states = wait_for(load_sweep(sweep_file, root))
-    assert {n: s.state for n, s in states.items()} == {"ok": "done", "nan": "failed", "bad_optimizer": "failed"}
+    assert {n: s.state for n, s in states.items()} == {"ok": "done", "nan": "failed", "bad_metric": "failed"}
     code, out, _ = run_cli(capsys, "status", root)
     assert code == 0 and "1 done, 2 failed" in out
     assert re.search(r"^nan: failed: loss is (nan|inf) at step 2; stopped", out, re.MULTILINE), out
-    assert re.search(r"^bad_optimizer: failed: ValueError: unknown optimizer 'sgd_nope'", out, re.MULTILINE), out
-    assert "unknown optimizer 'sgd_nope'" in Path(slurm.read_job(root / "bad_optimizer")["stderr"]).read_text()
+    # an error the job meets after its run dir exists (an unknown optimizer is refused before submission now)
+    assert re.search(r"^bad_metric: failed: ValueError: train.eval_metrics takes run metrics", out, re.MULTILINE), out
+    assert "'fid' is not one" in Path(slurm.read_job(root / "bad_metric")["stderr"]).read_text()
 
 
 def test_an_impossible_request_fails_at_submission(tmp_path, capsys):
     before = sacct_jobs()
     code, out, err = run_cli(capsys, "sweep", TINY_SWEEP, "--executor", "slurm", "--profile", "local_ci",
-                             "--root", tmp_path, "--gpus-per-node", "64")
+                             "--root", tmp_path, "--gpus-per-node", "64",
+                             "--gin", "train.global_batch = 64")  # (a batch that splits over 64 processes)
     assert code == 2
     assert "the scheduler refused the sweep (64 GPUs and 64 tasks per node" in err and "nothing was submitted" in err
     assert re.search(r"sbatch: error: .*(More processors requested than permitted|node configuration is not available)", err)
