@@ -183,25 +183,30 @@ enabled = false
 
 
 def test_failing_points_report_their_errors_while_the_others_finish(tmp_path, capsys):
+    images = tmp_path / "images"  # files that are not images: the job meets them mid-run, after validation
+    images.mkdir()
+    for i in range(8):
+        (images / f"cat_{i}.png").write_bytes(b"not a png")
+    corrupt = ["train.dataset = 'datasets.image_folder'", f"datasets.image_folder.root = '{images}'",
+               "datasets.image_folder.image_size = 16", "datasets.image_folder.heldout_size = 2"]
     sweep_file = write_sweep(tmp_path / "fail.sweep", f"""
 gin = ["{REPO}/experiments/demo/base.gin", "{REPO}/experiments/models/dit_xs2.gin"]
 bindings = {json.dumps(SMALL + ["train.steps = 3", "train.ckpt_every = 2", "train.warmup_steps = 0"])}
 [[zip]]
-name = ["ok", "nan", "bad_metric"]
-bindings = [[], ["train.lr = 1e30"], ["train.eval_every = 2", "train.eval_metrics = ('fid',)"]]
+name = ["ok", "nan", "bad_image"]
+bindings = [[], ["train.lr = 1e30"], {json.dumps(corrupt)}]
 [eval]
 metrics = ["heldout_loss"]
 """)
     root = tmp_path / "runs"
     assert cli.main(["sweep", str(sweep_file), "--executor", "slurm", "--profile", "local_ci", "--root", str(root)]) == 0
     states = wait_for(load_sweep(sweep_file, root))
-    assert {n: s.state for n, s in states.items()} == {"ok": "done", "nan": "failed", "bad_metric": "failed"}
+    assert {n: s.state for n, s in states.items()} == {"ok": "done", "nan": "failed", "bad_image": "failed"}
     code, out, _ = run_cli(capsys, "status", root)
     assert code == 0 and "1 done, 2 failed" in out
     assert re.search(r"^nan: failed: loss is (nan|inf) at step 2; stopped", out, re.MULTILINE), out
-    # an error the job meets after its run dir exists (an unknown optimizer is refused before submission now)
-    assert re.search(r"^bad_metric: failed: ValueError: train.eval_metrics takes run metrics", out, re.MULTILINE), out
-    assert "'fid' is not one" in Path(slurm.read_job(root / "bad_metric")["stderr"]).read_text()
+    assert re.search(r"^bad_image: failed: CorruptImageError: .*cat_\d\.png", out, re.MULTILINE), out
+    assert "CorruptImageError" in Path(slurm.read_job(root / "bad_image")["stderr"]).read_text()
 
 
 def test_an_impossible_request_fails_at_submission(tmp_path, capsys):

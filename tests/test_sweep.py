@@ -195,18 +195,25 @@ metrics = ["heldout_loss", "relation_acc", "no_such_metric"]
 def test_validation_checks_the_trainers_options_for_the_jobs_processes_and_devices(tmp_path, capsys):
     """train.* options a job cannot run are refused before submission, for the resources it asks
     for: the captured step (train.graph_step) on 2 GPUs or on none, or with a varying kept count; a
-    global batch that does not split over the processes; an unknown compile mode or optimizer."""
+    global batch that does not split over the processes or is larger than the data; an unknown
+    compile mode or optimizer; a masked pass for a DiT; an in-run metric that needs a reference."""
     sweep = make_sweep({"gin": ["demo/mdt.gin"], "bindings": TINY + ["train.global_batch = 4"],
-                        "zip": [{"name": ["good", "graph", "jitter", "odd", "mode", "optim"], "bindings": [
+                        "zip": [{"name": ["good", "graph", "jitter", "odd", "mode", "optim", "dit", "big", "fid"],
+                                 "bindings": [
                             [], ["train.graph_step = True"],
                             ["train.graph_step = True", "models.mdt_xs4.masking = @masking.random_jitter()"],
-                            ["train.global_batch = 3"], ["train.compile = 'fast'"], ["train.optimizer = 'sgd'"]]}]},
+                            ["train.global_batch = 3"], ["train.compile = 'fast'"], ["train.optimizer = 'sgd'"],
+                            ["build.model = @models.dit_xs2", "train.passes = 'both'"], ["train.global_batch = 64"],
+                            ["train.eval_every = 2", "train.eval_metrics = ('fid',)"]]}]},
                        base=REPO / "experiments", name="t", root=tmp_path / "runs")
     one_gpu = validate(sweep.points, world=1, gpus=True)
-    assert set(one_gpu) == {"jitter", "mode", "optim"}, one_gpu  # a batch of 3 splits over one process
+    assert set(one_gpu) == {"jitter", "mode", "optim", "dit", "big", "fid"}, one_gpu  # a batch of 3 splits over one
     assert "RandomJitterMasking" in one_gpu["jitter"] and "keeps a different number of tokens" in one_gpu["jitter"]
     assert "torch.compile mode" in one_gpu["mode"] and "'fast'" in one_gpu["mode"]
     assert "unknown optimizer 'sgd'; valid: adamw, adan" in one_gpu["optim"]
+    assert "passes='both' needs a masked pass, but this model has no side-interpolator" in one_gpu["dit"]
+    assert "the dataset has 32 items, fewer than one global batch of 64" in one_gpu["big"]
+    assert "train.eval_metrics takes run metrics (no reference batch); 'fid' is not one" in one_gpu["fid"]
     two_gpus = validate(sweep.points, world=2, gpus=True)
     assert "graph_step: it runs on one process, and this run has 2" in two_gpus["graph"]
     assert "global batch 3 must split evenly over 2 processes" in two_gpus["odd"]
@@ -434,13 +441,17 @@ def test_preemption_checkpoints_requeues_the_same_strings_and_resumes_exactly(to
 
 
 def test_a_job_that_raises_records_its_error_in_the_run_dir(toy, tmp_path):
-    job = _toy_job(tmp_path, "bad", eval_every=2, eval_metrics=("fid",))  # an error after the run dir exists
-    with pytest.raises(ValueError, match="takes run metrics"):
+    class Unreadable(Toy):  # an error met mid-run, after the run dir exists (a config error is refused earlier)
+        def __getitem__(self, i):
+            raise OSError(f"item {i} is unreadable")
+
+    job = _toy_job(tmp_path, "bad", dataset="datasets.unreadable")
+    with DATASETS.temporary("unreadable", Unreadable), pytest.raises(OSError, match="is unreadable"):
         job()
     failed = (Path(job.run_dir) / "FAILED").read_text()
-    assert failed.startswith("ValueError: train.eval_metrics takes run metrics") and "Traceback" in failed
+    assert failed.startswith("OSError: item ") and "is unreadable" in failed and "File \"" in failed  # + the frames
     st = status.point_status("bad", job.run_dir, None, {})
-    assert st.state == "failed" and "'fid' is not one" in st.message
+    assert st.state == "failed" and "is unreadable" in st.message
 
 
 def test_a_finished_run_is_only_evaluated_again(toy, tmp_path, monkeypatch):

@@ -557,6 +557,9 @@ def test_a_captured_step_trains_and_resumes_bit_exactly_as_the_eager_one_on_cuda
     ({"optimizer": "sgd"}, "unknown optimizer 'sgd'; valid: adamw, adan"),
     ({"micro_batch": 3}, "global batch 8 must split evenly over 1 processes and then into micro-batches of 3"),
     ({"precision": "fp16"}, "precision must be 'bf16', 'fp32' or 'auto'; got 'fp16'"),
+    ({"model": "dit_s2", "passes": "both"}, "passes='both' needs a masked pass, but this model has no side-interp"),
+    ({"global_batch": 128}, "the dataset has 96 items, fewer than one global batch of 128"),
+    ({"eval_every": 2, "eval_metrics": ("fid",)}, "train.eval_metrics takes run metrics .*'fid' is not one"),
 ])
 def test_an_option_the_trainer_cannot_run_fails_before_the_run_dir_exists(toy, tmp_path, bindings, message):
     run = tmp_path / "run"

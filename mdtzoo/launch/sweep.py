@@ -340,7 +340,7 @@ def validate(points: Sequence[Point], evaluation: dict | None = None, *, world: 
             with torch.device("meta"):
                 model = build_for_dataset(datasets[key])
                 configured_diffusion()
-            check_bound_options(world, torch.device("cuda" if gpus else "cpu"), model)
+            check_bound_options(world, torch.device("cuda" if gpus else "cpu"), datasets[key], model)
             if "relation_acc" in metrics and not hasattr(datasets[key], "oracle"):
                 raise ValueError(f"[eval] relation_acc needs the relations data (an oracle); {name} has none")
             sampling = [m for m in metrics if m != "heldout_loss"]

@@ -30,7 +30,8 @@ from mdtzoo.training.ema import EMA
 from mdtzoo.training.fused_update import check_update_mode, make_update
 from mdtzoo.training.graph_step import GRAPH_WARMUP, StepGraph, check_fixed_keep, check_graph_step
 from mdtzoo.training.heldout import heldout_loss
-from mdtzoo.training.objective import DiffusionObjective, backward_parts, prepare_step, uses_cudagraphs
+from mdtzoo.training.objective import (DiffusionObjective, backward_parts, check_passes, prepare_step,
+                                      uses_cudagraphs)
 from mdtzoo.training.rundir import RunDir, write_text
 
 OPTIMIZERS = ("adamw", "adan")
@@ -145,10 +146,37 @@ def check_options(*, compile, compile_scope: str, update: str, optimizer: str, p
                              f"has optimizer {optimizer!r}, update {update!r}")
 
 
-def check_bound_options(world: int, device: torch.device, model=None) -> None:
+def resolve_passes(passes: str, model) -> str:
+    """``train.passes``: 'auto' is 'both' for a model with a side-interpolator, else 'full'."""
+    if passes == "auto":
+        return "both" if getattr(model, "interp", None) is not None else "full"
+    return passes
+
+
+def check_run(data, model, *, passes: str, masked_loss_on: str, global_batch: int, eval_every: int,
+              eval_metrics, graph_step: bool) -> None:
+    """A ValueError naming the first of the trainer's options that does not fit the data or the
+    model (which may be on the meta device): the passes for the model, a global batch larger than
+    the data, in-run metrics that are not run metrics, a captured step with a varying kept count.
+    ``train`` runs it before the run directory is made, a sweep's validation before submission."""
+    check_passes(model, resolve_passes(passes, model), masked_loss_on)
+    if len(data) < global_batch:
+        raise ValueError(f"the dataset has {len(data)} items, fewer than one global batch of {global_batch}")
+    if eval_every:
+        from mdtzoo import evaluation  # registers the run metrics
+
+        for name in eval_metrics or ():
+            if not evaluation.is_run_metric(name):  # an unknown name fails here, listing the known ones
+                raise ValueError(f"train.eval_metrics takes run metrics (no reference batch); {name!r} is not "
+                                 f"one: {', '.join(n for n in METRICS.names() if evaluation.is_run_metric(n))}")
+    if graph_step:
+        check_fixed_keep(model)
+
+
+def check_bound_options(world: int, device: torch.device, data=None, model=None) -> None:
     """``check_options`` on the parsed gin config's ``train.*`` bindings (the trainer's defaults
     where unbound), for ``world`` processes on ``device``'s kind (``train.device``, when bound, wins);
-    with ``train.graph_step``, also ``model``'s masking (``check_fixed_keep``)."""
+    with ``data`` and ``model``, ``check_run`` too."""
     defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
 
     def value(name):
@@ -163,8 +191,10 @@ def check_bound_options(world: int, device: torch.device, model=None) -> None:
     check_options(compile=value("compile"), compile_scope=value("compile_scope"), update=value("update"),
                   optimizer=value("optimizer"), precision=value("precision"), graph_step=value("graph_step"), global_batch=value("global_batch"),
                   micro_batch=value("micro_batch"), device=device, world=world)
-    if value("graph_step") and model is not None:
-        check_fixed_keep(model)
+    if model is not None:
+        check_run(data, model, passes=value("passes"), masked_loss_on=value("masked_loss_on"),
+                  global_batch=value("global_batch"), eval_every=value("eval_every"),
+                  eval_metrics=value("eval_metrics"), graph_step=value("graph_step"))
 
 
 def make_optimizer(params, name: str, lr: float, weight_decay: float, betas, fused: bool):
@@ -337,15 +367,14 @@ def train(
         autoencoder = load_vae(vae, device=dev)
     torch.manual_seed(seed)  # the initial weights are part of the run's seed
     model = build_for_dataset(data, autoencoder).to(dev)
-    if graph_step:
-        check_fixed_keep(model)
+    check_run(data, model, passes=passes, masked_loss_on=masked_loss_on, global_batch=global_batch,
+              eval_every=eval_every, eval_metrics=eval_metrics, graph_step=graph_step)
     diffusion = configured_diffusion()
     writer = _tensorboard_writer(run) if (tensorboard and info.is_main) else None
     if info.is_main:
         run.prepare(config_text)
     dist_util.barrier()
-    if passes == "auto":
-        passes = "both" if model.interp is not None else "full"
+    passes = resolve_passes(passes, model)
     world_batch = global_batch // info.world
     micro_batch = micro_batch or world_batch
     if precision == "auto":
@@ -381,13 +410,6 @@ def train(
     graph = (StepGraph(objective, step_fn, parts, updater, autocast, hold=hold,
                        max_norm=grad_clip or None) if graph_step else None)
     heldout = DATASETS.build(dataset, split="heldout") if (heldout_every or sample_every or eval_every) else None
-    if eval_every:
-        from mdtzoo import evaluation  # registers the run metrics
-
-        for name in eval_metrics or ():
-            if not evaluation.is_run_metric(name):  # an unknown name fails here, listing the known ones
-                raise ValueError(f"train.eval_metrics takes run metrics (no reference batch); {name!r} is not "
-                                 f"one: {', '.join(n for n in METRICS.names() if evaluation.is_run_metric(n))}")
 
     def save(step: int) -> None:
         if info.is_main:

@@ -36,6 +36,20 @@ def token_weight_map(mask: torch.Tensor, grid: tuple[int, int], patch: int) -> t
     return F.interpolate(m, scale_factor=patch, mode="nearest")
 
 
+def check_passes(model: nn.Module, passes: str, masked_loss_on: str) -> None:
+    """A ValueError unless ``passes`` and ``masked_loss_on`` are valid and ``model`` can run the
+    passes (a masked pass needs a side-interpolator); the model may be on the meta device."""
+    if passes not in PASSES:
+        raise ValueError(f"passes must be one of {PASSES}; got {passes!r}")
+    if masked_loss_on not in LOSS_ON:
+        raise ValueError(f"masked_loss_on must be one of {LOSS_ON}; got {masked_loss_on!r}")
+    if passes != "full" and getattr(model, "interp", None) is None:
+        raise ValueError(
+            f"passes={passes!r} needs a masked pass, but this model has no side-interpolator "
+            "(DiT presets train with passes='full')"
+        )
+
+
 class DiffusionObjective(nn.Module):
     """forward(x0, y, step, offset, global_batch) -> dict of scalar losses ('loss' is what to backprop).
 
@@ -45,15 +59,7 @@ class DiffusionObjective(nn.Module):
     def __init__(self, model: nn.Module, diffusion, passes: str = "both", masked_loss_on: str = "all",
                  seed: int = 0):
         super().__init__()
-        if passes not in PASSES:
-            raise ValueError(f"passes must be one of {PASSES}; got {passes!r}")
-        if masked_loss_on not in LOSS_ON:
-            raise ValueError(f"masked_loss_on must be one of {LOSS_ON}; got {masked_loss_on!r}")
-        if passes != "full" and getattr(model, "interp", None) is None:
-            raise ValueError(
-                f"passes={passes!r} needs a masked pass, but this model has no side-interpolator "
-                "(DiT presets train with passes='full')"
-            )
+        check_passes(model, passes, masked_loss_on)
         self.model, self.diffusion = model, diffusion
         self.passes, self.masked_loss_on, self.seed = passes, masked_loss_on, int(seed)
 
