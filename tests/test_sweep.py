@@ -137,7 +137,7 @@ def test_toml_errors_name_the_file(tmp_path):
 
 
 def test_every_sweep_file_in_experiments_parses_and_validates(tmp_path):
-    latents = _fake_latents(tmp_path / "latents")
+    latents = _fake_latents(tmp_path / "latents", count=258)  # one global batch of 256 (the paper's), 2 held out
     extra = [f"datasets.latents.root = '{latents}'", "datasets.latents.heldout_size = 2"]
     files = sorted((REPO / "experiments").rglob("*.sweep"))
     assert {f.parent.name for f in files} >= {"debug", "paper"}
