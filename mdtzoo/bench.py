@@ -139,7 +139,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                      activation_checkpointing: bool = False, profile: bool = False, flex_options: str | None = None,
                      triton_options: str | None = None, inductor_options: str | None = None,
                      update: str = "auto", hold_grads: bool = True, windows: int = 0, graph_step: bool = False,
-                     log=None) -> dict:
+                     bf16_weights: bool = False, log=None) -> dict:
     """Time the trainer's step for a preset at ImageNet latent shape; returns a result dict.
 
     ``flex_options``: a ``FLEX_VARIANTS`` name, FlexAttention's kernel options for this run;
@@ -159,6 +159,10 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     (``peak_mem_kind='reserved'``): the graphs' pool holds the step's temporaries without counting
     them as allocated (``peak_allocated_gib``).
 
+    ``bf16_weights``: the model's Linear weights and biases in bfloat16, their float32 masters in the
+    fused update, which writes the copies (``training.bf16_weights``: no casts in the step; meant
+    to be the autocast step bit for bit, which ``graph_check`` shows with ``graph_step``).
+
     ``batch`` is per process: under torchrun (WORLD_SIZE > 1) the objective is wrapped in DDP
     as in the trainer and img/s counts all processes' images. An out-of-memory error does not
     raise: the result has ``status='oom'``; nor does a failed ``graph_check``: ``status=
@@ -175,6 +179,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     from mdtzoo.training.graph_step import (GRAPH_CHECK_STEPS, GRAPH_WARMUP, GraphCheckError, StepGraph,
                                             check_fixed_keep, check_graph_step, graph_check)
     from mdtzoo.training.loop import make_optimizer
+    from mdtzoo.training.bf16_weights import Bf16Weights, check_bf16_weights
     from mdtzoo.training.objective import DiffusionObjective, backward_parts, prepare_step, uses_cudagraphs
 
     if batch < 1 or steps < 1 or warmup < 0 or windows < 0:
@@ -204,6 +209,10 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         precision = "bf16" if cuda else "fp32"
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16', 'fp32' or 'auto'; got {precision!r}")
+    if bf16_weights:
+        check_bf16_weights(precision=precision, update=update, world=info.world, hold_grads=hold_grads,
+                           mlp_impl=mlp_impl)
+        check_update_mode("fused", dev)  # (the fused update writes the copies: CUDA, or Triton's interpreter)
     log = log or (lambda *_: None)
     result = dict(
         model=model_name, batch=batch, precision=precision, compile=compile if isinstance(compile, str) else bool(compile),
@@ -211,7 +220,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         steps=steps, warmup=warmup, peak_tflops=peak_tflops, device=dev.type, world=info.world,
         attn_impl=attn_impl, norm_impl=norm_impl, mlp_impl=mlp_impl, flex_options=flex_options, triton_options=triton_options,
         inductor_options=inductor_options, separate_passes=bool(separate_passes), kernel_ops=_kernel_ops_mode(),
-        graph_step=bool(graph_step),
+        graph_step=bool(graph_step), bf16_weights=bool(bf16_weights),
         activation_checkpointing=bool(activation_checkpointing),
         card=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,
         date=datetime.date.today().isoformat(), status="ok",
@@ -245,9 +254,11 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
             torch.cuda.reset_peak_memory_stats(dev)
         model = model.to(dev).train()
         diffusion = build_diffusion()
-        opt = make_optimizer(model.parameters(), "adamw", 1e-4, 0.0, (0.9, 0.999), fused=cuda)
-        ema = EMA(model, 0.9999, warmup=True)
-        updater = make_update(opt, ema, update)
+        ema = EMA(model, 0.9999, warmup=True)  # (of the float32 model: with bf16 weights, of their masters)
+        weights = Bf16Weights(model, ema) if bf16_weights else None
+        opt = make_optimizer(weights.parameters() if weights else model.parameters(), "adamw", 1e-4, 0.0,
+                             (0.9, 0.999), fused=cuda)
+        updater = make_update(opt, ema, update, shadows=weights.shadows if weights else None)
         fused = isinstance(updater, FusedAdamWEMA)
         objective = DiffusionObjective(model, diffusion, passes, "all", seed=seed)
         cudagraphs = uses_cudagraphs(compile)
@@ -276,7 +287,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
             out = backward_parts(step_fn, parts, (x0, y, step), autocast, world=info.world,
                                  hold=hold)
             norm = updater.step(step + 1)  # grad norm, AdamW, EMA
-            opt.zero_grad(set_to_none=True)
+            updater.zero_grad()
             return out, norm
 
         start = time.perf_counter()
@@ -292,7 +303,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                 lambda eager: [one_step(s, eager) for s in range(first, first + GRAPH_CHECK_STEPS)], model, opt, ema,
                 updater, log=log)
             warmup += GRAPH_CHECK_STEPS
-            opt.zero_grad(set_to_none=True)
+            updater.zero_grad()
             torch.cuda.empty_cache()  # the check's eager steps' blocks: the replays need only the graphs' pool
             torch.cuda.reset_peak_memory_stats(dev)
         for step in range(warmup, warmup + steps):
@@ -444,7 +455,7 @@ def format_result(r: dict) -> str:
     compiled = {"no": "", "yes": " compile"}.get(cell, f" compile ({cell})")
     head = (f"{r['model']} b{r['batch']} {r['precision']}{compiled} "
             f"passes={r['passes']}{' update=' + r['update'] if 'update' in r else ''}"
-            f"{' graph-step' if r.get('graph_step') else ''}")
+            f"{' graph-step' if r.get('graph_step') else ''}{' bf16-weights' if r.get('bf16_weights') else ''}")
     mem = f", peak memory {r['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in r else ""
     if r.get("peak_mem_kind") == "reserved":
         mem += " reserved (the graphs' pool included)"
@@ -477,7 +488,8 @@ def markdown_table(results: list[dict]) -> str:
         mem = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-"
         if r.get("peak_mem_kind") == "reserved":
             mem += " reserved"
-        compiled = _compile_cell(r) + (", graph step" if r.get("graph_step") else "")
+        compiled = (_compile_cell(r) + (", graph step" if r.get("graph_step") else "")
+                    + (", bf16 weights" if r.get("bf16_weights") else ""))
         if r.get("status") == "ok":
             nums = (f"{r['img_per_s']:,.0f} | {r['step_ms']:.1f} | {r['tflops']:.0f} | "
                     f"{100 * r['peak_fraction']:.0f}%")

@@ -121,6 +121,9 @@ class _Counted:
     def step_counts(self):
         return {}
 
+    def zero_grad(self):
+        self.opt.zero_grad(set_to_none=True)
+
     def set_step_counts(self, counts):
         pass
 

@@ -71,6 +71,7 @@
 #   bash experiments/bench/gpu_bench.sh graph4a   # the captured XL/2 steps against the eager ones (graph4b: S/2, B/2)
 #   bash experiments/bench/gpu_bench.sh start15   # GPU tests of train.graph_step, then the trainer eager / graph step
 #   bash experiments/bench/gpu_bench.sh final16a  # the XL/2 steps eager and captured, memory as reserved (16b: S/2, B/2)
+#   bash experiments/bench/gpu_bench.sh bf16wa    # GPU tests, then MDT-XL/2 captured with / without bf16 weights (wb: DiT-XL/2, MDT-S/2)
 #   bash experiments/bench/gpu_bench.sh cppwrap   # inductor's C++ wrapper against the default at XL/2 (long compiles)
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
@@ -767,6 +768,22 @@ final16a|final16b)  # for session 16: the table's steps eager and captured (--gr
   for spec in $specs; do
     IFS=: read -r m b n kind <<< "$spec"
     step "step_${m}_$kind" 170 "$m" "$b" --steps "$n" --compile --windows 2 $([ "$kind" = graph ] && echo --graph-step)
+  done
+  ;;
+bf16wa|bf16wb)  # for session 16: bf16 Linear weights (--bf16-weights) against float32 weights, both captured
+  # (--graph-step), alternating; 16a first runs the GPU tests (bf16 weights against the autocast step bit
+  # for bit, the captured step, train.graph_step); 16a: MDT-XL/2, 16b: DiT-XL/2 and MDT-S/2
+  if [ "$group" = bf16wa ]; then
+    echo "== GPU tests" >&2
+    timeout 200 "$py" -m pytest -q -p no:cacheprovider tests/test_bf16_weights.py tests/test_graph_step.py \
+      tests/test_training.py -k "on_cuda" > "$OUT/pytest.log" 2>&1 || echo "!! GPU tests failed (rc $?)" >&2
+    tail -n 3 "$OUT/pytest.log" >&2
+    specs="mdt_xl2:64:10:graph16 mdt_xl2:64:10:graph"
+  else specs="dit_xl2:64:10:graph dit_xl2:64:10:graph16 mdt_s2:256:20:graph16 mdt_s2:256:20:graph"; fi
+  for spec in $specs; do
+    IFS=: read -r m b n kind <<< "$spec"
+    step "step_${m}_$kind" 170 "$m" "$b" --steps "$n" --compile --windows 2 --graph-step \
+      $([ "$kind" = graph16 ] && echo --bf16-weights)
   done
   ;;
 cppwrap)  # inductor's C++ wrapper (--inductor-options cpp: kernels launched from generated C++, not Python)

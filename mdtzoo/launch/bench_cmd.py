@@ -37,7 +37,8 @@ def run_train_step(args) -> int:
         separate_passes=not args.joint_backward,
         activation_checkpointing=args.activation_checkpointing, profile=args.profile, flex_options=args.flex_options,
         triton_options=args.triton_options, inductor_options=args.inductor_options, update=args.update,
-        hold_grads=not args.no_hold_grads, windows=args.windows, graph_step=args.graph_step, log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
+        hold_grads=not args.no_hold_grads, windows=args.windows, graph_step=args.graph_step,
+        bf16_weights=args.bf16_weights, log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
     )
     from mdtzoo.training.distributed import env_info
 
@@ -162,6 +163,10 @@ def add_parser(sub) -> None:
                    help="the whole step captured as CUDA graphs (training/graph_step.py), checked against the eager "
                         "step before anything is timed (bitwise equal on an H100: docs/performance.md, session 15); "
                         "one GPU, default compile mode; the trainer's train.graph_step")
+    t.add_argument("--bf16-weights", action="store_true",
+                   help="the model's Linear weights and biases in bfloat16, their float32 masters in the fused update, "
+                        "which writes the copies: no casts in the step (training/bf16_weights.py); one GPU, "
+                        "held gradients, bf16 precision")
     t.add_argument("--joint-backward", action="store_true",
                    help="one backward of full + masked loss (default: the two passes in turn, less memory)")
     t.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")

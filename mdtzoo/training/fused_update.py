@@ -38,36 +38,44 @@ except ImportError:  # pragma: no cover - CPU-only installs without triton
 if triton is not None:
 
     @triton.jit
-    def _column(ADDRS, t, offs, BLOCK: tl.constexpr):
-        """Pointers to elements ``offs`` of tensor t, whose address is ADDRS[t]. The hints (16-byte
-        aligned, BLOCK contiguous: true of every tensor the caching allocator hands out) let Triton
-        use 128-bit loads and stores; a pointer read from memory carries no alignment otherwise."""
-        ptr = tl.load(ADDRS + t).to(tl.pointer_type(tl.float32))
+    def _column(ADDRS, t, offs, BLOCK: tl.constexpr, DTYPE: tl.constexpr):
+        """Pointers to elements ``offs`` of tensor t (of DTYPE), whose address is ADDRS[t]. The hints
+        (16-byte aligned, BLOCK contiguous: true of every tensor the caching allocator hands out) let
+        Triton use 128-bit loads and stores; a pointer read from memory carries no alignment otherwise."""
+        ptr = tl.load(ADDRS + t).to(tl.pointer_type(DTYPE))
         return tl.max_contiguous(tl.multiple_of(ptr + offs, 16), BLOCK)  # 16 = ALIGN
 
     @triton.jit
-    def _grad(G, G2, t, offs, ok, BLOCK: tl.constexpr, HAS_G2: tl.constexpr, MASKED: tl.constexpr):
-        """The gradient of one block: .grad, plus the held gradient of an earlier backward where
-        tensor t has one (its address in G2 is not 0)."""
-        g_ptrs = _column(G, t, offs, BLOCK)
+    def _load(ADDRS, t, offs, ok, BLOCK: tl.constexpr, MASKED: tl.constexpr, DTYPE: tl.constexpr):
+        """A block of tensor t (of DTYPE) as float32."""
+        ptrs = _column(ADDRS, t, offs, BLOCK, DTYPE)
         if MASKED:
-            g = tl.load(g_ptrs, mask=ok, other=0.0)
+            return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        return tl.load(ptrs).to(tl.float32)
+
+    @triton.jit
+    def _grad(G, G2, t, offs, ok, bf16, BLOCK: tl.constexpr, HAS_G2: tl.constexpr, MASKED: tl.constexpr):
+        """The gradient of one block, in float32: .grad, plus the held gradient of an earlier backward
+        where tensor t has one (its address in G2 is not 0); both bfloat16 where ``bf16``."""
+        if bf16:
+            g = _load(G, t, offs, ok, BLOCK, MASKED, tl.bfloat16)
         else:
-            g = tl.load(g_ptrs)
+            g = _load(G, t, offs, ok, BLOCK, MASKED, tl.float32)
         if HAS_G2:
             if tl.load(G2 + t) != 0:
-                g2_ptrs = _column(G2, t, offs, BLOCK)
-                if MASKED:
-                    g += tl.load(g2_ptrs, mask=ok, other=0.0)
+                if bf16:
+                    g += _load(G2, t, offs, ok, BLOCK, MASKED, tl.bfloat16)
                 else:
-                    g += tl.load(g2_ptrs)
+                    g += _load(G2, t, offs, ok, BLOCK, MASKED, tl.float32)
         return g
 
     @triton.jit
-    def _update(p_ptrs, g, m_ptrs, v_ptrs, e_ptrs, ok, PARTIAL, pid, COEF, step_size, bc2_sqrt,
-                wd_factor, beta1, beta2, eps, ema_weight, HAS_COEF: tl.constexpr, MASKED: tl.constexpr):
-        """AdamW (torch's fused maths) + EMA lerp of one block of gradient g; the masks only for a
-        tensor's last, partial block (an unmasked block vectorises)."""
+    def _update(p_ptrs, g, m_ptrs, v_ptrs, e_ptrs, W, t, offs, bf16, ok, PARTIAL, pid, COEF, step_size, bc2_sqrt,
+                wd_factor, beta1, beta2, eps, ema_weight, BLOCK: tl.constexpr, HAS_COEF: tl.constexpr,
+                MASKED: tl.constexpr):
+        """AdamW (torch's fused maths) + EMA lerp of one block of gradient g, and where ``bf16`` the
+        updated values' bfloat16 copy at W[t] (``Bf16Weights``); the masks only for a tensor's last,
+        partial block (an unmasked block vectorises)."""
         if MASKED:
             p = tl.load(p_ptrs, mask=ok, other=0.0)
             m = tl.load(m_ptrs, mask=ok, other=0.0)
@@ -96,11 +104,17 @@ if triton is not None:
             tl.store(m_ptrs, m)
             tl.store(v_ptrs, v)
             tl.store(e_ptrs, e)
+        if bf16:
+            w_ptrs = _column(W, t, offs, BLOCK, tl.bfloat16)
+            if MASKED:
+                tl.store(w_ptrs, p.to(tl.bfloat16), mask=ok)
+            else:
+                tl.store(w_ptrs, p.to(tl.bfloat16))
 
     @triton.jit
-    def _adamw_ema_kernel(P, G, G2, M, V, E, NUMEL, STEP_SIZE, BC2_SQRT, BLOCK_T, BLOCK_S, PARTIAL, COEF, SCAL,
+    def _adamw_ema_kernel(P, G, G2, M, V, E, W, NUMEL, STEP_SIZE, BC2_SQRT, BLOCK_T, BLOCK_S, PARTIAL, COEF, SCAL,
                           UNIFORM: tl.constexpr, HAS_COEF: tl.constexpr, HAS_G2: tl.constexpr,
-                          NORM_ONLY: tl.constexpr, BLOCK: tl.constexpr):
+                          NORM_ONLY: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
         """One program: BLOCK elements of tensor t = BLOCK_T[pid] from element BLOCK_S[pid] on.
         P, G, G2, M, V, E hold each tensor's address (int64; G2: a held gradient to add, 0 where
         none); all tensors are float32, contiguous. SCAL (float32, device memory) holds the step's
@@ -109,24 +123,31 @@ if triton is not None:
         weight. STEP_SIZE and BC2_SQRT hold lr / (1 - beta1^step) and sqrt(1 - beta2^step) per
         tensor; with UNIFORM (every tensor at the same step count, the usual case) SCAL's first two
         entries hold them for all. NORM_ONLY: only the squared gradient's partial sums (the norm
-        that clipping needs first)."""
+        that clipping needs first). HAS_W: W holds, per tensor, the address of a bfloat16 copy of the
+        parameter (``Bf16Weights``), or 0: where it is not 0, the gradients (G, G2) are bfloat16 too,
+        and the update writes the copy. The launches stay one per param group, so the norm sums its
+        blocks in the same order with or without copies."""
         pid = tl.program_id(0)
         t = tl.load(BLOCK_T + pid)
         start = tl.load(BLOCK_S + pid)
         offs = start + tl.arange(0, BLOCK)
         n = tl.load(NUMEL + t)
         full = start + BLOCK <= n
+        if HAS_W:
+            bf16 = tl.load(W + t) != 0
+        else:
+            bf16 = False
         if NORM_ONLY:
             if full:
-                g = _grad(G, G2, t, offs, offs < n, BLOCK, HAS_G2, False)
+                g = _grad(G, G2, t, offs, offs < n, bf16, BLOCK, HAS_G2, False)
             else:
-                g = _grad(G, G2, t, offs, offs < n, BLOCK, HAS_G2, True)
+                g = _grad(G, G2, t, offs, offs < n, bf16, BLOCK, HAS_G2, True)
             tl.store(PARTIAL + pid, tl.sum(g * g, axis=0))
         else:
-            p_ptrs = _column(P, t, offs, BLOCK)
-            m_ptrs = _column(M, t, offs, BLOCK)
-            v_ptrs = _column(V, t, offs, BLOCK)
-            e_ptrs = _column(E, t, offs, BLOCK)
+            p_ptrs = _column(P, t, offs, BLOCK, tl.float32)
+            m_ptrs = _column(M, t, offs, BLOCK, tl.float32)
+            v_ptrs = _column(V, t, offs, BLOCK, tl.float32)
+            e_ptrs = _column(E, t, offs, BLOCK, tl.float32)
             wd_factor = tl.load(SCAL + 2)
             beta1 = tl.load(SCAL + 3)
             beta2 = tl.load(SCAL + 4)
@@ -139,13 +160,13 @@ if triton is not None:
                 step_size = tl.load(STEP_SIZE + t)
                 bc2_sqrt = tl.load(BC2_SQRT + t)
             if full:
-                g = _grad(G, G2, t, offs, offs < n, BLOCK, HAS_G2, False)
-                _update(p_ptrs, g, m_ptrs, v_ptrs, e_ptrs, offs < n, PARTIAL, pid, COEF, step_size, bc2_sqrt,
-                        wd_factor, beta1, beta2, eps, ema_weight, HAS_COEF, False)
+                g = _grad(G, G2, t, offs, offs < n, bf16, BLOCK, HAS_G2, False)
+                _update(p_ptrs, g, m_ptrs, v_ptrs, e_ptrs, W, t, offs, bf16, offs < n, PARTIAL, pid, COEF,
+                        step_size, bc2_sqrt, wd_factor, beta1, beta2, eps, ema_weight, BLOCK, HAS_COEF, False)
             else:
-                g = _grad(G, G2, t, offs, offs < n, BLOCK, HAS_G2, True)
-                _update(p_ptrs, g, m_ptrs, v_ptrs, e_ptrs, offs < n, PARTIAL, pid, COEF, step_size, bc2_sqrt,
-                        wd_factor, beta1, beta2, eps, ema_weight, HAS_COEF, True)
+                g = _grad(G, G2, t, offs, offs < n, bf16, BLOCK, HAS_G2, True)
+                _update(p_ptrs, g, m_ptrs, v_ptrs, e_ptrs, W, t, offs, bf16, offs < n, PARTIAL, pid, COEF,
+                        step_size, bc2_sqrt, wd_factor, beta1, beta2, eps, ema_weight, BLOCK, HAS_COEF, True)
 
 
 def _group_hyper(group: dict) -> tuple[float, float, float, float, float]:
@@ -154,8 +175,8 @@ def _group_hyper(group: dict) -> tuple[float, float, float, float, float]:
     return lr, float(group["weight_decay"]), beta1, beta2, float(group["eps"])
 
 
-def unsupported(opt: torch.optim.Optimizer, ema) -> str | None:
-    """Why ``FusedAdamWEMA`` cannot run this optimiser + EMA, or None when it can."""
+def unsupported(opt: torch.optim.Optimizer, ema, shadows: dict | None = None) -> str | None:
+    """Why ``FusedAdamWEMA`` cannot run this optimiser + EMA (+ bfloat16 copies), or None when it can."""
     if type(opt) is not torch.optim.AdamW:
         return f"the optimiser is {type(opt).__name__}, not torch.optim.AdamW"
     for group in opt.param_groups:
@@ -173,6 +194,11 @@ def unsupported(opt: torch.optim.Optimizer, ema) -> str | None:
                 return f"a parameter of shape {tuple(p.shape)} has no EMA copy"
             if p.data_ptr() % ALIGN or ema_of[id(p)].data_ptr() % ALIGN:
                 return f"a parameter of shape {tuple(p.shape)} (or its EMA copy) is not {ALIGN}-byte aligned"
+            copy = (shadows or {}).get(id(p))
+            if copy is not None and (copy.dtype != torch.bfloat16 or copy.shape != p.shape
+                                     or not copy.is_contiguous() or copy.data_ptr() % ALIGN):
+                return (f"the bfloat16 copy of a parameter of shape {tuple(p.shape)} is {copy.dtype} "
+                        f"{tuple(copy.shape)}, contiguous={copy.is_contiguous()}, or not {ALIGN}-byte aligned")
     if triton is None:
         return "triton is not installed"
     return None
@@ -187,13 +213,20 @@ class FusedAdamWEMA:
     Parameters without a gradient this step are skipped by AdamW (as torch does) and still
     EMA-updated; EMA entries that are not optimised (frozen parameters) and buffers are updated as
     ``EMA.update`` does.
+
+    ``shadows`` (``training.bf16_weights.Bf16Weights``): id(float32 parameter) -> its bfloat16 copy
+    in the model; that parameter's gradient is read from the copy's .grad (bfloat16), and the kernel
+    writes the updated value's copy. ``zero_grad`` clears both.
     """
 
-    def __init__(self, opt: torch.optim.AdamW, ema, *, block: int = BLOCK):
-        why = unsupported(opt, ema)
+    def __init__(self, opt: torch.optim.AdamW, ema, *, block: int = BLOCK, shadows: dict | None = None):
+        why = unsupported(opt, ema, shadows)
         if why:
             raise ValueError(f"FusedAdamWEMA cannot run here: {why}")
         self.opt, self.ema, self.block = opt, ema, int(block)
+        # id(fp32 parameter) -> its bfloat16 copy in the model (``Bf16Weights``): the gradient is read
+        # from the copy's .grad, and the update writes the copy
+        self._shadows = dict(shadows or {})
         ema_of = {id(p): e for e, p in ema._pairs}
         self._groups = [[(p, ema_of[id(p)]) for p in group["params"]] for group in opt.param_groups]
         optimised = {id(p) for group in opt.param_groups for p in group["params"]}
@@ -219,10 +252,21 @@ class FusedAdamWEMA:
         held = {}
         for group in self.opt.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    held[id(p)] = p.grad
-                    p.grad = None
+                source = self._source(p)
+                if source.grad is not None:
+                    held[id(p)] = source.grad
+                    source.grad = None
         self._held = held
+
+    def zero_grad(self) -> None:
+        """``opt.zero_grad(set_to_none=True)``, and the bfloat16 copies' gradients too."""
+        self.opt.zero_grad(set_to_none=True)
+        for copy in self._shadows.values():
+            copy.grad = None
+
+    def _source(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor whose .grad is p's gradient: its bfloat16 copy in the model, or p itself."""
+        return self._shadows.get(id(p), p)
 
     def prepare_launches(self) -> list[dict]:
         """For a step whose backward was captured in a CUDA graph (``training.graph_step``): the
@@ -275,7 +319,8 @@ class FusedAdamWEMA:
         return state
 
     def _table(self, pairs, states) -> dict:
-        """Addresses of p, m, v, e and the block -> (tensor, start) map for one set of tensors."""
+        """Addresses of p, m, v, e, w (the bfloat16 copies; 0 where there is none) and the block ->
+        (tensor, start) map for one set of tensors."""
         dev = pairs[0][0].device
         block_t, block_s = [], []
         for i, (p, _) in enumerate(pairs):
@@ -283,7 +328,8 @@ class FusedAdamWEMA:
             block_t.extend([i] * len(starts))
             block_s.extend(starts)
         columns = ([p.data_ptr() for p, _ in pairs], [st["exp_avg"].data_ptr() for st in states],
-                   [st["exp_avg_sq"].data_ptr() for st in states], [e.data_ptr() for _, e in pairs])
+                   [st["exp_avg_sq"].data_ptr() for st in states], [e.data_ptr() for _, e in pairs],
+                   [self._shadows[id(p)].data_ptr() if id(p) in self._shadows else 0 for p, _ in pairs])
         return dict(
             addrs=[torch.tensor(col, dtype=torch.int64, device=dev) for col in columns],
             numel=torch.tensor([p.numel() for p, _ in pairs], dtype=torch.int64, device=dev),
@@ -313,12 +359,13 @@ class FusedAdamWEMA:
         tensor moved, or the set of parameters with a gradient changed."""
         key = (gi, present)
         plan = self._plans.get(key)
-        ident = [p.data_ptr() for p, _ in chosen] + [e.data_ptr() for _, e in chosen]
+        ident = [t.data_ptr() for p, e in chosen for t in (p, e, self._source(p))]
         if plan is not None and plan["opt_state"] is self.opt.state and plan["ident"] == ident:
             return plan
         states = [self._state(p) for p, _ in chosen]
         dev = chosen[0][0].device
         plan = dict(opt_state=self.opt.state, ident=ident, table=self._table(chosen, states),
+                    has_w=any(id(p) in self._shadows for p, _ in chosen),
                     step_tensors=[st["step"] for st in states], ids=[id(p) for p, _ in chosen],
                     scal=torch.zeros(len(SCALARS), dtype=torch.float32, device=dev),
                     per_tensor=torch.zeros((2, len(chosen)), dtype=torch.float32, device=dev))
@@ -326,13 +373,16 @@ class FusedAdamWEMA:
         return plan
 
     @staticmethod
-    def _kernel_ready(grads: list, copies: list) -> list:
-        """Gradients as the kernel reads them: float32, contiguous, 16-byte aligned. One that is not
-        (a view into a bucket, say) gets a buffer of its own, and (buffer, gradient) goes to
-        ``copies``: ``launch`` copies it there first, so that a captured update replays the copy
-        with the rest instead of reading the values of the step it was prepared at."""
-        if any(g is not None and g.dtype != torch.float32 for g in grads):
-            raise ValueError("FusedAdamWEMA needs float32 gradients")
+    def _kernel_ready(grads: list, copies: list, dtypes: list) -> list:
+        """Gradients as the kernel reads them: of ``dtypes`` (float32; bfloat16 for a parameter with a
+        bfloat16 copy), contiguous, 16-byte aligned. One that is not contiguous or aligned (a view
+        into a bucket, say) gets a buffer of its own, and (buffer, gradient) goes to ``copies``:
+        ``launch`` copies it there first, so that a captured update replays the copy with the rest
+        instead of reading the values of the step it was prepared at."""
+        for g, dtype in zip(grads, dtypes):
+            if g is not None and g.dtype != dtype:
+                raise ValueError(f"FusedAdamWEMA needs a {dtype} gradient for a parameter of shape "
+                                 f"{tuple(g.shape)}; it is {g.dtype}")
         ready = []
         for g in grads:
             if g is not None and not (g.is_contiguous() and g.data_ptr() % ALIGN == 0):
@@ -352,19 +402,21 @@ class FusedAdamWEMA:
         held, self._held = self._held or {}, None
         for group in self.opt.param_groups:  # a gradient that is only held is the gradient
             for p in group["params"]:
-                if p.grad is None and id(p) in held:
-                    p.grad = held.pop(id(p))
+                source = self._source(p)
+                if source.grad is None and id(p) in held:
+                    source.grad = held.pop(id(p))
         launches = []
         for gi, (group, pairs) in enumerate(zip(self.opt.param_groups, self._groups)):
-            present = tuple(i for i, (p, _) in enumerate(pairs) if p.grad is not None)
+            present = tuple(i for i, (p, _) in enumerate(pairs) if self._source(p).grad is not None)
             if not present:
                 continue
             chosen = pairs if len(present) == len(pairs) else [pairs[i] for i in present]
             plan = self._plan(gi, present, chosen)
             dev = chosen[0][0].device
             copies = []
-            gs = self._kernel_ready([p.grad for p, _ in chosen], copies)
-            g2s = self._kernel_ready([held.get(id(p)) for p, _ in chosen], copies)
+            dtypes = [torch.bfloat16 if id(p) in self._shadows else torch.float32 for p, _ in chosen]
+            gs = self._kernel_ready([self._source(p).grad for p, _ in chosen], copies, dtypes)
+            g2s = self._kernel_ready([held.get(id(p)) for p, _ in chosen], copies, dtypes)
             has_g2 = any(g is not None for g in g2s)
             g_addrs = self._device_addresses(("g", gi, present), gs, dev)
             g2_addrs = self._device_addresses(("g2", gi, present), g2s, dev) if has_g2 else g_addrs
@@ -373,8 +425,8 @@ class FusedAdamWEMA:
                                  blocks=plan["table"]["block_t"].numel(), uniform=len(counts) == 1,
                                  copies=copies, alive=gs + g2s))  # (held gradients kept alive)
         self._rest = list(self._ema_only)  # EMA for what AdamW does not touch: frozen parameters, no gradient
-        for group, pairs in zip(self.opt.param_groups, self._groups):
-            self._rest += [(e, p) for p, e in pairs if p.grad is None]
+        for pairs in self._groups:
+            self._rest += [(e, p) for p, e in pairs if self._source(p).grad is None]
         return launches
 
     def _write_scalars(self, launches: list[dict], ema_step: int) -> None:
@@ -405,12 +457,12 @@ class FusedAdamWEMA:
             sums = []
             for ln in launches:
                 partial = torch.empty(ln["blocks"], dtype=torch.float32, device=ln["dev"])
-                table, unused = ln["plan"]["table"], partial  # NORM_ONLY reads only G, G2 and the block map
+                table, unused = ln["plan"]["table"], partial  # NORM_ONLY reads only G, G2, W and the block map
                 _adamw_ema_kernel[(ln["blocks"],)](
-                    unused, ln["g"], ln["g2"], unused, unused, unused, table["numel"], unused, unused,
-                    table["block_t"], table["block_s"], partial, unused, unused,
-                    UNIFORM=True, HAS_COEF=False, HAS_G2=ln["has_g2"], NORM_ONLY=True, BLOCK=self.block,
-                    num_warps=WARPS)
+                    unused, ln["g"], ln["g2"], unused, unused, unused, table["addrs"][4], table["numel"], unused,
+                    unused, table["block_t"], table["block_s"], partial, unused, unused,
+                    UNIFORM=True, HAS_COEF=False, HAS_G2=ln["has_g2"], NORM_ONLY=True, HAS_W=ln["plan"]["has_w"],
+                    BLOCK=self.block, num_warps=WARPS)
                 sums.append(partial.sum())
             norm = torch.stack(sums).sum().sqrt()
             coef = torch.clamp(float(max_norm) / (norm + 1e-6), max=1.0).to(torch.float32)
@@ -419,12 +471,12 @@ class FusedAdamWEMA:
             plan, n_blocks = ln["plan"], ln["blocks"]
             table, per_tensor = plan["table"], plan["per_tensor"]
             partial = torch.empty(n_blocks, dtype=torch.float32, device=ln["dev"])
-            p_addrs, m_addrs, v_addrs, e_addrs = table["addrs"]
+            p_addrs, m_addrs, v_addrs, e_addrs, w_addrs = table["addrs"]
             _adamw_ema_kernel[(n_blocks,)](
-                p_addrs, ln["g"], ln["g2"], m_addrs, v_addrs, e_addrs, table["numel"], per_tensor[0], per_tensor[1],
-                table["block_t"], table["block_s"], partial, coef if coef is not None else partial, plan["scal"],
-                UNIFORM=ln["uniform"], HAS_COEF=coef is not None, HAS_G2=ln["has_g2"], NORM_ONLY=False,
-                BLOCK=self.block, num_warps=WARPS)
+                p_addrs, ln["g"], ln["g2"], m_addrs, v_addrs, e_addrs, w_addrs, table["numel"], per_tensor[0],
+                per_tensor[1], table["block_t"], table["block_s"], partial, coef if coef is not None else partial,
+                plan["scal"], UNIFORM=ln["uniform"], HAS_COEF=coef is not None, HAS_G2=ln["has_g2"], NORM_ONLY=False,
+                HAS_W=plan["has_w"], BLOCK=self.block, num_warps=WARPS)
             torch._foreach_add_(plan["step_tensors"], 1.0)
             partials.append(partial)
         for e, p in self._rest:  # (few tensors: frozen parameters, parameters without a gradient)
@@ -441,6 +493,9 @@ class OpByOpUpdate:
 
     def __init__(self, opt: torch.optim.Optimizer, ema):
         self.opt, self.ema = opt, ema
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
 
     def step(self, ema_step: int, max_norm: float | None = None) -> torch.Tensor:
         from mdtzoo.training.loop import grad_norm_
@@ -472,10 +527,15 @@ def check_update_mode(mode: str, device: torch.device | None = None, optimizer: 
     return mode
 
 
-def make_update(opt: torch.optim.Optimizer, ema, mode: str = "auto"):
+def make_update(opt: torch.optim.Optimizer, ema, mode: str = "auto", shadows: dict | None = None):
     """The step's optimiser side: ``'fused'`` (``FusedAdamWEMA``; an error says why when it cannot
-    run), ``'op_by_op'`` (``OpByOpUpdate``), or ``'auto'``: fused on CUDA where supported."""
+    run), ``'op_by_op'`` (``OpByOpUpdate``), or ``'auto'``: fused on CUDA where supported. With
+    ``shadows`` (``Bf16Weights``) only the fused update can run."""
     check_update_mode(mode)
+    if shadows:
+        if mode == "op_by_op":
+            raise ValueError("bfloat16 Linear weights need the fused update; the update mode is 'op_by_op'")
+        return FusedAdamWEMA(opt, ema, shadows=shadows)
     if mode == "op_by_op":
         return OpByOpUpdate(opt, ema)
     devices = {p.device for group in opt.param_groups for p in group["params"]}

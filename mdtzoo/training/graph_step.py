@@ -135,7 +135,7 @@ class StepGraph:
     def _capture(self, x0, y, draws, step, offset, global_batch) -> None:
         self._x0, self._y = x0.clone(), y.clone()
         self._draws = {name: _clone(value) for name, value in draws.items()}
-        self.updater.opt.zero_grad(set_to_none=True)  # the captured backward allocates and writes them
+        self.updater.zero_grad()  # the captured backward allocates and writes them
         torch.cuda.synchronize(x0.device)
         torch.cuda.empty_cache()  # the eager steps' cached blocks, before the graph takes its own pool
         graph, update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
@@ -156,8 +156,12 @@ UPDATE_TOL = 0.1  # each state group's change over the steps, as a norm: replaye
 
 
 def _groups(model, opt, ema) -> dict[str, list[torch.Tensor]]:
-    """Every tensor a training step changes, by kind: parameters, EMA weights, AdamW's moments and counts."""
-    groups = {"params": list(model.parameters()), "ema": list(ema.model.parameters()),
+    """Every tensor a training step changes, by kind: parameters (the model's, then the optimiser's
+    that are not the model's: ``Bf16Weights``' float32 masters), EMA weights, AdamW's moments and counts."""
+    params = list(model.parameters())
+    known = {id(p) for p in params}
+    params += [p for group in opt.param_groups for p in group["params"] if id(p) not in known]
+    groups = {"params": params, "ema": list(ema.model.parameters()),
               "exp_avg": [], "exp_avg_sq": [], "step": []}
     for state in opt.state.values():
         for key in ("exp_avg", "exp_avg_sq", "step"):
@@ -236,7 +240,7 @@ def graph_check(run_steps, model, opt, ema, updater, log=None) -> dict:
         updater.set_step_counts(counts)
         # A replay leaves the graph's gradient buffers in .grad (it never zeroes them); an eager
         # backward would add to them, so every run starts as an eager step expects, without gradients.
-        opt.zero_grad(set_to_none=True)
+        updater.zero_grad()
         return _values(run_steps(eager))
 
     graphed_values = from_start(False)
@@ -244,7 +248,9 @@ def graph_check(run_steps, model, opt, ema, updater, log=None) -> dict:
     eager_values = from_start(True)
     eager = _snapshot(groups)
     again_values = from_start(True)
-    names = [n for n, _ in model.named_parameters()]
+    by_id, source = {id(p): n for n, p in model.named_parameters()}, getattr(updater, "_source", lambda p: p)
+    names = list(by_id.values()) + [f"{by_id.get(id(source(p)), '?')} (float32 master)"  # (as _groups orders them)
+                                    for group in opt.param_groups for p in group["params"] if id(p) not in by_id]
     result = {"steps": GRAPH_CHECK_STEPS, "graphed": _compare(groups, start, graphed, names),
               "eager_again": _compare(groups, start, eager, names)}
     del graphed, eager

@@ -1,0 +1,77 @@
+"""The training model's Linear layers in bfloat16, their float32 masters in the optimiser.
+
+Under bf16 autocast every Linear casts its float32 weight and bias to bfloat16 at each call
+(twice a step for MDT's two passes, and again where the backward recomputes them), and its weight
+gradient, a bfloat16 matmul output, back to float32. At MDT-XL/2 those casts are several ms of a
+~218 ms step (docs/performance.md, sessions 14 and 15). With ``Bf16Weights`` the model's Linear
+weights and biases *are* bfloat16: autocast has nothing to cast and the gradients stay bfloat16.
+The float32 values (the masters) move to the optimiser, the EMA follows the masters, and the fused
+update (``FusedAdamWEMA(shadows=...)``) reads the bfloat16 gradients, updates the masters and
+writes their bfloat16 copies into the model in the same pass.
+
+The step is meant to be the autocast step's, bit for bit: the forward reads bf16(master) as
+autocast's cast does; the gradients are the same bfloat16 values that autocast casts exactly to
+float32; the held gradients of MDT's two passes are summed in float32 inside the update kernel as
+before. What would round differently is summing the passes in a bfloat16 ``.grad`` (autograd's
+accumulation) or all-reducing bfloat16 gradients (DDP), so it needs held gradients and one process
+(``check_bf16_weights``). Status: a benchmark option (``bench train-step --bf16-weights``), not
+yet in the trainer; its GPU check and timing are prepared, not run (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def check_bf16_weights(*, precision: str, update: str, world: int, hold_grads: bool, mlp_impl: str) -> None:
+    """A ValueError naming every reason bfloat16 Linear weights cannot run with these settings."""
+    problems = []
+    if precision != "bf16":
+        problems.append(f"they need bf16 autocast, and the precision is {precision!r}")
+    if update == "op_by_op":
+        problems.append("they need the fused update (it writes the bfloat16 copies), and the update is 'op_by_op'")
+    if world > 1:
+        problems.append(f"they run on one process (DDP would all-reduce bfloat16 gradients), and this run has {world}")
+    if not hold_grads:
+        problems.append("they need held gradients (autograd would sum the passes' gradients in bfloat16)")
+    if mlp_impl != "torch":
+        problems.append(f"they cannot use mlp_impl {mlp_impl!r}, which reads the Linear weights in its own kernel; "
+                        "use 'torch'")
+    if problems:
+        raise ValueError("bf16_weights: " + "; ".join(problems))
+
+
+class Bf16Weights:
+    """Makes ``model``'s trainable float32 Linear weights and biases bfloat16, in place (the same
+    Parameter objects, so compiled regions and hooks see them), keeping a float32 master of each.
+    ``ema`` (built from the float32 model before this) is re-pointed at the masters.
+
+    ``parameters()``: what the optimiser updates, in the model's order with each converted
+    parameter replaced by its master; ``shadows``: id(master) -> the model's bfloat16 parameter,
+    for ``FusedAdamWEMA(shadows=...)``; ``names``: id(master) -> the parameter's name."""
+
+    def __init__(self, model: nn.Module, ema=None):
+        self.model = model
+        self.shadows: dict[int, nn.Parameter] = {}
+        self.names: dict[int, str] = {}
+        self._master_of: dict[int, nn.Parameter] = {}  # id(bfloat16 parameter) -> its master
+        for module_name, module in model.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            for kind in ("weight", "bias"):
+                p = getattr(module, kind)
+                if p is None or id(p) in self._master_of or p.dtype != torch.float32 or not p.requires_grad:
+                    continue
+                master = nn.Parameter(p.detach().clone())
+                p.data = p.data.to(torch.bfloat16)
+                self.shadows[id(master)] = p
+                self.names[id(master)] = f"{module_name}.{kind}" if module_name else kind
+                self._master_of[id(p)] = master
+        if ema is not None:
+            ema._pairs = [(e, self._master_of.get(id(p), p)) for e, p in ema._pairs]
+        if not self.shadows:
+            raise ValueError(f"bf16_weights: {type(model).__name__} has no trainable float32 Linear layer")
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self._master_of.get(id(p), p) for p in self.model.parameters() if p.requires_grad]
