@@ -116,3 +116,45 @@ def test_norm_kernels_do_not_spill_at_xl_width(norm_launches):
     for name, fn, args, kwargs in norm_launches:
         use = kernel_codegen.ptxas_usage(_ptx(fn, args, kwargs))
         assert 0 < use["registers"] <= 255 and use["spill_bytes"] == 0, (name, use)
+
+
+def _update_launches(bf16_weights: bool, clip: bool):
+    """The fused update's launches (training/fused_update.py) for one step of a small MDT, recorded
+    on the CPU: float32 weights, or bf16 Linear weights with float32 masters (``Bf16Weights``)."""
+    from mdtzoo.models import build_model
+    from mdtzoo.training import fused_update
+    from mdtzoo.training.bf16_weights import Bf16Weights
+    from mdtzoo.training.ema import EMA
+
+    torch.manual_seed(0)
+    model = build_model("mdt_xs2", input_size=8, in_channels=3, num_classes=3)
+    ema = EMA(model, 0.9)
+    weights = Bf16Weights(model, ema) if bf16_weights else None
+    opt = torch.optim.AdamW(weights.parameters() if weights else model.parameters(), lr=1e-3)
+    updater = fused_update.FusedAdamWEMA(opt, ema, shadows=weights.shadows if weights else None)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) if p.requires_grad else None
+    with _recording(fused_update, ("_adamw_ema_kernel",)) as launches:
+        updater.step(1, max_norm=1.0 if clip else None)
+    return launches
+
+
+@pytest.mark.parametrize("bf16_weights", [False, True])
+def test_the_fused_update_compiles_for_sm90_and_rounds_its_bf16_copies_to_nearest_even(bf16_weights):
+    """The update kernel as an H100 runs it, with and without bf16 copies (the norm-only launch of a
+    clipped step too): it compiles, and with copies it reads bf16 gradients and writes each copy with
+    a round-to-nearest-even conversion, as torch's cast rounds (``Bf16Weights``'s bitwise claim rests
+    on it); without them no bf16 access is left in the code."""
+    launches = _update_launches(bf16_weights, clip=True)
+    assert [kw["NORM_ONLY"] for _, _, _, kw in launches] == [True, False]
+    for name, fn, args, kwargs in launches:
+        assert kwargs["HAS_W"] == bf16_weights
+        ptx = _ptx(fn, args, kwargs)
+        conversions = re.findall(r"cvt\.(\w+)\.bf16(?:x2)?\.f32", ptx)  # float32 -> bf16: the copies
+        widenings = re.findall(r"cvt\.f32\.bf16", ptx)  # bf16 -> float32: the gradients read
+        if not bf16_weights:
+            assert not conversions and not widenings, name
+        elif kwargs["NORM_ONLY"]:
+            assert widenings and not conversions, name  # bf16 gradients read, nothing written
+        else:
+            assert widenings and conversions and set(conversions) == {"rn"}, (name, set(conversions))

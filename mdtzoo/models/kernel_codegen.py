@@ -58,7 +58,7 @@ def sm90_ptx(fn, args, kwargs, floats: str = "fp32") -> str:
     kwargs = dict(kwargs)
     options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
     values = dict(zip(fn.arg_names, args)) | kwargs
-    types = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32"}
+    types = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64"}
     signature, constexprs, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
         value = values[name]
