@@ -227,6 +227,17 @@ bindings = {json.dumps(TINY + ["train.graph_step = True"])}
     assert not (tmp_path / "r2").exists()
 
 
+def test_validation_refuses_a_vae_for_data_that_already_holds_latents(tmp_path):
+    latents = _fake_latents(tmp_path / "latents", count=8)
+    sweep = make_sweep({"gin": ["demo/mdt.gin"], "bindings": [
+        "train.dataset = 'datasets.latents'", f"datasets.latents.root = '{latents}'", "datasets.latents.heldout_size = 2",
+        "train.global_batch = 4"], "zip": [{"name": ["plain", "vae"], "bindings": [[], ["train.vae = 'ema'"]]}]},
+        base=REPO / "experiments", name="t", root=tmp_path / "runs")
+    problems = validate(sweep.points)
+    assert set(problems) == {"vae"}, problems
+    assert "train.vae is set but 'datasets.latents' already holds latents; remove train.vae" in problems["vae"]
+
+
 def test_a_run_dir_inside_another_run_is_refused(tmp_path):
     write(tmp_path / "outer" / "config.gin", "x\n")
     sweep = make_sweep({"gin": ["demo/mdt.gin"], "bindings": TINY}, base=REPO / "experiments", name="t",

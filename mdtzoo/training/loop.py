@@ -153,6 +153,12 @@ def resolve_passes(passes: str, model) -> str:
     return passes
 
 
+def check_vae(data, dataset: str, vae: str | None) -> None:
+    """A ValueError if ``train.vae`` is set for data that already holds latents."""
+    if vae is not None and getattr(data, "latent", False):
+        raise ValueError(f"train.vae is set but {dataset!r} already holds latents; remove train.vae")
+
+
 def check_run(data, model, *, passes: str, masked_loss_on: str, global_batch: int, eval_every: int,
               eval_metrics, graph_step: bool) -> None:
     """A ValueError naming the first of the trainer's options that does not fit the data or the
@@ -176,7 +182,7 @@ def check_run(data, model, *, passes: str, masked_loss_on: str, global_batch: in
 def check_bound_options(world: int, device: torch.device, data=None, model=None) -> None:
     """``check_options`` on the parsed gin config's ``train.*`` bindings (the trainer's defaults
     where unbound), for ``world`` processes on ``device``'s kind (``train.device``, when bound, wins);
-    with ``data`` and ``model``, ``check_run`` too."""
+    with ``data``, ``check_vae``; with ``model`` too, ``check_run``."""
     defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
 
     def value(name):
@@ -191,6 +197,8 @@ def check_bound_options(world: int, device: torch.device, data=None, model=None)
     check_options(compile=value("compile"), compile_scope=value("compile_scope"), update=value("update"),
                   optimizer=value("optimizer"), precision=value("precision"), graph_step=value("graph_step"), global_batch=value("global_batch"),
                   micro_batch=value("micro_batch"), device=device, world=world)
+    if data is not None:
+        check_vae(data, value("dataset"), value("vae"))
     if model is not None:
         check_run(data, model, passes=value("passes"), masked_loss_on=value("masked_loss_on"),
                   global_batch=value("global_batch"), eval_every=value("eval_every"),
@@ -359,9 +367,8 @@ def train(
     # Everything a bad config can break is built before the run directory is touched.
     data = DATASETS.build(dataset, split="train")
     autoencoder = None
+    check_vae(data, dataset, vae)
     if vae is not None:
-        if getattr(data, "latent", False):
-            raise ValueError(f"train.vae is set but {dataset!r} already holds latents; remove train.vae")
         from mdtzoo.vae import load_vae
 
         autoencoder = load_vae(vae, device=dev)
