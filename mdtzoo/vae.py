@@ -107,6 +107,53 @@ def hf_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
+def _model_id(spec: str) -> str:
+    return VAE_IDS.get(spec, VAE_IDS.get(spec.removeprefix("sd-vae-ft-"), spec))
+
+
+def _local(spec: str) -> Path | None:
+    """``spec`` as a local directory, if it reads as one (a path rather than a name or hub id)."""
+    local = Path(spec).expanduser()
+    return local if (local.is_absolute() or spec.startswith((".", "~")) or local.exists()) else None
+
+
+def _not_in_cache(model_id: str, cache: Path) -> VAEWeightsNotFoundError:
+    folder = cache / ("models--" + model_id.replace("/", "--"))
+    return VAEWeightsNotFoundError(
+        f"VAE weights for {model_id!r} are not available offline: looked in the Hugging Face cache "
+        f"{folder} (cache root {cache}; set HF_HOME or HF_HUB_CACHE to change it), and downloads are "
+        f"disabled. To put them there, on a machine with network run\n"
+        f"    huggingface-cli download {model_id} --cache-dir {cache}\n"
+        f"and copy {folder} to this machine, or save the model to a directory with "
+        f"AutoencoderKL.save_pretrained(dir) and pass that directory to load_vae."
+    )
+
+
+def _no_local_vae(local: Path) -> VAEWeightsNotFoundError:
+    return VAEWeightsNotFoundError(
+        f"no VAE in {local} (expected config.json and diffusion_pytorch_model.safetensors there); "
+        f"write one with AutoencoderKL.save_pretrained({str(local)!r}) where the weights are"
+    )
+
+
+def check_vae_available(name_or_path: str | os.PathLike | None, *, cache_dir: str | os.PathLike | None = None) -> None:
+    """The ``VAEWeightsNotFoundError`` ``load_vae`` would raise for a missing directory or model,
+    found from the file tree alone (no diffusers, no weights read): a sweep checks its points'
+    VAEs with it before submitting anything."""
+    if name_or_path is None or str(name_or_path) in ("none", "identity"):
+        return
+    spec = str(name_or_path)
+    local = _local(spec)
+    if local is not None:
+        if not (local / "config.json").is_file():
+            raise _no_local_vae(local)
+        return
+    cache = hf_cache_dir(cache_dir)
+    model_id = _model_id(spec)
+    if not any((cache / ("models--" + model_id.replace("/", "--"))).glob("snapshots/*/config.json")):
+        raise _not_in_cache(model_id, cache)
+
+
 def load_vae(
     name_or_path: str | os.PathLike | None = "mse",
     *,
@@ -127,32 +174,19 @@ def load_vae(
     from diffusers import AutoencoderKL  # imported here: GPU benchmark machines may lack diffusers
 
     spec = str(name_or_path)
-    model_id = VAE_IDS.get(spec, VAE_IDS.get(spec.removeprefix("sd-vae-ft-"), spec))
-    local = Path(spec).expanduser()
-    looks_like_path = local.is_absolute() or spec.startswith((".", "~")) or local.exists()
-    if looks_like_path:
+    local = _local(spec)
+    if local is not None:
         if not (local / "config.json").is_file():
-            raise VAEWeightsNotFoundError(
-                f"no VAE in {local} (expected config.json and diffusion_pytorch_model.safetensors there); "
-                f"write one with AutoencoderKL.save_pretrained({str(local)!r}) where the weights are"
-            )
+            raise _no_local_vae(local)
         vae = AutoencoderKL.from_pretrained(local, local_files_only=True, torch_dtype=dtype)
     else:
-        cache = hf_cache_dir(cache_dir)
+        cache, model_id = hf_cache_dir(cache_dir), _model_id(spec)
         try:
             vae = AutoencoderKL.from_pretrained(
                 model_id, cache_dir=cache, local_files_only=True, torch_dtype=dtype
             )
         except (OSError, ValueError) as err:
-            folder = cache / ("models--" + model_id.replace("/", "--"))
-            raise VAEWeightsNotFoundError(
-                f"VAE weights for {model_id!r} are not available offline: looked in the Hugging Face cache "
-                f"{folder} (cache root {cache}; set HF_HOME or HF_HUB_CACHE to change it), and downloads are "
-                f"disabled. To put them there, on a machine with network run\n"
-                f"    huggingface-cli download {model_id} --cache-dir {cache}\n"
-                f"and copy {folder} to this machine, or save the model to a directory with "
-                f"AutoencoderKL.save_pretrained(dir) and pass that directory to load_vae."
-            ) from err
+            raise _not_in_cache(model_id, cache) from err
     if device is not None:
         vae = vae.to(device)
     return LatentVAE(vae, scale=scale)

@@ -238,6 +238,23 @@ def test_validation_refuses_a_vae_for_data_that_already_holds_latents(tmp_path):
     assert "train.vae is set but 'datasets.latents' already holds latents; remove train.vae" in problems["vae"]
 
 
+def test_validation_names_vae_weights_that_are_not_on_this_machine(tmp_path, monkeypatch):
+    """train.vae (images encoded on the fly) and [eval] vae (samples decoded) are looked up in the
+    HF cache or the directory given, from the file tree alone, before anything is submitted."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # (read from the environment at import)
+    sweep = make_sweep({"gin": ["demo/mdt.gin"], "bindings": TINY, "zip": [{"name": ["plain", "ema", "dir"], "bindings": [
+        [], ["train.vae = 'ema'"], [f"train.vae = '{tmp_path / 'no_vae'}'"]]}], "eval": {"vae": "mse"}},
+        base=REPO / "experiments", name="t", root=tmp_path / "runs")
+    problems = validate(sweep.points, sweep.evaluation)
+    assert set(problems) == {"ema", "dir", "[eval]"}, problems
+    assert "VAEWeightsNotFoundError: VAE weights for 'stabilityai/sd-vae-ft-ema' are not available offline" in problems["ema"]
+    assert str(tmp_path / "hf" / "models--stabilityai--sd-vae-ft-ema") in problems["ema"]
+    assert f"no VAE in {tmp_path / 'no_vae'}" in problems["dir"]
+    assert "'stabilityai/sd-vae-ft-mse' are not available offline" in problems["[eval]"]
+
+
 def test_a_run_dir_inside_another_run_is_refused(tmp_path):
     write(tmp_path / "outer" / "config.gin", "x\n")
     sweep = make_sweep({"gin": ["demo/mdt.gin"], "bindings": TINY}, base=REPO / "experiments", name="t",

@@ -5,7 +5,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from mdtzoo.data.toy import TINY_VAE_CONFIG as TINY  # the project's tiny VAE config, shared by tests
-from mdtzoo.vae import LATENT_SCALE, IdentityAutoencoder, LatentVAE, VAEWeightsNotFoundError, load_vae
+from mdtzoo.vae import (LATENT_SCALE, IdentityAutoencoder, LatentVAE, VAEWeightsNotFoundError, check_vae_available,
+                        load_vae)
 
 
 @pytest.fixture(scope="module")
@@ -76,19 +77,26 @@ def test_load_from_the_hf_cache_offline(tiny, tmp_path, monkeypatch):
     vae = load_vae("ema", cache_dir=tmp_path)
     x = _images()
     assert torch.allclose(vae.decode(vae.encode(x)[0]), LatentVAE(tiny).decode(LatentVAE(tiny).encode(x)[0]))
+    check_vae_available("ema", cache_dir=tmp_path)  # found from the file tree as well
+    check_vae_available(repo / "snapshots" / commit)
+    check_vae_available("none")
 
 
 @pytest.mark.parametrize("name,model_id", [("mse", "stabilityai/sd-vae-ft-mse"), ("sd-vae-ft-ema", "stabilityai/sd-vae-ft-ema"),
                                            ("stabilityai/sd-vae-ft-mse", "stabilityai/sd-vae-ft-mse")])
-def test_missing_weights_name_the_model_and_the_directory(tmp_path, name, model_id):
+@pytest.mark.parametrize("find", [load_vae, check_vae_available])
+def test_missing_weights_name_the_model_and_the_directory(tmp_path, name, model_id, find):
+    """load_vae, and check_vae_available (a sweep's validation, from the file tree alone), name the
+    model and the directory searched."""
     with pytest.raises(VAEWeightsNotFoundError) as err:
-        load_vae(name, cache_dir=tmp_path)
+        find(name, cache_dir=tmp_path)
     message = str(err.value)
     assert model_id in message
     assert str(tmp_path / ("models--" + model_id.replace("/", "--"))) in message
     assert "huggingface-cli download" in message and "save_pretrained" in message
 
 
-def test_missing_local_directory_is_named(tmp_path):
+@pytest.mark.parametrize("find", [load_vae, check_vae_available])
+def test_missing_local_directory_is_named(tmp_path, find):
     with pytest.raises(VAEWeightsNotFoundError, match=str(tmp_path / "nope")):
-        load_vae(tmp_path / "nope")
+        find(tmp_path / "nope")

@@ -324,6 +324,10 @@ def validate(points: Sequence[Point], evaluation: dict | None = None, *, world: 
         for key in ("ref", "weights"):
             if evaluation.get(key) and not Path(evaluation[key]).exists():
                 raise FileNotFoundError(f"[eval] {key} = {evaluation[key]!r} does not exist")
+        if evaluation.get("vae"):
+            from mdtzoo.vae import check_vae_available
+
+            check_vae_available(evaluation["vae"])
     except Exception as e:  # noqa: BLE001
         problems["[eval]"] = _one_line(e)
     datasets: dict[tuple, Any] = {}   # image folders are listed once, not once per point

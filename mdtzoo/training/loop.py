@@ -154,9 +154,15 @@ def resolve_passes(passes: str, model) -> str:
 
 
 def check_vae(data, dataset: str, vae: str | None) -> None:
-    """A ValueError if ``train.vae`` is set for data that already holds latents."""
-    if vae is not None and getattr(data, "latent", False):
+    """A ValueError if ``train.vae`` is set for data that already holds latents; a
+    ``VAEWeightsNotFoundError`` if its weights are not on this machine (from the file tree alone)."""
+    if vae is None:
+        return
+    if getattr(data, "latent", False):
         raise ValueError(f"train.vae is set but {dataset!r} already holds latents; remove train.vae")
+    from mdtzoo.vae import check_vae_available
+
+    check_vae_available(vae)
 
 
 def check_run(data, model, *, passes: str, masked_loss_on: str, global_batch: int, eval_every: int,
