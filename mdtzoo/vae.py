@@ -173,11 +173,10 @@ def load_vae(
         return IdentityAutoencoder()
     from diffusers import AutoencoderKL  # imported here: GPU benchmark machines may lack diffusers
 
+    check_vae_available(name_or_path, cache_dir=cache_dir)  # a missing directory or model, named
     spec = str(name_or_path)
     local = _local(spec)
     if local is not None:
-        if not (local / "config.json").is_file():
-            raise _no_local_vae(local)
         vae = AutoencoderKL.from_pretrained(local, local_files_only=True, torch_dtype=dtype)
     else:
         cache, model_id = hf_cache_dir(cache_dir), _model_id(spec)

@@ -38,7 +38,8 @@ def run_train_step(args) -> int:
         activation_checkpointing=args.activation_checkpointing, profile=args.profile, flex_options=args.flex_options,
         triton_options=args.triton_options, inductor_options=args.inductor_options, update=args.update,
         hold_grads=not args.no_hold_grads, windows=args.windows, graph_step=args.graph_step,
-        bf16_weights=args.bf16_weights, log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
+        bf16_weights=args.bf16_weights,
+        log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None,
     )
     from mdtzoo.training.distributed import env_info
 

@@ -30,19 +30,27 @@ class EpochIndexed(Dataset):
         return self.dataset[index]
 
 
+def check_batch_split(global_batch: int, micro_batch: int | None, world: int) -> None:
+    """A ValueError unless the global batch splits evenly over the processes and then into
+    micro-batches (``micro_batch`` None: one micro-batch per process)."""
+    per_rank = global_batch // world
+    if global_batch % world or per_rank % (micro_batch or per_rank):
+        raise ValueError(f"global batch {global_batch} must split evenly over {world} processes and then into "
+                         f"micro-batches of {micro_batch}")
+
+
+def check_dataset_size(size: int, global_batch: int) -> None:
+    if size < global_batch:
+        raise ValueError(f"the dataset has {size} items, fewer than one global batch of {global_batch}")
+
+
 class StepSampler(Sampler):
     """Yields, per micro-batch, a list of (index, epoch) keys, from ``start_step`` on, for ``steps`` steps."""
 
     def __init__(self, size: int, global_batch: int, micro_batch: int, rank: int, world: int, seed: int,
                  start_step: int, steps: int):
-        per_rank = global_batch // world
-        if global_batch % world or per_rank % micro_batch:
-            raise ValueError(
-                f"global batch {global_batch} must split evenly over {world} processes and then into "
-                f"micro-batches of {micro_batch}"
-            )
-        if size < global_batch:
-            raise ValueError(f"the dataset has {size} items, fewer than one global batch of {global_batch}")
+        check_batch_split(global_batch, micro_batch, world)
+        check_dataset_size(size, global_batch)
         self.size, self.global_batch, self.micro = size, global_batch, micro_batch
         self.rank, self.world, self.seed = rank, world, seed
         self.start, self.steps = start_step, steps

@@ -252,7 +252,7 @@ class FusedAdamWEMA:
         held = {}
         for group in self.opt.param_groups:
             for p in group["params"]:
-                source = self._source(p)
+                source = self.grad_source(p)
                 if source.grad is not None:
                     held[id(p)] = source.grad
                     source.grad = None
@@ -264,7 +264,7 @@ class FusedAdamWEMA:
         for copy in self._shadows.values():
             copy.grad = None
 
-    def _source(self, p: torch.Tensor) -> torch.Tensor:
+    def grad_source(self, p: torch.Tensor) -> torch.Tensor:
         """The tensor whose .grad is p's gradient: its bfloat16 copy in the model, or p itself."""
         return self._shadows.get(id(p), p)
 
@@ -359,7 +359,7 @@ class FusedAdamWEMA:
         tensor moved, or the set of parameters with a gradient changed."""
         key = (gi, present)
         plan = self._plans.get(key)
-        ident = [t.data_ptr() for p, e in chosen for t in (p, e, self._source(p))]
+        ident = [t.data_ptr() for p, e in chosen for t in (p, e, self.grad_source(p))]
         if plan is not None and plan["opt_state"] is self.opt.state and plan["ident"] == ident:
             return plan
         states = [self._state(p) for p, _ in chosen]
@@ -402,12 +402,12 @@ class FusedAdamWEMA:
         held, self._held = self._held or {}, None
         for group in self.opt.param_groups:  # a gradient that is only held is the gradient
             for p in group["params"]:
-                source = self._source(p)
+                source = self.grad_source(p)
                 if source.grad is None and id(p) in held:
                     source.grad = held.pop(id(p))
         launches = []
         for gi, (group, pairs) in enumerate(zip(self.opt.param_groups, self._groups)):
-            present = tuple(i for i, (p, _) in enumerate(pairs) if self._source(p).grad is not None)
+            present = tuple(i for i, (p, _) in enumerate(pairs) if self.grad_source(p).grad is not None)
             if not present:
                 continue
             chosen = pairs if len(present) == len(pairs) else [pairs[i] for i in present]
@@ -415,7 +415,7 @@ class FusedAdamWEMA:
             dev = chosen[0][0].device
             copies = []
             dtypes = [torch.bfloat16 if id(p) in self._shadows else torch.float32 for p, _ in chosen]
-            gs = self._kernel_ready([self._source(p).grad for p, _ in chosen], copies, dtypes)
+            gs = self._kernel_ready([self.grad_source(p).grad for p, _ in chosen], copies, dtypes)
             g2s = self._kernel_ready([held.get(id(p)) for p, _ in chosen], copies, dtypes)
             has_g2 = any(g is not None for g in g2s)
             g_addrs = self._device_addresses(("g", gi, present), gs, dev)
@@ -426,7 +426,7 @@ class FusedAdamWEMA:
                                  copies=copies, alive=gs + g2s))  # (held gradients kept alive)
         self._rest = list(self._ema_only)  # EMA for what AdamW does not touch: frozen parameters, no gradient
         for pairs in self._groups:
-            self._rest += [(e, p) for p, e in pairs if self._source(p).grad is None]
+            self._rest += [(e, p) for p, e in pairs if self.grad_source(p).grad is None]
         return launches
 
     def _write_scalars(self, launches: list[dict], ema_step: int) -> None:

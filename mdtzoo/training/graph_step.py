@@ -248,7 +248,7 @@ def graph_check(run_steps, model, opt, ema, updater, log=None) -> dict:
     eager_values = from_start(True)
     eager = _snapshot(groups)
     again_values = from_start(True)
-    by_id, source = {id(p): n for n, p in model.named_parameters()}, getattr(updater, "_source", lambda p: p)
+    by_id, source = {id(p): n for n, p in model.named_parameters()}, getattr(updater, "grad_source", lambda p: p)
     names = list(by_id.values()) + [f"{by_id.get(id(source(p)), '?')} (float32 master)"  # (as _groups orders them)
                                     for group in opt.param_groups for p in group["params"] if id(p) not in by_id]
     result = {"steps": GRAPH_CHECK_STEPS, "graphed": _compare(groups, start, graphed, names),

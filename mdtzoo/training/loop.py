@@ -25,7 +25,7 @@ from mdtzoo.models.transformer import check_compile_scope
 from mdtzoo.registry import DATASETS, METRICS
 from mdtzoo.training import checkpoint as ckpt
 from mdtzoo.training import distributed as dist_util
-from mdtzoo.training.data import StepSampler, make_loader
+from mdtzoo.training.data import StepSampler, check_batch_split, check_dataset_size, make_loader
 from mdtzoo.training.ema import EMA
 from mdtzoo.training.fused_update import check_update_mode, make_update
 from mdtzoo.training.graph_step import GRAPH_WARMUP, StepGraph, check_fixed_keep, check_graph_step
@@ -135,11 +135,9 @@ def check_options(*, compile, compile_scope: str, update: str, optimizer: str, p
     check_update_mode(update, device, optimizer)
     if precision not in ("bf16", "fp32", "auto"):
         raise ValueError(f"precision must be 'bf16', 'fp32' or 'auto'; got {precision!r}")
-    per_rank = global_batch // world
-    if global_batch % world or per_rank % (micro_batch or per_rank):
-        raise ValueError(f"global batch {global_batch} must split evenly over {world} processes and then into "
-                         f"micro-batches of {micro_batch}")
+    check_batch_split(global_batch, micro_batch, world)
     if graph_step:
+        per_rank = global_batch // world
         check_graph_step(device, world, per_rank // (micro_batch or per_rank), compile)
         if update == "op_by_op" or optimizer != "adamw":
             raise ValueError(f"train.graph_step needs the fused update (AdamW, update 'auto' or 'fused'); this run "
@@ -172,8 +170,7 @@ def check_run(data, model, *, passes: str, masked_loss_on: str, global_batch: in
     the data, in-run metrics that are not run metrics, a captured step with a varying kept count.
     ``train`` runs it before the run directory is made, a sweep's validation before submission."""
     check_passes(model, resolve_passes(passes, model), masked_loss_on)
-    if len(data) < global_batch:
-        raise ValueError(f"the dataset has {len(data)} items, fewer than one global batch of {global_batch}")
+    check_dataset_size(len(data), global_batch)
     if eval_every:
         from mdtzoo import evaluation  # registers the run metrics
 
@@ -185,10 +182,10 @@ def check_run(data, model, *, passes: str, masked_loss_on: str, global_batch: in
         check_fixed_keep(model)
 
 
-def check_bound_options(world: int, device: torch.device, data=None, model=None) -> None:
-    """``check_options`` on the parsed gin config's ``train.*`` bindings (the trainer's defaults
-    where unbound), for ``world`` processes on ``device``'s kind (``train.device``, when bound, wins);
-    with ``data``, ``check_vae``; with ``model`` too, ``check_run``."""
+def check_bound_options(world: int, device: torch.device, data, model) -> None:
+    """``check_options``, ``check_vae`` and ``check_run`` on the parsed gin config's ``train.*``
+    bindings (the trainer's defaults where unbound), for ``world`` processes on ``device``'s kind
+    (``train.device``, when bound, wins), the training data and the model built for it."""
     defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
 
     def value(name):
@@ -201,14 +198,12 @@ def check_bound_options(world: int, device: torch.device, data=None, model=None)
     if bound not in (None, "auto"):
         device = torch.device(bound)
     check_options(compile=value("compile"), compile_scope=value("compile_scope"), update=value("update"),
-                  optimizer=value("optimizer"), precision=value("precision"), graph_step=value("graph_step"), global_batch=value("global_batch"),
-                  micro_batch=value("micro_batch"), device=device, world=world)
-    if data is not None:
-        check_vae(data, value("dataset"), value("vae"))
-    if model is not None:
-        check_run(data, model, passes=value("passes"), masked_loss_on=value("masked_loss_on"),
-                  global_batch=value("global_batch"), eval_every=value("eval_every"),
-                  eval_metrics=value("eval_metrics"), graph_step=value("graph_step"))
+                  optimizer=value("optimizer"), precision=value("precision"), graph_step=value("graph_step"),
+                  global_batch=value("global_batch"), micro_batch=value("micro_batch"), device=device, world=world)
+    check_vae(data, value("dataset"), value("vae"))
+    check_run(data, model, passes=value("passes"), masked_loss_on=value("masked_loss_on"),
+              global_batch=value("global_batch"), eval_every=value("eval_every"), eval_metrics=value("eval_metrics"),
+              graph_step=value("graph_step"))
 
 
 def make_optimizer(params, name: str, lr: float, weight_decay: float, betas, fused: bool):
@@ -363,8 +358,8 @@ def train(
     cudagraphs = uses_cudagraphs(compile)  # checks the value before any work
     info, dev = dist_util.setup(device)
     check_options(compile=compile, compile_scope=compile_scope, update=update, optimizer=optimizer,
-                  precision=precision, graph_step=graph_step, global_batch=global_batch, micro_batch=micro_batch, device=dev,
-                  world=info.world)
+                  precision=precision, graph_step=graph_step, global_batch=global_batch, micro_batch=micro_batch,
+                  device=dev, world=info.world)
     run = RunDir(run_dir)
     config_text = cfg.config_str()
     if run.is_done():  # before any work: a finished run is never touched
