@@ -114,7 +114,7 @@ if triton is not None:
     @triton.jit
     def _adamw_ema_kernel(P, G, G2, M, V, E, W, NUMEL, STEP_SIZE, BC2_SQRT, BLOCK_T, BLOCK_S, PARTIAL, COEF, SCAL,
                           UNIFORM: tl.constexpr, HAS_COEF: tl.constexpr, HAS_G2: tl.constexpr,
-                          NORM_ONLY: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+                          NORM_ONLY: tl.constexpr, BLOCK: tl.constexpr):
         """One program: BLOCK elements of tensor t = BLOCK_T[pid] from element BLOCK_S[pid] on.
         P, G, G2, M, V, E hold each tensor's address (int64; G2: a held gradient to add, 0 where
         none); all tensors are float32, contiguous. SCAL (float32, device memory) holds the step's
@@ -123,20 +123,20 @@ if triton is not None:
         weight. STEP_SIZE and BC2_SQRT hold lr / (1 - beta1^step) and sqrt(1 - beta2^step) per
         tensor; with UNIFORM (every tensor at the same step count, the usual case) SCAL's first two
         entries hold them for all. NORM_ONLY: only the squared gradient's partial sums (the norm
-        that clipping needs first). HAS_W: W holds, per tensor, the address of a bfloat16 copy of the
+        that clipping needs first). W holds, per tensor, the address of a bfloat16 copy of the
         parameter (``Bf16Weights``), or 0: where it is not 0, the gradients (G, G2) are bfloat16 too,
-        and the update writes the copy. The launches stay one per param group, so the norm sums its
-        blocks in the same order with or without copies."""
+        and the update writes the copy. The copies are data, not a compile-time switch: with or
+        without them this is one compiled kernel, so each block's norm sum has one layout (Triton
+        lays the block out for the bf16 loads; a kernel without that code chose another and summed
+        in another order) and the launches stay one per param group -- the norm is the same sum in
+        the same order, bit for bit, with or without copies."""
         pid = tl.program_id(0)
         t = tl.load(BLOCK_T + pid)
         start = tl.load(BLOCK_S + pid)
         offs = start + tl.arange(0, BLOCK)
         n = tl.load(NUMEL + t)
         full = start + BLOCK <= n
-        if HAS_W:
-            bf16 = tl.load(W + t) != 0
-        else:
-            bf16 = False
+        bf16 = tl.load(W + t) != 0
         if NORM_ONLY:
             if full:
                 g = _grad(G, G2, t, offs, offs < n, bf16, BLOCK, HAS_G2, False)
@@ -365,7 +365,6 @@ class FusedAdamWEMA:
         states = [self._state(p) for p, _ in chosen]
         dev = chosen[0][0].device
         plan = dict(opt_state=self.opt.state, ident=ident, table=self._table(chosen, states),
-                    has_w=any(id(p) in self._shadows for p, _ in chosen),
                     step_tensors=[st["step"] for st in states], ids=[id(p) for p, _ in chosen],
                     scal=torch.zeros(len(SCALARS), dtype=torch.float32, device=dev),
                     per_tensor=torch.zeros((2, len(chosen)), dtype=torch.float32, device=dev))
@@ -461,8 +460,8 @@ class FusedAdamWEMA:
                 _adamw_ema_kernel[(ln["blocks"],)](
                     unused, ln["g"], ln["g2"], unused, unused, unused, table["addrs"][4], table["numel"], unused,
                     unused, table["block_t"], table["block_s"], partial, unused, unused,
-                    UNIFORM=True, HAS_COEF=False, HAS_G2=ln["has_g2"], NORM_ONLY=True, HAS_W=ln["plan"]["has_w"],
-                    BLOCK=self.block, num_warps=WARPS)
+                    UNIFORM=True, HAS_COEF=False, HAS_G2=ln["has_g2"], NORM_ONLY=True, BLOCK=self.block,
+                    num_warps=WARPS)
                 sums.append(partial.sum())
             norm = torch.stack(sums).sum().sqrt()
             coef = torch.clamp(float(max_norm) / (norm + 1e-6), max=1.0).to(torch.float32)
@@ -476,7 +475,7 @@ class FusedAdamWEMA:
                 p_addrs, ln["g"], ln["g2"], m_addrs, v_addrs, e_addrs, w_addrs, table["numel"], per_tensor[0],
                 per_tensor[1], table["block_t"], table["block_s"], partial, coef if coef is not None else partial,
                 plan["scal"], UNIFORM=ln["uniform"], HAS_COEF=coef is not None, HAS_G2=ln["has_g2"], NORM_ONLY=False,
-                HAS_W=plan["has_w"], BLOCK=self.block, num_warps=WARPS)
+                BLOCK=self.block, num_warps=WARPS)
             torch._foreach_add_(plan["step_tensors"], 1.0)
             partials.append(partial)
         for e, p in self._rest:  # (few tensors: frozen parameters, parameters without a gradient)
