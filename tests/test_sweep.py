@@ -194,30 +194,38 @@ metrics = ["heldout_loss", "relation_acc", "no_such_metric"]
 
 def test_validation_checks_the_trainers_options_for_the_jobs_processes_and_devices(tmp_path, capsys):
     """train.* options a job cannot run are refused before submission, for the resources it asks
-    for: the captured step (train.graph_step) on 2 GPUs or on none, or with a varying kept count; a
+    for: the captured step (train.graph_step) on 2 GPUs or on none, or with a varying kept count; bf16
+    weights (train.bf16_weights) on 2 GPUs, on none or with the Triton MLP; a
     global batch that does not split over the processes or is larger than the data; an unknown
     compile mode or optimizer; a masked pass for a DiT; an in-run metric that needs a reference."""
     sweep = make_sweep({"gin": ["demo/mdt.gin"], "bindings": TINY + ["train.global_batch = 4"],
-                        "zip": [{"name": ["good", "graph", "jitter", "odd", "mode", "optim", "dit", "big", "fid"],
+                        "zip": [{"name": ["good", "graph", "jitter", "odd", "mode", "optim", "dit", "big", "fid", "bf16",
+                                          "bf16mlp"],
                                  "bindings": [
                             [], ["train.graph_step = True"],
                             ["train.graph_step = True", "models.mdt_xs4.masking = @masking.random_jitter()"],
                             ["train.global_batch = 3"], ["train.compile = 'fast'"], ["train.optimizer = 'sgd'"],
                             ["build.model = @models.dit_xs2", "train.passes = 'both'"], ["train.global_batch = 64"],
-                            ["train.eval_every = 2", "train.eval_metrics = ('fid',)"]]}]},
+                            ["train.eval_every = 2", "train.eval_metrics = ('fid',)"], ["train.bf16_weights = True"],
+                            ["train.bf16_weights = True", "models.mdt_xs4.mlp_impl = 'triton'"]]}]},
                        base=REPO / "experiments", name="t", root=tmp_path / "runs")
     one_gpu = validate(sweep.points, world=1, gpus=True)
-    assert set(one_gpu) == {"jitter", "mode", "optim", "dit", "big", "fid"}, one_gpu  # a batch of 3 splits over one
+    assert set(one_gpu) == {"jitter", "mode", "optim", "dit", "big", "fid", "bf16mlp"}, one_gpu  # 3 splits over one
     assert "RandomJitterMasking" in one_gpu["jitter"] and "keeps a different number of tokens" in one_gpu["jitter"]
     assert "torch.compile mode" in one_gpu["mode"] and "'fast'" in one_gpu["mode"]
     assert "unknown optimizer 'sgd'; valid: adamw, adan" in one_gpu["optim"]
     assert "passes='both' needs a masked pass, but this model has no side-interpolator" in one_gpu["dit"]
     assert "the dataset has 32 items, fewer than one global batch of 64" in one_gpu["big"]
     assert "train.eval_metrics takes run metrics (no reference batch); 'fid' is not one" in one_gpu["fid"]
+    assert "bf16_weights: they cannot use mlp_impl 'triton'" in one_gpu["bf16mlp"]
     two_gpus = validate(sweep.points, world=2, gpus=True)
     assert "graph_step: it runs on one process, and this run has 2" in two_gpus["graph"]
     assert "global batch 3 must split evenly over 2 processes" in two_gpus["odd"]
-    assert "graph_step: it needs CUDA, and the device is cpu" in validate(sweep.points, world=1, gpus=False)["graph"]
+    assert "bf16_weights: they run on one process (DDP would all-reduce bfloat16 gradients), and this run has 2" in (
+        two_gpus["bf16"])
+    no_gpu = validate(sweep.points, world=1, gpus=False)
+    assert "graph_step: it needs CUDA, and the device is cpu" in no_gpu["graph"]
+    assert "bf16_weights: they need bf16 autocast, and the precision is 'fp32'" in no_gpu["bf16"]
     # the command asks for the resources' processes: 2 GPUs per node refuse the graph step, nothing submitted
     code, _, err = run_cli(capsys, "sweep", write(tmp_path / "g.sweep", f"""
 gin = ["{REPO}/experiments/demo/mdt.gin"]

@@ -510,18 +510,22 @@ def test_a_graph_step_it_cannot_run_fails_before_the_run_dir_exists(toy, tmp_pat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("bf16_weights", [False, True])
 @pytest.mark.parametrize("model", ["mdt_xs2", "dit_s2"])
-def test_a_captured_step_trains_and_resumes_bit_exactly_as_the_eager_one_on_cuda(toy, tmp_path, monkeypatch, model):
-    """On a GPU, train.graph_step: the logged losses are bitwise the eager trainer's (steps 1-2 eager,
-    then captured and replayed, with a linear warm-up changing the learning rate, a gradient clip,
-    and checkpoints, held-out losses and samples between replays), and a run killed at step 5
-    resumes from the step-3 checkpoint (two eager steps again, a new capture) to the same losses,
-    held-out losses and final weights."""
+def test_a_captured_step_trains_and_resumes_bit_exactly_as_the_eager_one_on_cuda(toy, tmp_path, monkeypatch, model,
+                                                                                  bf16_weights):
+    """On a GPU, train.graph_step (with and without train.bf16_weights): the logged losses are
+    bitwise the eager trainer's with float32 weights (steps 1-2 eager, then captured and replayed,
+    with a linear warm-up changing the learning rate, a gradient clip, and checkpoints, held-out
+    losses and samples between replays), and a run killed at step 5 resumes from the step-3
+    checkpoint (two eager steps again, a new capture) to the same losses, held-out losses and
+    final weights."""
     kw = dict(model=model, steps=8, warmup_steps=4, grad_clip=1.0, update="fused", device="cuda", heldout_every=3,
               sample_every=4, sample_count=2, sample_respacing="5")
     setup_gin(tmp_path / "eager", **kw)
     train()
     reference = train_losses(tmp_path / "eager")
+    kw["bf16_weights"] = bf16_weights
     setup_gin(tmp_path / "graph", graph_step=True, **kw)
     train()
     assert train_losses(tmp_path / "graph") == reference
@@ -549,8 +553,9 @@ def test_a_captured_step_trains_and_resumes_bit_exactly_as_the_eager_one_on_cuda
 
     assert heldout("graph") == heldout("eager") and [r["step"] for r in heldout("graph")] == [3, 4, 6, 8]
     assert heldout("crashed") == heldout("eager")
-    final = [ckpt.load(tmp_path / run / "checkpoints" / "ckpt_00000008.pt")["model"] for run in ("eager", "crashed")]
-    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    for key in ("model", "ema"):  # (with bf16 weights: their float32 masters)
+        final = [ckpt.load(tmp_path / run / "checkpoints" / "ckpt_00000008.pt")[key] for run in ("eager", "crashed")]
+        assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
 
 
 @pytest.mark.parametrize("bindings, message", [
@@ -567,3 +572,115 @@ def test_an_option_the_trainer_cannot_run_fails_before_the_run_dir_exists(toy, t
     with pytest.raises(ValueError, match=message):
         train()
     assert not run.exists()
+
+
+@pytest.mark.parametrize("bindings, message", [
+    ({}, "bf16_weights: they need bf16 autocast, and the precision is 'fp32'"),  # ('auto' on the CPU)
+    ({"precision": "bf16"}, "train.bf16_weights needs the fused update: FusedAdamWEMA runs on CUDA"),
+    ({"precision": "bf16", "update": "op_by_op", "_fused_ok": True}, "they need the fused update .*'op_by_op'"),
+    ({"precision": "bf16", "micro_batch": 4, "_fused_ok": True}, "one micro-batch per step \\(the 2 micro-batches"),
+    ({"precision": "bf16", "separate_passes": False, "_fused_ok": True}, "they need separate passes"),
+    ({"precision": "bf16", "hold_grads": False, "_fused_ok": True}, "they need held gradients"),
+    ({"precision": "bf16", "_fused_ok": True, "_mlp": "triton"}, "cannot use mlp_impl 'triton'"),
+])
+def test_bf16_weights_it_cannot_run_fail_before_the_run_dir_exists(toy, tmp_path, monkeypatch, bindings, message):
+    """train.bf16_weights's needs (training.bf16_weights), each named before the run directory is
+    made; '_fused_ok' lets the later checks be reached on this CPU (the fused update's interpreter)."""
+    bindings = dict(bindings)
+    if bindings.pop("_fused_ok", False):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # (read by the check; nothing runs a kernel here)
+    mlp = bindings.pop("_mlp", None)
+    run = tmp_path / "run"
+    setup_gin(run, bf16_weights=True, **bindings)
+    if mlp:
+        gin.bind_parameter("models.mdt_xs2.mlp_impl", mlp)
+    with pytest.raises(ValueError, match=message):
+        train()
+    assert not run.exists()
+
+
+def test_bf16_weights_on_several_processes_are_refused_by_the_option_checks():
+    from mdtzoo.training.loop import check_options
+
+    options = dict(compile=False, compile_scope="blocks", update="auto", optimizer="adamw", precision="bf16",
+                   graph_step=False, global_batch=8, micro_batch=None, device=torch.device("cuda"),
+                   bf16_weights=True)
+    check_options(world=1, **options)  # (a CUDA device need not exist to be checked)
+    with pytest.raises(ValueError, match="bf16_weights: they run on one process .*this run has 2"):
+        check_options(world=2, **options)
+
+
+# Under Triton's interpreter (the fused update on the CPU), the trainer with train.bf16_weights:
+# checkpoints, resume after a kill, the float32 masters in the checkpoint.
+BF16_TRAINER = r'''
+import json, sys
+import gin
+import torch
+sys.path.insert(0, sys.argv[1])  # the tests' folder
+import pytest
+from test_training import Toy, setup_gin, train_losses
+from mdtzoo.registry import DATASETS
+from mdtzoo.training import checkpoint as ckpt, train
+from mdtzoo.training import fused_update
+from mdtzoo.training.objective import DiffusionObjective
+
+fused_update.FusedAdamWEMA.__init__.__kwdefaults__["block"] = 1 << 16  # fewer programs for the interpreter
+root = __import__("pathlib").Path(sys.argv[2])
+
+def setup(run, **kwargs):  # (torch's norm maths: the interpreter would run the Triton norm too, slowly)
+    setup_gin(root / run, **kwargs)
+    gin.bind_parameter("models.mdt_xs2.norm_impl", "torch")
+
+kw = dict(steps=5, ckpt_every=2, warmup_steps=3, grad_clip=1.0, precision="bf16", update="fused", device="cpu",
+          heldout_every=2)
+with DATASETS.temporary("toy", Toy):
+    setup("fp32", **kw)
+    train()
+    setup("bf16", bf16_weights=True, **kw)
+    train()
+    original = DiffusionObjective.draw
+    def crash(self, x0, step, *args, **kwargs):
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return original(self, x0, step, *args, **kwargs)
+    DiffusionObjective.draw = crash
+    setup("crashed", bf16_weights=True, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    DiffusionObjective.draw = original
+    assert len(train_losses(root / "crashed")) == 3
+    setup("crashed", bf16_weights=True, **kw)
+    assert train()["status"] == "done"
+
+def records(run, kind):
+    return [{k: v for k, v in r.items() if k not in ("time", "img_per_sec")}
+            for r in map(json.loads, open(root / run / "metrics.jsonl")) if r["kind"] == kind]
+
+assert records("bf16", "train") == records("fp32", "train")  # the autocast steps, bit for bit
+assert records("crashed", "train") == records("bf16", "train")  # resumed exactly
+assert records("bf16", "heldout") == records("fp32", "heldout") and len(records("bf16", "heldout")) == 3
+assert records("crashed", "heldout") == records("bf16", "heldout")
+final = {run: ckpt.load(root / run / "checkpoints" / "ckpt_00000005.pt") for run in ("fp32", "bf16", "crashed")}
+for key in ("model", "ema"):  # float32 weights under the model's names, as without bf16 weights
+    assert final["bf16"][key].keys() == final["fp32"][key].keys()
+    for run in ("fp32", "crashed"):
+        assert all(torch.equal(v, final[run][key][k]) for k, v in final["bf16"][key].items()), (key, run)
+    assert {v.dtype for v in final["bf16"][key].values() if v.is_floating_point()} == {torch.float32}, key
+moments = [[s[k] for s in final[run]["optimizer"]["state"].values() for k in ("exp_avg", "exp_avg_sq", "step")]
+           for run in ("fp32", "bf16")]
+assert len(moments[0]) == len(moments[1]) > 0 and all(torch.equal(a, b) for a, b in zip(*moments))
+# the checkpoint's Linear weights are the float32 masters, not their bfloat16 copies
+weight = final["bf16"]["model"]["blocks.0.attn.qkv.weight"]
+assert not torch.equal(weight, weight.bfloat16().float())
+print("ok")
+'''
+
+
+def test_bf16_weights_train_checkpoint_float32_masters_and_resume_exactly(triton_interpreter, tmp_path):
+    """train.bf16_weights under the fused update's CPU interpreter (bf16 autocast on the CPU): the
+    logged losses and held-out losses are the run's without bf16 weights bit for bit (warm-up,
+    clipping, checkpoints between steps), and so are its final checkpoint's model, EMA and AdamW
+    moments -- float32 masters under the model's names; a run killed at step 4 resumes from step
+    2's checkpoint to the same losses, held-out losses and final weights."""
+    out = triton_interpreter(BF16_TRAINER, os.path.dirname(__file__), str(tmp_path))
+    assert out.startswith("ok"), out

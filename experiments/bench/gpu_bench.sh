@@ -71,6 +71,7 @@
 #   bash experiments/bench/gpu_bench.sh graph4a   # the captured XL/2 steps against the eager ones (graph4b: S/2, B/2)
 #   bash experiments/bench/gpu_bench.sh start15   # GPU tests of train.graph_step, then the trainer eager / graph step
 #   bash experiments/bench/gpu_bench.sh final16a  # the XL/2 steps eager and captured, memory as reserved (16b: S/2, B/2)
+#   bash experiments/bench/gpu_bench.sh final16c  # GPU tests, then the table's steps captured with bf16 weights (16d: float32 weights, the trainer)
 #   bash experiments/bench/gpu_bench.sh bf16wa    # GPU tests, then MDT-XL/2 captured with / without bf16 weights (wb: DiT-XL/2, MDT-S/2)
 #   bash experiments/bench/gpu_bench.sh cppwrap   # inductor's C++ wrapper against the default at XL/2 (long compiles)
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
@@ -154,8 +155,8 @@ window_steps() {  # the table's five compiled steps, step by step and in 3 windo
     step "step_$1_b$2" "$4" "$1" "$2" --steps "$3" --compile --windows 3
   done
 }
-trainer_runs() {  # trainer_runs STEPS "MODEL TREE"...: trainer_syncs.py with this code (new), $OLD's (old),
-  # or this code with train.graph_step (graph)
+trainer_runs() {  # trainer_runs STEPS "MODEL TREE [BATCH]"...: trainer_syncs.py with this code (new), $OLD's
+  # (old), this code with train.graph_step (graph), or with it and train.bf16_weights (graph16)
   local steps=$1 i=0; shift
   for spec in "$@"; do
     set -- $spec
@@ -163,7 +164,8 @@ trainer_runs() {  # trainer_runs STEPS "MODEL TREE"...: trainer_syncs.py with th
     root=$PWD; [ "$2" = old ] && root=${OLD:-/nonexistent}
     echo "== trainer $1 $2" >&2
     PYTHONPATH="$root:${PYTHONPATH:-}" TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$2 timeout 140 "$py" \
-      experiments/bench/trainer_syncs.py --model "$1" --steps "$steps" $([ "$2" = graph ] && echo --graph-step) \
+      experiments/bench/trainer_syncs.py --model "$1" --steps "$steps" --batch "${3:-256}" \
+      $([ "${2#graph}" != "$2" ] && echo --graph-step) $([ "$2" = graph16 ] && echo --bf16-weights) \
       > "$OUT/trainer_${i}_$1_$2.log" 2>&1 \
       || echo "!! failed (rc $?)" >&2
     grep "img/s per\|synchronising\|RESULT\|Error" "$OUT/trainer_${i}_$1_$2.log" | cut -c1-300 >&2
@@ -769,6 +771,23 @@ final16a|final16b)  # for session 16: the table's steps eager and captured (--gr
     IFS=: read -r m b n kind <<< "$spec"
     step "step_${m}_$kind" 170 "$m" "$b" --steps "$n" --compile --windows 2 $([ "$kind" = graph ] && echo --graph-step)
   done
+  ;;
+final16c|final16d)  # session 16, after bf16 weights went into the trainer: 16c the GPU tests, then every table
+  # step captured with bf16 weights; 16d (the same machine, next) the captured steps with float32 weights,
+  # then the trainer itself with both (train.graph_step, train.bf16_weights) at S/2
+  if [ "$group" = final16c ]; then
+    echo "== GPU tests" >&2
+    timeout 200 "$py" -m pytest -q -p no:cacheprovider tests/test_bf16_weights.py tests/test_graph_step.py \
+      tests/test_training.py -k "on_cuda" > "$OUT/pytest.log" 2>&1 || echo "!! GPU tests failed (rc $?)" >&2
+    tail -n 3 "$OUT/pytest.log" >&2
+    specs="mdt_xl2:64:10:graph16 dit_xl2:64:10:graph16 mdt_s2:256:20:graph16 mdt_b2:256:10:graph16"
+  else specs="mdt_xl2:64:10:graph dit_xl2:64:10:graph mdt_s2:256:20:graph mdt_b2:256:10:graph"; fi
+  for spec in $specs; do
+    IFS=: read -r m b n kind <<< "$spec"
+    step "step_${m}_$kind" 170 "$m" "$b" --steps "$n" --compile --windows 2 --graph-step \
+      $([ "$kind" = graph16 ] && echo --bf16-weights)
+  done
+  [ "$group" = final16d ] && trainer_runs 60 "mdt_s2 graph16" "mdt_s2 graph"
   ;;
 bf16wa|bf16wb)  # for session 16: bf16 Linear weights (--bf16-weights) against float32 weights, both captured
   # (--graph-step), alternating; 16a first runs the GPU tests (bf16 weights against the autocast step bit

@@ -1,6 +1,6 @@
 """The trainer's own img/s on ImageNet-latent shapes, and whether its steps wait for the GPU.
 
-    python experiments/bench/trainer_syncs.py --model mdt_s2 --batch 256 [--graph-step]   # a GPU
+    python experiments/bench/trainer_syncs.py --model mdt_s2 --batch 256 [--graph-step] [--bf16-weights]   # a GPU
 
 Runs ``train()`` (compiled, bf16, the fused update) on random 4x32x32 latents held in memory (no
 files, 1000 classes) for ``--steps`` steps, logging every ``--log-every``. It prints the img/s the
@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--graph-step", action="store_true", help="train.graph_step: the step captured as CUDA graphs")
+    ap.add_argument("--bf16-weights", action="store_true", help="train.bf16_weights: bfloat16 Linear weights, "
+                                                                 "float32 masters in the fused update")
     ap.add_argument("--error", action="store_true", help="raise at the first synchronising call of the steady steps "
                                                           "(its traceback says where it is)")
     args = ap.parse_args()
@@ -75,7 +77,7 @@ def main() -> None:
                           f"train.steps = {args.steps}", f"train.global_batch = {args.batch}",
                           f"train.log_every = {args.log_every}", f"train.ckpt_every = {10 * args.steps}",
                           "train.compile = True", "train.precision = 'bf16'", "train.lr = 1e-4",
-                          f"train.graph_step = {args.graph_step}"])
+                          f"train.graph_step = {args.graph_step}", f"train.bf16_weights = {args.bf16_weights}"])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train()
@@ -87,13 +89,14 @@ def main() -> None:
             print(f"  {count} x {text}")
         records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     rates = [(r["step"], r["img_per_sec"]) for r in records if r["kind"] == "train"]
-    print(f"{args.model} b{args.batch}{' graph step' if args.graph_step else ''}: img/s per log window (step, img/s): "
+    kind = (" graph step" if args.graph_step else "") + (" bf16 weights" if args.bf16_weights else "")
+    print(f"{args.model} b{args.batch}{kind}: img/s per log window (step, img/s): "
           + ", ".join(f"({s}, {v:,.1f})" for s, v in rates))
     print(f"synchronising calls in steps {first}..{last - 1}: {state['syncs']}"
           + (f"; first: {messages[0][:200]}" if messages else ""))
     steady = [v for s, v in rates[1:]]
     if steady:
-        print(f"RESULT {args.model}{' graph' if args.graph_step else ''} steady img/s {sum(steady) / len(steady):,.1f} syncs {state['syncs']}")
+        print(f"RESULT {args.model}{kind} steady img/s {sum(steady) / len(steady):,.1f} syncs {state['syncs']}")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,15 @@ The float32 values (the masters) move to the optimiser, the EMA follows the mast
 update (``FusedAdamWEMA(shadows=...)``) reads the bfloat16 gradients, updates the masters and
 writes their bfloat16 copies into the model in the same pass.
 
-The step is meant to be the autocast step's, bit for bit: the forward reads bf16(master) as
-autocast's cast does; the gradients are the same bfloat16 values that autocast casts exactly to
-float32; the held gradients of MDT's two passes are summed in float32 inside the update kernel as
-before. What would round differently is summing the passes in a bfloat16 ``.grad`` (autograd's
-accumulation) or all-reducing bfloat16 gradients (DDP), so it needs held gradients and one process
-(``check_bf16_weights``). Status: a benchmark option (``bench train-step --bf16-weights``), not
-yet in the trainer; its GPU check and timing are prepared, not run (docs/performance.md).
+The step is the autocast step's, bit for bit: the forward reads bf16(master) as autocast's cast
+does; the gradients are the same bfloat16 values that autocast casts exactly to float32; the held
+gradients of MDT's two passes are summed in float32 inside the update kernel as before. What would
+round differently is summing gradients in a bfloat16 ``.grad`` -- autograd's accumulation of the
+passes (held gradients and separate passes avoid it), of micro-batches, or DDP's all-reduce -- so it
+needs held gradients, separate passes, one micro-batch and one process (``check_bf16_weights``).
+On an H100 four steps and the captured step were bitwise the autocast ones at MDT-XS/2 and DiT-S/2
+(docs/performance.md, session 16). The trainer's checkpoints hold the float32 masters under the
+model's own names (``state_dict``): evaluation, sampling and conversion read them as any other.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import torch
 from torch import nn
 
 
-def check_bf16_weights(*, precision: str, update: str, world: int, hold_grads: bool, mlp_impl: str) -> None:
-    """A ValueError naming every reason bfloat16 Linear weights cannot run with these settings."""
+def check_bf16_weights(*, precision: str, update: str, world: int, hold_grads: bool, mlp_impl: str | None = None,
+                       separate_passes: bool = True, accumulation: int = 1) -> None:
+    """A ValueError naming every reason bfloat16 Linear weights cannot run with these settings
+    (``mlp_impl`` None: not known yet, ``check_bf16_model`` checks the built model)."""
     problems = []
     if precision != "bf16":
         problems.append(f"they need bf16 autocast, and the precision is {precision!r}")
@@ -35,11 +39,28 @@ def check_bf16_weights(*, precision: str, update: str, world: int, hold_grads: b
         problems.append(f"they run on one process (DDP would all-reduce bfloat16 gradients), and this run has {world}")
     if not hold_grads:
         problems.append("they need held gradients (autograd would sum the passes' gradients in bfloat16)")
-    if mlp_impl != "torch":
+    if not separate_passes:
+        problems.append("they need separate passes (one backward of both passes would sum their gradients in "
+                        "bfloat16)")
+    if accumulation > 1:
+        problems.append(f"they need one micro-batch per step (the {accumulation} micro-batches' gradients would be "
+                        "summed in bfloat16)")
+    if mlp_impl not in (None, "torch"):
         problems.append(f"they cannot use mlp_impl {mlp_impl!r}, which reads the Linear weights in its own kernel; "
                         "use 'torch'")
     if problems:
         raise ValueError("bf16_weights: " + "; ".join(problems))
+
+
+def check_bf16_model(model: nn.Module) -> None:
+    """A ValueError if bfloat16 Linear weights cannot run with ``model`` (which may be on the meta
+    device): a block with ``mlp_impl='triton'``, or no trainable float32 Linear layer."""
+    impls = {getattr(m, "mlp_impl", "torch") for m in model.modules()} - {"torch"}
+    if impls:
+        check_bf16_weights(precision="bf16", update="fused", world=1, hold_grads=True, mlp_impl=impls.pop())
+    if not any(isinstance(m, nn.Linear) and any(p is not None and p.requires_grad and p.dtype == torch.float32
+                                                for p in (m.weight, m.bias)) for m in model.modules()):
+        raise ValueError(f"bf16_weights: {type(model).__name__} has no trainable float32 Linear layer")
 
 
 class Bf16Weights:
@@ -56,6 +77,7 @@ class Bf16Weights:
         self.shadows: dict[int, nn.Parameter] = {}
         self.names: dict[int, str] = {}
         self._master_of: dict[int, nn.Parameter] = {}  # id(bfloat16 parameter) -> its master
+        self._masters: dict[int, nn.Parameter] = {}  # id(master) -> master
         for module_name, module in model.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
@@ -68,6 +90,7 @@ class Bf16Weights:
                 self.shadows[id(master)] = p
                 self.names[id(master)] = f"{module_name}.{kind}" if module_name else kind
                 self._master_of[id(p)] = master
+                self._masters[id(master)] = master
         if ema is not None:
             ema._pairs = [(e, self._master_of.get(id(p), p)) for e, p in ema._pairs]
         if not self.shadows:
@@ -75,3 +98,11 @@ class Bf16Weights:
 
     def parameters(self) -> list[nn.Parameter]:
         return [self._master_of.get(id(p), p) for p in self.model.parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict:
+        """The model's state dict with each bfloat16 copy replaced by its float32 master: what the
+        model's own ``state_dict`` is without bf16 weights (the checkpoints' 'model' entry)."""
+        state = self.model.state_dict()
+        for master_id, name in self.names.items():
+            state[name] = self._masters[master_id].detach()
+        return state

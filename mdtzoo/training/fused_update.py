@@ -54,6 +54,17 @@ if triton is not None:
         return tl.load(ptrs).to(tl.float32)
 
     @triton.jit
+    def _bf16_rne(x):
+        """x (float32) rounded to bfloat16, to nearest with ties to even, by integer arithmetic on its
+        bits -- torch's own rounding (c10::BFloat16) written out: on a GPU it equals the cvt.rn
+        conversion, and Triton's CPU interpreter, whose cast rounds ties away from zero, computes it
+        the same way, so the copies are torch's cast of the masters bit for bit there too. NaN stays NaN."""
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
     def _grad(G, G2, t, offs, ok, bf16, BLOCK: tl.constexpr, HAS_G2: tl.constexpr, MASKED: tl.constexpr):
         """The gradient of one block, in float32: .grad, plus the held gradient of an earlier backward
         where tensor t has one (its address in G2 is not 0); both bfloat16 where ``bf16``."""
@@ -107,9 +118,9 @@ if triton is not None:
         if bf16:
             w_ptrs = _column(W, t, offs, BLOCK, tl.bfloat16)
             if MASKED:
-                tl.store(w_ptrs, p.to(tl.bfloat16), mask=ok)
+                tl.store(w_ptrs, _bf16_rne(p), mask=ok)
             else:
-                tl.store(w_ptrs, p.to(tl.bfloat16))
+                tl.store(w_ptrs, _bf16_rne(p))
 
     @triton.jit
     def _adamw_ema_kernel(P, G, G2, M, V, E, W, NUMEL, STEP_SIZE, BC2_SQRT, BLOCK_T, BLOCK_S, PARTIAL, COEF, SCAL,

@@ -25,6 +25,7 @@ from mdtzoo.models.transformer import check_compile_scope
 from mdtzoo.registry import DATASETS, METRICS
 from mdtzoo.training import checkpoint as ckpt
 from mdtzoo.training import distributed as dist_util
+from mdtzoo.training.bf16_weights import Bf16Weights, check_bf16_model, check_bf16_weights
 from mdtzoo.training.data import StepSampler, check_batch_split, check_dataset_size, make_loader
 from mdtzoo.training.ema import EMA
 from mdtzoo.training.fused_update import check_update_mode, make_update
@@ -123,7 +124,8 @@ class _DeferredCheck:
 
 
 def check_options(*, compile, compile_scope: str, update: str, optimizer: str, precision: str, graph_step: bool,
-                  global_batch: int, micro_batch: int | None, device: torch.device, world: int) -> None:
+                  global_batch: int, micro_batch: int | None, device: torch.device, world: int,
+                  bf16_weights: bool = False, hold_grads: bool = True, separate_passes: bool = True) -> None:
     """A ValueError naming the first of the trainer's options (``train.*``) that cannot run on
     ``world`` processes of ``device``'s kind: the checks that need no data, model or GPU. ``train``
     runs them before any work, and a sweep's validation before anything is submitted (with the
@@ -142,6 +144,22 @@ def check_options(*, compile, compile_scope: str, update: str, optimizer: str, p
         if update == "op_by_op" or optimizer != "adamw":
             raise ValueError(f"train.graph_step needs the fused update (AdamW, update 'auto' or 'fused'); this run "
                              f"has optimizer {optimizer!r}, update {update!r}")
+    if bf16_weights:
+        per_rank = global_batch // world
+        check_bf16_weights(precision=_resolve_precision(precision, device), update=update, world=world,
+                           hold_grads=hold_grads, separate_passes=separate_passes,
+                           accumulation=per_rank // (micro_batch or per_rank))
+        try:
+            check_update_mode("fused", device, optimizer)  # (the fused update writes the copies)
+        except ValueError as e:
+            raise ValueError(f"train.bf16_weights needs the fused update: {e}") from None
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision``: 'auto' is bf16 on a GPU, fp32 on the CPU."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 def resolve_passes(passes: str, model) -> str:
@@ -164,10 +182,11 @@ def check_vae(data, dataset: str, vae: str | None) -> None:
 
 
 def check_run(data, model, *, passes: str, masked_loss_on: str, global_batch: int, eval_every: int,
-              eval_metrics, graph_step: bool) -> None:
+              eval_metrics, graph_step: bool, bf16_weights: bool = False) -> None:
     """A ValueError naming the first of the trainer's options that does not fit the data or the
     model (which may be on the meta device): the passes for the model, a global batch larger than
-    the data, in-run metrics that are not run metrics, a captured step with a varying kept count.
+    the data, in-run metrics that are not run metrics, a captured step with a varying kept count,
+    bf16 weights for a model without Linear layers or with the Triton MLP.
     ``train`` runs it before the run directory is made, a sweep's validation before submission."""
     check_passes(model, resolve_passes(passes, model), masked_loss_on)
     check_dataset_size(len(data), global_batch)
@@ -180,6 +199,8 @@ def check_run(data, model, *, passes: str, masked_loss_on: str, global_batch: in
                                  f"one: {', '.join(n for n in METRICS.names() if evaluation.is_run_metric(n))}")
     if graph_step:
         check_fixed_keep(model)
+    if bf16_weights:
+        check_bf16_model(model)
 
 
 def check_bound_options(world: int, device: torch.device, data, model) -> None:
@@ -199,11 +220,13 @@ def check_bound_options(world: int, device: torch.device, data, model) -> None:
         device = torch.device(bound)
     check_options(compile=value("compile"), compile_scope=value("compile_scope"), update=value("update"),
                   optimizer=value("optimizer"), precision=value("precision"), graph_step=value("graph_step"),
-                  global_batch=value("global_batch"), micro_batch=value("micro_batch"), device=device, world=world)
+                  global_batch=value("global_batch"), micro_batch=value("micro_batch"), device=device, world=world,
+                  bf16_weights=value("bf16_weights"), hold_grads=value("hold_grads"),
+                  separate_passes=value("separate_passes"))
     check_vae(data, value("dataset"), value("vae"))
     check_run(data, model, passes=value("passes"), masked_loss_on=value("masked_loss_on"),
               global_batch=value("global_batch"), eval_every=value("eval_every"), eval_metrics=value("eval_metrics"),
-              graph_step=value("graph_step"))
+              graph_step=value("graph_step"), bf16_weights=value("bf16_weights"))
 
 
 def make_optimizer(params, name: str, lr: float, weight_decay: float, betas, fused: bool):
@@ -285,6 +308,7 @@ def train(
     update: str = "auto",
     hold_grads: bool = True,
     graph_step: bool = False,
+    bf16_weights: bool = False,
     seed: int = 0,
     log_every: int = 50,
     ckpt_every: int = 1000,
@@ -339,6 +363,14 @@ def train(
       (docs/performance.md, session 15). Needs one CUDA process, no gradient
       accumulation, the fused update (AdamW), compile's default mode, and a masking strategy that
       keeps a fixed number of tokens; each is checked before any work.
+    bf16_weights: the model's Linear weights and biases are bfloat16 parameters and their float32
+      masters live in the fused update, which writes their copies (``training.bf16_weights``):
+      autocast has no weight to cast and no gradient to cast back. The steps are the autocast
+      steps bit for bit (on an H100, session 16), and checkpoints hold the float32 masters under
+      the model's names, as without the option. With ``graph_step``, ``bench train-step`` gave
+      MDT-XL/2 2.1% more img/s, DiT-XL/2 2.5% and MDT-S/2 1.6% (docs/performance.md, session 16).
+      Needs bf16 precision, the fused update (AdamW; CUDA), one process, one micro-batch, held
+      gradients, separate passes and mlp_impl 'torch'; each is checked before any work.
     heldout_every / heldout_items / heldout_timesteps: the held-out loss (EMA weights) every so many
       steps, on the first ``heldout_items`` held-out items at ``heldout_timesteps`` evenly spaced t.
     keep_every: checkpoints at multiples of this step are never pruned (0: keep only the newest
@@ -359,7 +391,8 @@ def train(
     info, dev = dist_util.setup(device)
     check_options(compile=compile, compile_scope=compile_scope, update=update, optimizer=optimizer,
                   precision=precision, graph_step=graph_step, global_batch=global_batch, micro_batch=micro_batch,
-                  device=dev, world=info.world)
+                  device=dev, world=info.world, bf16_weights=bf16_weights, hold_grads=hold_grads,
+                  separate_passes=separate_passes)
     run = RunDir(run_dir)
     config_text = cfg.config_str()
     if run.is_done():  # before any work: a finished run is never touched
@@ -376,7 +409,7 @@ def train(
     torch.manual_seed(seed)  # the initial weights are part of the run's seed
     model = build_for_dataset(data, autoencoder).to(dev)
     check_run(data, model, passes=passes, masked_loss_on=masked_loss_on, global_batch=global_batch,
-              eval_every=eval_every, eval_metrics=eval_metrics, graph_step=graph_step)
+              eval_every=eval_every, eval_metrics=eval_metrics, graph_step=graph_step, bf16_weights=bf16_weights)
     diffusion = configured_diffusion()
     writer = _tensorboard_writer(run) if (tensorboard and info.is_main) else None
     if info.is_main:
@@ -385,18 +418,20 @@ def train(
     passes = resolve_passes(passes, model)
     world_batch = global_batch // info.world
     micro_batch = micro_batch or world_batch
-    if precision == "auto":
-        precision = "bf16" if dev.type == "cuda" else "fp32"
+    precision = _resolve_precision(precision, dev)
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
 
-    opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay, betas, fused=dev.type == "cuda")
-    ema = EMA(model, ema_decay, ema_warmup)
-    start = 0
+    start, state = 0, None
     latest = run.latest_checkpoint()
-    if latest is not None:
+    if latest is not None:  # (float32 weights: loaded before any become bfloat16)
         state = ckpt.load(latest, map_location=dev)
         model.load_state_dict(state["model"])
+    ema = EMA(model, ema_decay, ema_warmup)
+    weights = Bf16Weights(model, ema) if bf16_weights else None  # the EMA and the optimiser get the masters
+    opt = make_optimizer(weights.parameters() if weights else model.parameters(), optimizer, lr, weight_decay, betas,
+                         fused=dev.type == "cuda")
+    if state is not None:
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
@@ -407,7 +442,7 @@ def train(
             run.mark_done(start)
         return {"status": "done", "step": start, "run_dir": str(run.path)}
 
-    updater = make_update(opt, ema, update)
+    updater = make_update(opt, ema, update, shadows=weights.shadows if weights else None)
     hold = getattr(updater, "hold_grads", None) if hold_grads else None  # (the fused update's)
     objective = DiffusionObjective(model, diffusion, passes, masked_loss_on, seed=seed)
     step_fn, parts = prepare_step(objective, dev, info.world, compile=compile, compile_scope=compile_scope,
@@ -422,7 +457,7 @@ def train(
     def save(step: int) -> None:
         if info.is_main:
             state = {
-                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                "model": (weights or model).state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                 "step": step, "seed": seed, "world": info.world, "config": config_text,
                 "model_shape": {"input_size": model.input_size, "in_channels": model.in_channels,
                                 "num_classes": model.num_classes},
@@ -510,7 +545,7 @@ def train(
                 stop = preempt.requested  # one process: at once (several agree on the all-reduced flag)
             if not replay:
                 grad_norm = updater.step(step + 1, grad_clip or None)  # AdamW + EMA (+ clip)
-                opt.zero_grad(set_to_none=True)
+                updater.zero_grad()  # (with bf16 weights, the copies' gradients too)
             step += 1
             window.append({k: v for k, v in losses.items()} | {"grad_norm": grad_norm.detach().float()})
             if step == start + 1 and info.is_main:
