@@ -163,7 +163,9 @@ trainer_runs() {  # trainer_runs STEPS "MODEL TREE [BATCH]"...: trainer_syncs.py
     i=$((i + 1))
     root=$PWD; [ "$2" = old ] && root=${OLD:-/nonexistent}
     echo "== trainer $1 $2" >&2
-    PYTHONPATH="$root:${PYTHONPATH:-}" TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$2 timeout 140 "$py" \
+    cache=/tmp/inductor_old; [ "$2" != old ] && cache=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(id -un)}  # (this
+    # code's compiles shared with its bench steps; $OLD's apart)
+    PYTHONPATH="$root:${PYTHONPATH:-}" TORCHINDUCTOR_CACHE_DIR=$cache timeout "${TRAINER_LIMIT:-140}" "$py" \
       experiments/bench/trainer_syncs.py --model "$1" --steps "$steps" --batch "${3:-256}" \
       $([ "${2#graph}" != "$2" ] && echo --graph-step) $([ "$2" = graph16 ] && echo --bf16-weights) \
       > "$OUT/trainer_${i}_$1_$2.log" 2>&1 \
@@ -788,6 +790,19 @@ final16c|final16d)  # session 16, after bf16 weights went into the trainer: 16c 
       $([ "$kind" = graph16 ] && echo --bf16-weights)
   done
   [ "$group" = final16d ] && trainer_runs 60 "mdt_s2 graph16" "mdt_s2 graph"
+  ;;
+final16f)  # session 16, after final16e on the same machine: the trainer at MDT-XL/2 b64, captured, with bf16
+  # weights and without
+  TRAINER_LIMIT=250 trainer_runs 60 "mdt_xl2 graph16 64" "mdt_xl2 graph 64"
+  ;;
+final16e)  # session 16: after final16c on the same machine, the steps it did not reach (MDT-XL/2's capture
+  # with bf16 weights needed more than 170 s on a fresh machine), bf16 against float32 weights, then the trainer
+  for spec in mdt_xl2:64:10:graph16 mdt_xl2:64:10:graph mdt_b2:256:10:graph16 mdt_b2:256:10:graph; do
+    IFS=: read -r m b n kind <<< "$spec"
+    step "step_${m}_$kind" 240 "$m" "$b" --steps "$n" --compile --windows 2 --graph-step \
+      $([ "$kind" = graph16 ] && echo --bf16-weights)
+  done
+  trainer_runs 60 "mdt_s2 graph16"
   ;;
 bf16wa|bf16wb)  # for session 16: bf16 Linear weights (--bf16-weights) against float32 weights, both captured
   # (--graph-step), alternating; 16a first runs the GPU tests (bf16 weights against the autocast step bit
