@@ -211,7 +211,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         raise ValueError(f"precision must be 'bf16', 'fp32' or 'auto'; got {precision!r}")
     if bf16_weights:
         check_bf16_weights(precision=precision, update=update, world=info.world, hold_grads=hold_grads,
-                           mlp_impl=mlp_impl)
+                           mlp_impl=mlp_impl, separate_passes=separate_passes)
         check_update_mode("fused", dev)  # (the fused update writes the copies: CUDA, or Triton's interpreter)
     log = log or (lambda *_: None)
     result = dict(

@@ -161,6 +161,8 @@ def test_conversion_keeps_the_parameters_and_points_the_ema_at_the_masters():
     (dict(world=2), "run on one process .*this run has 2"),
     (dict(hold_grads=False), "need held gradients"),
     (dict(mlp_impl="triton"), "cannot use mlp_impl 'triton', which reads the Linear weights"),
+    (dict(separate_passes=False), "need separate passes \\(one backward of both passes would sum"),
+    (dict(accumulation=4), "need one micro-batch per step \\(the 4 micro-batches' gradients"),
 ])
 def test_settings_bf16_weights_cannot_run_with_are_named(kwargs, message):
     settings = dict(precision="bf16", update="auto", world=1, hold_grads=True, mlp_impl="torch") | kwargs
@@ -174,9 +176,9 @@ def test_bench_refuses_bf16_weights_it_cannot_run_before_building_anything():
 
     with pytest.raises(ValueError, match="bf16_weights: they need bf16 autocast, and the precision is 'fp32'"):
         bench_train_step("dit_s2", 2, device="cpu", precision="fp32", bf16_weights=True)
-    with pytest.raises(ValueError, match="need the fused update .*op_by_op.*need held gradients"):
+    with pytest.raises(ValueError, match="need the fused update .*op_by_op.*need held gradients.*separate passes"):
         bench_train_step("dit_s2", 2, device="cpu", precision="bf16", update="op_by_op", hold_grads=False,
-                         bf16_weights=True)
+                         separate_passes=False, bf16_weights=True)
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(ValueError, match="FusedAdamWEMA runs on CUDA .*the parameters are on cpu"):
             bench_train_step("dit_s2", 2, device="cpu", precision="bf16", bf16_weights=True)

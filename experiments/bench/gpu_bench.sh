@@ -173,6 +173,21 @@ trainer_runs() {  # trainer_runs STEPS "MODEL TREE [BATCH]"...: trainer_syncs.py
     grep "img/s per\|synchronising\|RESULT\|Error" "$OUT/trainer_${i}_$1_$2.log" | cut -c1-300 >&2
   done
 }
+gpu_tests() {  # the GPU-only tests of bf16 weights, the captured step and the trainer (-k on_cuda)
+  echo "== GPU tests" >&2
+  timeout 200 "$py" -m pytest -q -p no:cacheprovider tests/test_bf16_weights.py tests/test_graph_step.py \
+    tests/test_training.py -k "on_cuda" > "$OUT/pytest.log" 2>&1 || echo "!! GPU tests failed (rc $?)" >&2
+  tail -n 3 "$OUT/pytest.log" >&2
+}
+captured_steps() {  # captured_steps LIMIT MODEL:BATCH:STEPS:KIND...: compiled steps with --graph-step, KIND
+  # graph16 also with --bf16-weights (graph: float32 weights), each timed step by step and in 2 windows
+  local limit=$1 spec m b n kind; shift
+  for spec in "$@"; do
+    IFS=: read -r m b n kind <<< "$spec"
+    step "step_${m}_$kind" "$limit" "$m" "$b" --steps "$n" --compile --windows 2 --graph-step \
+      $([ "$kind" = graph16 ] && echo --bf16-weights)
+  done
+}
 variant() {  # variant FLAG VALUE: "FLAG VALUE" as two arguments, nothing for the value '-' (the default)
   [ "$2" != - ] && printf '%s\n%s\n' "$1" "$2"
 }
@@ -778,18 +793,12 @@ final16c|final16d)  # session 16, after bf16 weights went into the trainer: 16c 
   # step captured with bf16 weights; 16d (the same machine, next) the captured steps with float32 weights,
   # then the trainer itself with both (train.graph_step, train.bf16_weights) at S/2
   if [ "$group" = final16c ]; then
-    echo "== GPU tests" >&2
-    timeout 200 "$py" -m pytest -q -p no:cacheprovider tests/test_bf16_weights.py tests/test_graph_step.py \
-      tests/test_training.py -k "on_cuda" > "$OUT/pytest.log" 2>&1 || echo "!! GPU tests failed (rc $?)" >&2
-    tail -n 3 "$OUT/pytest.log" >&2
-    specs="mdt_xl2:64:10:graph16 dit_xl2:64:10:graph16 mdt_s2:256:20:graph16 mdt_b2:256:10:graph16"
-  else specs="mdt_xl2:64:10:graph dit_xl2:64:10:graph mdt_s2:256:20:graph mdt_b2:256:10:graph"; fi
-  for spec in $specs; do
-    IFS=: read -r m b n kind <<< "$spec"
-    step "step_${m}_$kind" 170 "$m" "$b" --steps "$n" --compile --windows 2 --graph-step \
-      $([ "$kind" = graph16 ] && echo --bf16-weights)
-  done
-  [ "$group" = final16d ] && trainer_runs 60 "mdt_s2 graph16" "mdt_s2 graph"
+    gpu_tests
+    captured_steps 170 mdt_xl2:64:10:graph16 dit_xl2:64:10:graph16 mdt_s2:256:20:graph16 mdt_b2:256:10:graph16
+  else
+    captured_steps 170 mdt_xl2:64:10:graph dit_xl2:64:10:graph mdt_s2:256:20:graph mdt_b2:256:10:graph
+    trainer_runs 60 "mdt_s2 graph16" "mdt_s2 graph"
+  fi
   ;;
 final16f)  # session 16, after final16e on the same machine: the trainer at MDT-XL/2 b64, captured, with bf16
   # weights and without
@@ -797,28 +806,16 @@ final16f)  # session 16, after final16e on the same machine: the trainer at MDT-
   ;;
 final16e)  # session 16: after final16c on the same machine, the steps it did not reach (MDT-XL/2's capture
   # with bf16 weights needed more than 170 s on a fresh machine), bf16 against float32 weights, then the trainer
-  for spec in mdt_xl2:64:10:graph16 mdt_xl2:64:10:graph mdt_b2:256:10:graph16 mdt_b2:256:10:graph; do
-    IFS=: read -r m b n kind <<< "$spec"
-    step "step_${m}_$kind" 240 "$m" "$b" --steps "$n" --compile --windows 2 --graph-step \
-      $([ "$kind" = graph16 ] && echo --bf16-weights)
-  done
+  captured_steps 240 mdt_xl2:64:10:graph16 mdt_xl2:64:10:graph mdt_b2:256:10:graph16 mdt_b2:256:10:graph
   trainer_runs 60 "mdt_s2 graph16"
   ;;
 bf16wa|bf16wb)  # for session 16: bf16 Linear weights (--bf16-weights) against float32 weights, both captured
   # (--graph-step), alternating; 16a first runs the GPU tests (bf16 weights against the autocast step bit
   # for bit, the captured step, train.graph_step); 16a: MDT-XL/2, 16b: DiT-XL/2 and MDT-S/2
   if [ "$group" = bf16wa ]; then
-    echo "== GPU tests" >&2
-    timeout 200 "$py" -m pytest -q -p no:cacheprovider tests/test_bf16_weights.py tests/test_graph_step.py \
-      tests/test_training.py -k "on_cuda" > "$OUT/pytest.log" 2>&1 || echo "!! GPU tests failed (rc $?)" >&2
-    tail -n 3 "$OUT/pytest.log" >&2
-    specs="mdt_xl2:64:10:graph16 mdt_xl2:64:10:graph"
-  else specs="dit_xl2:64:10:graph dit_xl2:64:10:graph16 mdt_s2:256:20:graph16 mdt_s2:256:20:graph"; fi
-  for spec in $specs; do
-    IFS=: read -r m b n kind <<< "$spec"
-    step "step_${m}_$kind" 170 "$m" "$b" --steps "$n" --compile --windows 2 --graph-step \
-      $([ "$kind" = graph16 ] && echo --bf16-weights)
-  done
+    gpu_tests
+    captured_steps 170 mdt_xl2:64:10:graph16 mdt_xl2:64:10:graph
+  else captured_steps 170 dit_xl2:64:10:graph dit_xl2:64:10:graph16 mdt_s2:256:20:graph16 mdt_s2:256:20:graph; fi
   ;;
 cppwrap)  # inductor's C++ wrapper (--inductor-options cpp: kernels launched from generated C++, not Python)
   # against the default, DiT-XL/2 and MDT-XL/2; session 6 gave it 110 s and it did not finish compiling
