@@ -100,8 +100,9 @@ step() {  # step NAME LIMIT MODEL BATCH ARGS...: one bf16 training-step benchmar
   local name=$1 limit=$2 model=$3 batch=$4; shift 4
   run "$name" "$limit" bench train-step --model "$model" --batch "$batch" --precision bf16 "$@" --json "$OUT/$name.json"
 }
-profile() {  # profile MODEL BATCH [LIMIT] [LINES]: the compiled step with --profile, then its GPU time by kernel kind
-  step "profile_$1" "${3:-120}" "$1" "$2" --compile --profile
+profile() {  # profile MODEL BATCH [LIMIT] [LINES] [ARGS...]: the compiled step with --profile (and ARGS), then
+  # its GPU time by kernel kind
+  step "profile_$1" "${3:-120}" "$1" "$2" --compile --profile "${@:5}"
   sed -n '/device time per step/,$p' "$OUT/profile_$1.log" | head -n "${4:-80}" >&2
 }
 table_steps() {  # the table's five compiled steps, one JSON each
@@ -799,6 +800,11 @@ final16c|final16d)  # session 16, after bf16 weights went into the trainer: 16c 
     captured_steps 170 mdt_xl2:64:10:graph dit_xl2:64:10:graph mdt_s2:256:20:graph mdt_b2:256:10:graph
     trainer_runs 60 "mdt_s2 graph16" "mdt_s2 graph"
   fi
+  ;;
+prof16)  # session 16: where the GPU time of the steps short of their targets goes with bf16 weights (eager
+  # steps: the profile's GPU time per kernel kind is the captured step's work too)
+  profile dit_xl2 64 150 40 --bf16-weights
+  profile mdt_s2 256 120 40 --bf16-weights
   ;;
 final16f)  # session 16, after final16e on the same machine: the trainer at MDT-XL/2 b64, captured, with bf16
   # weights and without
