@@ -237,3 +237,18 @@ def test_bf16_weights_train_as_the_autocast_step_bit_for_bit_on_cuda(name):
     assert runs[True]["values"] == runs[False]["values"]
     assert all(torch.equal(a, b) for a, b in zip(runs[True]["params"], runs[False]["params"]))
     assert all(torch.equal(a, b) for a, b in zip(runs[True]["ema"], runs[False]["ema"]))
+
+
+def test_a_model_bf16_weights_cannot_convert_is_named_before_anything_changes():
+    from mdtzoo.training.bf16_weights import check_bf16_model
+
+    convs = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 4, 1))
+    frozen = torch.nn.Linear(3, 3).requires_grad_(False)
+    for model in (convs, frozen):
+        before = [p.dtype for p in model.parameters()]
+        with pytest.raises(ValueError, match="bf16_weights: .* has no trainable float32 Linear layer"):
+            Bf16Weights(model)
+        assert [p.dtype for p in model.parameters()] == before
+    with pytest.raises(ValueError, match="bf16_weights: they cannot use mlp_impl 'triton'"):
+        check_bf16_model(build_model("mdt_xs2", input_size=8, in_channels=3, num_classes=3, mlp_impl="triton"))
+    check_bf16_model(build_model("mdt_xs2", input_size=8, in_channels=3, num_classes=3))

@@ -46,20 +46,30 @@ def check_bf16_weights(*, precision: str, update: str, world: int, hold_grads: b
         problems.append(f"they need one micro-batch per step (the {accumulation} micro-batches' gradients would be "
                         "summed in bfloat16)")
     if mlp_impl not in (None, "torch"):
-        problems.append(f"they cannot use mlp_impl {mlp_impl!r}, which reads the Linear weights in its own kernel; "
-                        "use 'torch'")
+        problems.append(_mlp_problem(mlp_impl))
     if problems:
         raise ValueError("bf16_weights: " + "; ".join(problems))
+
+
+def _mlp_problem(mlp_impl: str) -> str:
+    return f"they cannot use mlp_impl {mlp_impl!r}, which reads the Linear weights in its own kernel; use 'torch'"
+
+
+def _converted(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(kind, parameter) of a Linear layer's trainable float32 weight and bias: what becomes bfloat16."""
+    if not isinstance(module, nn.Linear):
+        return []
+    params = ((kind, getattr(module, kind)) for kind in ("weight", "bias"))
+    return [(kind, p) for kind, p in params if p is not None and p.requires_grad and p.dtype == torch.float32]
 
 
 def check_bf16_model(model: nn.Module) -> None:
     """A ValueError if bfloat16 Linear weights cannot run with ``model`` (which may be on the meta
     device): a block with ``mlp_impl='triton'``, or no trainable float32 Linear layer."""
-    impls = {getattr(m, "mlp_impl", "torch") for m in model.modules()} - {"torch"}
+    impls = sorted({getattr(m, "mlp_impl", "torch") for m in model.modules()} - {"torch"})
     if impls:
-        check_bf16_weights(precision="bf16", update="fused", world=1, hold_grads=True, mlp_impl=impls.pop())
-    if not any(isinstance(m, nn.Linear) and any(p is not None and p.requires_grad and p.dtype == torch.float32
-                                                for p in (m.weight, m.bias)) for m in model.modules()):
+        raise ValueError("bf16_weights: " + _mlp_problem(impls[0]))
+    if not any(_converted(m) for m in model.modules()):
         raise ValueError(f"bf16_weights: {type(model).__name__} has no trainable float32 Linear layer")
 
 
@@ -73,17 +83,15 @@ class Bf16Weights:
     for ``FusedAdamWEMA(shadows=...)``; ``names``: id(master) -> the parameter's name."""
 
     def __init__(self, model: nn.Module, ema=None):
+        check_bf16_model(model)
         self.model = model
         self.shadows: dict[int, nn.Parameter] = {}
         self.names: dict[int, str] = {}
         self._master_of: dict[int, nn.Parameter] = {}  # id(bfloat16 parameter) -> its master
         self._masters: dict[int, nn.Parameter] = {}  # id(master) -> master
         for module_name, module in model.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            for kind in ("weight", "bias"):
-                p = getattr(module, kind)
-                if p is None or id(p) in self._master_of or p.dtype != torch.float32 or not p.requires_grad:
+            for kind, p in _converted(module):
+                if id(p) in self._master_of:  # (a parameter shared by two layers: converted once)
                     continue
                 master = nn.Parameter(p.detach().clone())
                 p.data = p.data.to(torch.bfloat16)
@@ -93,8 +101,6 @@ class Bf16Weights:
                 self._masters[id(master)] = master
         if ema is not None:
             ema._pairs = [(e, self._master_of.get(id(p), p)) for e, p in ema._pairs]
-        if not self.shadows:
-            raise ValueError(f"bf16_weights: {type(model).__name__} has no trainable float32 Linear layer")
 
     def parameters(self) -> list[nn.Parameter]:
         return [self._master_of.get(id(p), p) for p in self.model.parameters() if p.requires_grad]

@@ -57,8 +57,9 @@ if triton is not None:
     def _bf16_rne(x):
         """x (float32) rounded to bfloat16, to nearest with ties to even, by integer arithmetic on its
         bits -- torch's own rounding (c10::BFloat16) written out: on a GPU it equals the cvt.rn
-        conversion, and Triton's CPU interpreter, whose cast rounds ties away from zero, computes it
-        the same way, so the copies are torch's cast of the masters bit for bit there too. NaN stays NaN."""
+        conversion, and Triton's CPU interpreter, whose own cast does not round as torch's does (about
+        half of a test's values came out otherwise), computes it the same way, so the copies are
+        torch's cast of the masters bit for bit there too. NaN stays NaN."""
         bits = x.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = tl.where(x != x, 0x7FC0, rounded)
