@@ -26,8 +26,9 @@ from mdtzoo.training.objective import DiffusionObjective, backward_parts, prepar
 
 name = sys.argv[1]
 torch.manual_seed(0)
-base = build_model(name, input_size=8, in_channels=3, num_classes=3, norm_impl="torch")  # (the interpreter
-with torch.no_grad():                                                                   # would run Triton's norm slowly)
+# (torch's norm maths: the interpreter would run our Triton norm kernels too, slowly)
+base = build_model(name, input_size=8, in_channels=3, num_classes=3, norm_impl="torch")
+with torch.no_grad():
     for p in base.parameters():
         p.normal_(0, 0.05)
 x0, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 2, 1, 0])
@@ -58,7 +59,8 @@ for bf16 in (False, True):
         losses.append(out["loss"])
         if step == 0:  # the state after the first step
             values = {n: masters.get(n, p).detach().clone() for n, p in zip(names, model.parameters())}
-            moments = [opt.state[p][k].clone() for g in opt.param_groups for p in g["params"] for k in ("exp_avg", "exp_avg_sq")]
+            moments = [opt.state[p][k].clone() for g in opt.param_groups for p in g["params"]
+                       for k in ("exp_avg", "exp_avg_sq")]
             ema_values = [e.clone() for e in ema.model.parameters()]
     runs[bf16] = dict(losses=losses, norms=norms, values=values, ema=ema_values, moments=moments, weights=weights)
 
