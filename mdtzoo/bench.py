@@ -148,7 +148,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     ``update``: the optimiser side as the trainer's ``train.update`` ('auto', 'fused', 'op_by_op');
     ``hold_grads``: as ``train.hold_grads`` (the fused update adds the full pass's gradients);
     ``norm_impl``: the blocks' ``norm_impl`` ('torch', 'triton': ``models.triton_norm``);
-    ``mlp_impl``: the blocks' ``mlp_impl`` ('torch', 'triton': ``models.triton_mlp``);
+    ``mlp_impl``: the blocks' ``mlp_impl`` ('torch', 'triton': ``models.triton_mlp``, 'cublaslt':
+    ``models.lt_mlp``);
     ``windows``: after the per-step timing, that many windows of ``steps`` steps each enqueued back to
     back between two CUDA events (one sync per window, as a training loop that does not wait for each
     step): ``window_step_ms`` (median per step) and ``window_img_per_s``.
@@ -236,8 +237,8 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         # ImageNet latents: 32x32x4, 1000 classes (the presets' defaults, stated for clarity).
         model = build_model(model_name, input_size=32, in_channels=4, num_classes=1000, attn_impl=attn_impl,
                             norm_impl=norm_impl, mlp_impl=mlp_impl)
-        if mlp_impl == "triton" and cuda:  # the fused GELU backward, checked at the model's width first
-            result["mlp_errors"] = check_mlp(model.hidden_size, device=dev)
+        if mlp_impl != "torch" and cuda:  # the fused GELU, checked at the model's width first
+            result["mlp_errors"] = check_mlp(model.hidden_size, device=dev, impl=mlp_impl)
             log(f"fused MLP checked against timm's Mlp: {result['mlp_errors']}")
         if norm_impl == "triton" and cuda and model.hidden_size <= MAX_NORM_WIDTH:  # the kernels the blocks will run,
             # checked at the model's width before anything is timed (wider rows take the torch maths)
@@ -539,8 +540,9 @@ def _record_errors(worst: dict, key: str, names, got, ref, tol: float, what: str
             raise AssertionError(f"{what} {key} {name}: relative error {err:.2e} >= {tol}")
 
 
-def check_mlp(dim: int, *, batch: int = 4, tokens: int = 256, device=None) -> dict:
-    """Relative errors of the MLP with the fused GELU backward (``models.triton_mlp.GeluMLP``) against
+def check_mlp(dim: int, *, batch: int = 4, tokens: int = 256, device=None, impl: str = "triton") -> dict:
+    """Relative errors of the MLP with the fused GELU (``models.triton_mlp.GeluMLP``; ``impl``: 'triton'
+    or 'cublaslt', the block's ``mlp_impl``) against
     timm's ``Mlp`` at width ``dim``: the output and the gradients of the input and all four parameters,
     in float32 (< 1e-5) and under bf16 autocast against the float32 maths (< 2e-2; the module itself
     under autocast is checked alike, so its own error is in the result for scale). Raises
@@ -568,8 +570,8 @@ def check_mlp(dim: int, *, batch: int = 4, tokens: int = 256, device=None) -> di
     try:
         ref = run(mlp, False)
         worst = {}
-        for key, forward, autocast, tol in (("float32", lambda h: tmlp.gelu_mlp(h, mlp), False, 1e-5),
-                                            ("bfloat16", lambda h: tmlp.gelu_mlp(h, mlp), True, 2e-2),
+        for key, forward, autocast, tol in (("float32", lambda h: tmlp.gelu_mlp(h, mlp, impl), False, 1e-5),
+                                            ("bfloat16", lambda h: tmlp.gelu_mlp(h, mlp, impl), True, 2e-2),
                                             ("module_bfloat16", mlp, True, 2e-2)):
             _record_errors(worst, key, ("y", "dh", "dw1", "db1", "dw2", "db2"), run(forward, autocast), ref, tol,
                            "fused MLP")

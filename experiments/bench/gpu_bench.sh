@@ -76,6 +76,8 @@
 #   bash experiments/bench/gpu_bench.sh cppwrap   # inductor's C++ wrapper against the default at XL/2 (long compiles)
 #   bash experiments/bench/gpu_bench.sh norm2     # norm's comparison at S/2 and B/2 (host-bound at S/2: the custom ops' launches), alternating
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
+#   bash experiments/bench/gpu_bench.sh lt17a     # the cuBLASLt GELU-epilogue MLP: GPU tests, lt_parts.py, DiT-XL/2 captured with / without it
+#   bash experiments/bench/gpu_bench.sh lt17b     # the same at MDT-S/2 (with / without) and MDT-XL/2 (with), after lt17a
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
 set -u
@@ -181,13 +183,23 @@ gpu_tests() {  # the GPU-only tests of bf16 weights, the captured step and the t
   tail -n 3 "$OUT/pytest.log" >&2
 }
 captured_steps() {  # captured_steps LIMIT MODEL:BATCH:STEPS:KIND...: compiled steps with --graph-step, KIND
-  # graph16 also with --bf16-weights (graph: float32 weights), each timed step by step and in 2 windows
+  # graph16 also with --bf16-weights (graph: float32 weights), lt17 with --bf16-weights --mlp-impl cublaslt,
+  # each timed step by step and in 2 windows
   local limit=$1 spec m b n kind; shift
   for spec in "$@"; do
     IFS=: read -r m b n kind <<< "$spec"
     step "step_${m}_$kind" "$limit" "$m" "$b" --steps "$n" --compile --windows 2 --graph-step \
-      $([ "$kind" = graph16 ] && echo --bf16-weights)
+      $(case $kind in graph16) echo --bf16-weights ;; lt17) echo --bf16-weights --mlp-impl cublaslt ;; esac)
   done
+}
+lt_tests() {  # the GPU tests of the cuBLASLt MLP, then its parts timed against inductor's (lt_parts.py)
+  echo "== cuBLASLt MLP tests" >&2
+  timeout 200 "$py" -m pytest -q -p no:cacheprovider tests/test_lt_mlp.py -k "on_cuda" > "$OUT/pytest_lt.log" 2>&1 \
+    || echo "!! cuBLASLt MLP tests failed (rc $?)" >&2
+  tail -n 3 "$OUT/pytest_lt.log" >&2
+  echo "== lt_parts" >&2
+  timeout 150 "$py" experiments/bench/lt_parts.py > "$OUT/lt_parts.log" 2>&1 || echo "!! lt_parts failed (rc $?)" >&2
+  grep -v "^ " "$OUT/lt_parts.log" | tail -n 45 >&2
 }
 variant() {  # variant FLAG VALUE: "FLAG VALUE" as two arguments, nothing for the value '-' (the default)
   [ "$2" != - ] && printf '%s\n%s\n' "$1" "$2"
@@ -800,6 +812,15 @@ final16c|final16d)  # session 16, after bf16 weights went into the trainer: 16c 
     captured_steps 170 mdt_xl2:64:10:graph dit_xl2:64:10:graph mdt_s2:256:20:graph mdt_b2:256:10:graph
     trainer_runs 60 "mdt_s2 graph16" "mdt_s2 graph"
   fi
+  ;;
+lt17a)  # session 17: the MLP's GELU in cuBLASLt's epilogues (--mlp-impl cublaslt): its GPU tests and parts, then
+  # DiT-XL/2 captured with bf16 weights, cuBLASLt MLP / inductor's
+  lt_tests
+  captured_steps 170 dit_xl2:64:10:lt17 dit_xl2:64:10:graph16
+  ;;
+lt17b)  # session 17, after lt17a on the same machine: MDT-S/2 and MDT-XL/2 captured with bf16 weights, cuBLASLt
+  # MLP / inductor's
+  captured_steps 240 mdt_s2:256:20:lt17 mdt_s2:256:20:graph16 mdt_xl2:64:10:lt17
   ;;
 prof16)  # session 16: where the GPU time of the steps short of their targets goes with bf16 weights (eager
   # steps: the profile's GPU time per kernel kind is the captured step's work too)

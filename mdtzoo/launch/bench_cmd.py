@@ -157,7 +157,8 @@ def add_parser(sub) -> None:
     t.add_argument("--mlp-impl", default="torch", choices=MLP_IMPLS,
                    help="the blocks' MLP: timm's, compiled by inductor (torch), or with the GELU's backward fused "
                         "into the second linear's input-gradient matmul (triton, models/triton_mlp.py; CUDA; measured "
-                        "slower, docs/performance.md session 13)")
+                        "slower, docs/performance.md session 13), or with the GELU and its backward inside cuBLASLt's "
+                        "matmul epilogues (cublaslt, models/lt_mlp.py; bf16 on CUDA)")
     t.add_argument("--windows", type=int, default=0,
                    help="also time this many windows of --steps steps enqueued back to back (one sync per window)")
     t.add_argument("--graph-step", action="store_true",

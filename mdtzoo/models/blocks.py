@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from mdtzoo.models.attention import attention, check_impl
 
 NORM_IMPLS = ("torch", "triton")
-MLP_IMPLS = ("torch", "triton")
+MLP_IMPLS = ("torch", "triton", "cublaslt")
 
 
 def check_norm_impl(impl: str) -> str:
@@ -70,8 +70,10 @@ class Block(nn.Module):
     the second with the attention's gated residual, as one kernel each way, ``models.triton_norm``;
     the same maths, on CUDA with rows of at most 8192 -- elsewhere the torch maths) or 'torch' (the
     maths below, compiled by inductor; docs/performance.md, session 10). ``mlp_impl``: 'torch' (default:
-    timm's Mlp, compiled by inductor) or 'triton' (the same maths with the GELU's backward fused into the
-    second linear's input-gradient matmul, ``models.triton_mlp``; CUDA, elsewhere the module itself).
+    timm's Mlp, compiled by inductor), 'triton' (the same maths with the GELU's backward fused into the
+    second linear's input-gradient matmul, ``models.triton_mlp``; CUDA, elsewhere the module itself) or
+    'cublaslt' (the GELU and its backward in cuBLASLt's matmul epilogues, ``models.lt_mlp``; bf16/fp16
+    on CUDA, elsewhere the same maths in torch ops).
     """
 
     def __init__(
@@ -115,10 +117,10 @@ class Block(nn.Module):
         else:
             x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep)
             h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-        if self.mlp_impl == "triton":
+        if self.mlp_impl != "torch":
             from mdtzoo.models.triton_mlp import gelu_mlp
 
-            return x + gate_mlp.unsqueeze(1) * gelu_mlp(h, self.mlp)
+            return x + gate_mlp.unsqueeze(1) * gelu_mlp(h, self.mlp, self.mlp_impl)
         return x + gate_mlp.unsqueeze(1) * self.mlp(h)
 
 

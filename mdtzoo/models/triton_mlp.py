@@ -144,16 +144,26 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
 
 
 class GeluMLP(torch.autograd.Function):
-    """y = fc2(gelu_tanh(fc1(h))) with the fused GELU backward (``linear_dgelu``). h: (..., D)."""
+    """y = fc2(gelu_tanh(fc1(h))) with a fused GELU backward. h: (..., D). ``fused``: 'triton' (the GELU
+    forward by inductor, its backward in ``linear_dgelu``) or 'cublaslt' (both inside cuBLASLt's
+    matmuls, ``models.lt_mlp``: fc1's forward with the GELU in its epilogue, fc2's input gradient with
+    the GELU's backward and fc1's bias gradient in its epilogue)."""
 
     @staticmethod
-    def forward(ctx, h, w1, b1, w2, b2):
+    def forward(ctx, h, w1, b1, w2, b2, fused="triton"):
         dt = _compute_dtype(h)
         hc, w1c, w2c = h.to(dt), w1.to(dt), w2.to(dt)
-        u = F.linear(hc, w1c, b1.to(dt))
-        g = F.gelu(u, approximate="tanh")
+        if fused == "cublaslt":
+            from mdtzoo.models.lt_mlp import linear_gelu
+
+            g, u = linear_gelu(hc.reshape(-1, hc.shape[-1]), w1c, b1.to(dt))
+            g, u = g.reshape(*hc.shape[:-1], -1), u.reshape(*hc.shape[:-1], -1)
+        else:
+            u = F.linear(hc, w1c, b1.to(dt))
+            g = F.gelu(u, approximate="tanh")
         ctx.save_for_backward(hc, w1c, u, g, w2c)
         ctx.dtypes = (h.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype)
+        ctx.fused = fused
         return F.linear(g, w2c, b2.to(dt))
 
     @staticmethod
@@ -163,23 +173,33 @@ class GeluMLP(torch.autograd.Function):
         d, hidden = hc.shape[-1], u.shape[-1]
         dy2 = dy.reshape(-1, dy.shape[-1]).to(u.dtype)
         dw2 = (dy2.t() @ g.reshape(-1, hidden)).to(w2_dt)
-        db2 = dy2.sum(0, dtype=torch.float32).to(b2_dt)
-        du, db1 = linear_dgelu(dy2, w2c, u.reshape(-1, hidden))
+        db2 = dy2.sum(0, dtype=torch.float32).to(u.dtype).to(b2_dt)  # in the compute dtype, as nn.Linear's
+        if ctx.fused == "cublaslt":
+            from mdtzoo.models.lt_mlp import dgelu_linear
+
+            du, db1 = dgelu_linear(dy2, w2c, u.reshape(-1, hidden))
+        else:
+            du, db1 = linear_dgelu(dy2, w2c, u.reshape(-1, hidden))
         dw1 = (du.t() @ hc.reshape(-1, d)).to(w1_dt)
         dh = (du @ w1c).reshape(hc.shape).to(h_dt)
-        return dh, dw1, db1.to(b1_dt), dw2, db2
+        return dh, dw1, db1.to(u.dtype).to(b1_dt), dw2, db2, None
 
 
-def usable(h: torch.Tensor) -> bool:
-    """Whether ``GeluMLP`` runs for h: CUDA with triton, or the interpreter on the CPU; 16- or 32-bit floats."""
-    if triton is None or h.dtype not in FLOATS:
+def usable(h: torch.Tensor, fused: str = "triton") -> bool:
+    """Whether ``GeluMLP`` runs for h: 16- or 32-bit floats, and for 'triton' CUDA with triton or the
+    interpreter on the CPU ('cublaslt' runs anywhere: off CUDA its ops are torch's maths)."""
+    if h.dtype not in FLOATS:
+        return False
+    if fused == "cublaslt":
+        return True
+    if triton is None:
         return False
     return h.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def gelu_mlp(h: torch.Tensor, mlp) -> torch.Tensor:
+def gelu_mlp(h: torch.Tensor, mlp, fused: str = "triton") -> torch.Tensor:
     """``mlp(h)`` for timm's ``Mlp`` with a tanh GELU (fc1, act, fc2; no norm, no dropout); the fused
-    backward where ``usable``, the module itself elsewhere."""
-    if not usable(h):
+    GELU (``fused``: 'triton' or 'cublaslt') where ``usable``, the module itself elsewhere."""
+    if not usable(h, fused):
         return mlp(h)
-    return GeluMLP.apply(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    return GeluMLP.apply(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, fused)

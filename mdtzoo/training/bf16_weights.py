@@ -26,6 +26,10 @@ import torch
 from torch import nn
 
 
+# The MLPs whose weights and gradients go through torch ops (cuBLASLt's reads the bf16 weights as given).
+BF16_MLP_IMPLS = ("torch", "cublaslt")
+
+
 def check_bf16_weights(*, precision: str, update: str, world: int, hold_grads: bool, mlp_impl: str | None = None,
                        separate_passes: bool = True, accumulation: int = 1) -> None:
     """A ValueError naming every reason bfloat16 Linear weights cannot run with these settings
@@ -45,14 +49,15 @@ def check_bf16_weights(*, precision: str, update: str, world: int, hold_grads: b
     if accumulation > 1:
         problems.append(f"they need one micro-batch per step (the {accumulation} micro-batches' gradients would be "
                         "summed in bfloat16)")
-    if mlp_impl not in (None, "torch"):
+    if mlp_impl not in (None,) + BF16_MLP_IMPLS:
         problems.append(_mlp_problem(mlp_impl))
     if problems:
         raise ValueError("bf16_weights: " + "; ".join(problems))
 
 
 def _mlp_problem(mlp_impl: str) -> str:
-    return f"they cannot use mlp_impl {mlp_impl!r}, which reads the Linear weights in its own kernel; use 'torch'"
+    return (f"they cannot use mlp_impl {mlp_impl!r}, which reads the Linear weights in its own kernel; use "
+            f"{' or '.join(map(repr, BF16_MLP_IMPLS))}")
 
 
 def _converted(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -66,7 +71,7 @@ def _converted(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def check_bf16_model(model: nn.Module) -> None:
     """A ValueError if bfloat16 Linear weights cannot run with ``model`` (which may be on the meta
     device): a block with ``mlp_impl='triton'``, or no trainable float32 Linear layer."""
-    impls = sorted({getattr(m, "mlp_impl", "torch") for m in model.modules()} - {"torch"})
+    impls = sorted({getattr(m, "mlp_impl", "torch") for m in model.modules()} - set(BF16_MLP_IMPLS))
     if impls:
         raise ValueError("bf16_weights: " + _mlp_problem(impls[0]))
     if not any(_converted(m) for m in model.modules()):

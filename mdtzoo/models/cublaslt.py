@@ -1,0 +1,220 @@
+"""Two cuBLASLt matmuls with fused GELU epilogues, called through ctypes (no compiled extension).
+
+The training MLP is y = fc2(gelu(u)), u = fc1(h). torch's cuBLAS calls offer the GELU epilogue only
+in a forward that drops u (``torch._addmm_activation``), so its backward must keep u from another
+matmul and run the GELU as separate elementwise kernels. cuBLASLt itself has both halves:
+
+- ``linear_gelu(x, w, b)``: g = gelu_tanh(x w^T + b) and u = x w^T + b from one matmul
+  (epilogue GELU_AUX_BIAS: u is written as the "aux" output beside g);
+- ``dgelu_linear(dy, w, u)``: du = (dy w) * gelu_tanh'(u) and its column sums (fc1's bias gradient)
+  from one matmul (epilogue DGELU_BGRAD, reading u as the aux input), so neither dg nor a separate
+  GELU-backward or bias-sum kernel exists.
+
+cuBLASLt's GELU is the tanh approximation that DiT and MDT use. Row-major tensors are passed as the
+transposed column-major problem (a row-major (T, F) output is column-major (F, T), whose rows are the
+features, so the bias and its gradient run along cuBLASLt's rows).
+
+The library is the libcublasLt that torch's CUDA build has loaded (found in the process's memory
+map; ``MDTZOO_CUBLASLT`` names another file). Handles, descriptors and chosen algorithms are cached
+per device and problem; each device gets a 32 MiB workspace once, so the calls can be captured in
+CUDA graphs. Calls run on torch's current stream. 16-bit inputs only (bf16 or fp16, all the same
+dtype), float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+import torch
+
+# Enum values of cublasLt.h / library_types.h (CUDA 12 and 13).
+_DTYPES = {torch.bfloat16: 14, torch.float16: 2}  # cudaDataType_t: CUDA_R_16BF, CUDA_R_16F
+_R_32F = 0
+_COMPUTE_32F = 68  # cublasComputeType_t
+_OP_N, _OP_T = 0, 1
+_DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8
+_DESC_AUX_POINTER, _DESC_AUX_LD = 11, 12
+_PREF_MAX_WORKSPACE = 1
+_PREF_MIN_ALIGNMENT = {"a": 5, "b": 6, "c": 7, "d": 8}
+EPILOGUES = {"gelu_aux_bias": 164, "dgelu_bgrad": 208}
+WORKSPACE_BYTES = 32 << 20
+
+
+class _Heuristic(ctypes.Structure):
+    _fields_ = [("algo", ctypes.c_uint64 * 8), ("workspace_size", ctypes.c_size_t), ("state", ctypes.c_int),
+                ("waves", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
+
+
+_lib = None
+_handles: dict[int, ctypes.c_void_p] = {}
+_workspaces: dict[int, torch.Tensor] = {}
+_plans: dict[tuple, tuple] = {}
+
+
+def _library_path() -> str | None:
+    """MDTZOO_CUBLASLT, else the libcublasLt mapped into this process (torch's), else the linker's."""
+    if os.environ.get("MDTZOO_CUBLASLT"):
+        return os.environ["MDTZOO_CUBLASLT"]
+    if torch.cuda.is_available():
+        torch.cuda.init()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libcublasLt.so"):
+                    return path
+    except OSError:
+        pass
+    name = ctypes.util.find_library("cublasLt")
+    return name
+
+
+def library():
+    """The loaded libcublasLt (ctypes), or a RuntimeError saying what is missing."""
+    global _lib
+    if _lib is None:
+        path = _library_path()
+        if path is None:
+            raise RuntimeError("mlp_impl='cublaslt' needs CUDA's libcublasLt, which this process has not loaded and "
+                               "the linker cannot find; use a CUDA build of torch, set MDTZOO_CUBLASLT to the "
+                               "library's path, or use mlp_impl='torch'")
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError as err:
+            raise RuntimeError(f"mlp_impl='cublaslt': cannot load libcublasLt from {path!r} ({err})") from err
+        p = ctypes.c_void_p
+        lib.cublasLtMatmul.argtypes = [p, p, p, p, p, p, p, p, p, p, p, p, p, p, ctypes.c_size_t, p]
+        lib.cublasLtMatmulDescSetAttribute.argtypes = [p, ctypes.c_int, p, ctypes.c_size_t]
+        lib.cublasLtMatmulPreferenceSetAttribute.argtypes = [p, ctypes.c_int, p, ctypes.c_size_t]
+        lib.cublasLtMatrixLayoutCreate.argtypes = [p, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64]
+        lib.cublasLtMatmulDescCreate.argtypes = [p, ctypes.c_int, ctypes.c_int]
+        lib.cublasLtMatmulAlgoGetHeuristic.argtypes = [p, p, p, p, p, p, p, ctypes.c_int, p, p]
+        _lib = lib
+    return _lib
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"cuBLASLt {what} failed with cublasStatus_t {status}")
+
+
+def _handle(device: int) -> ctypes.c_void_p:
+    if device not in _handles:
+        handle = ctypes.c_void_p()
+        _check(library().cublasLtCreate(ctypes.byref(handle)), "cublasLtCreate")
+        _handles[device] = handle
+        with torch.cuda.device(device):
+            _workspaces[device] = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=f"cuda:{device}")
+    return _handles[device]
+
+
+def _set(setter, obj, attr: int, value) -> None:
+    _check(setter(obj, attr, ctypes.byref(value), ctypes.sizeof(value)), f"attribute {attr}")
+
+
+def _alignment(t: torch.Tensor) -> int:
+    """The largest power of two up to 256 dividing t's address: what cuBLASLt may assume of it."""
+    address = t.data_ptr()
+    return min(256, address & -address) if address else 256
+
+
+def _plan(device: int, dtype: torch.dtype, epilogue: str, transa: int, m: int, n: int, k: int, lda: int, ldb: int,
+          ldd: int, aligns: tuple[int, int, int]) -> tuple:
+    """(descriptor, layouts of A, B, D, algorithm) for D (m, n) = op(A) (m, k) @ B (k, n), column-major,
+    B untransposed, with the epilogue; built once per key."""
+    key = (device, dtype, epilogue, transa, m, n, k, lda, ldb, ldd, aligns)
+    if key in _plans:
+        return _plans[key]
+    lib, dt = library(), _DTYPES[dtype]
+    desc = ctypes.c_void_p()
+    _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _R_32F), "cublasLtMatmulDescCreate")
+    setter = lib.cublasLtMatmulDescSetAttribute
+    _set(setter, desc, _DESC_TRANSA, ctypes.c_int32(transa))
+    _set(setter, desc, _DESC_TRANSB, ctypes.c_int32(_OP_N))
+    _set(setter, desc, _DESC_EPILOGUE, ctypes.c_uint32(EPILOGUES[epilogue]))
+    _set(setter, desc, _DESC_AUX_LD, ctypes.c_int64(ldd))
+    layouts = []
+    for rows, cols, ld in (((k, m) if transa == _OP_T else (m, k)) + (lda,), (k, n, ldb), (m, n, ldd)):
+        layout = ctypes.c_void_p()
+        _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), dt, rows, cols, ld), "cublasLtMatrixLayoutCreate")
+        layouts.append(layout)
+    pref = ctypes.c_void_p()
+    _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "cublasLtMatmulPreferenceCreate")
+    pset = lib.cublasLtMatmulPreferenceSetAttribute
+    _set(pset, pref, _PREF_MAX_WORKSPACE, ctypes.c_uint64(WORKSPACE_BYTES))
+    for name, align in zip(("a", "b", "d"), aligns):
+        _set(pset, pref, _PREF_MIN_ALIGNMENT[name], ctypes.c_uint32(align))
+    _set(pset, pref, _PREF_MIN_ALIGNMENT["c"], ctypes.c_uint32(aligns[2]))
+    result, count = _Heuristic(), ctypes.c_int(0)
+    a_l, b_l, d_l = layouts
+    _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle(device), desc, a_l, b_l, d_l, d_l, pref, 1,
+                                              ctypes.byref(result), ctypes.byref(count)), "cublasLtMatmulAlgoGetHeuristic")
+    lib.cublasLtMatmulPreferenceDestroy(pref)
+    if count.value < 1:
+        raise RuntimeError(f"cuBLASLt has no algorithm for epilogue {epilogue} at m={m}, n={n}, k={k} ({dtype}, "
+                           f"alignments {aligns}); use mlp_impl='torch'")
+    _plans[key] = (desc, a_l, b_l, d_l, result.algo)
+    return _plans[key]
+
+
+_ONE, _ZERO = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, *, transa: int, m: int, n: int, k: int,
+            epilogue: str, bias: torch.Tensor, aux: torch.Tensor) -> None:
+    """D = epilogue(op(A) B), column-major views of row-major tensors (see the module docstring)."""
+    device = d.device.index if d.device.index is not None else torch.cuda.current_device()
+    desc, a_l, b_l, d_l, algo = _plan(device, d.dtype, epilogue, transa, m, n, k, a.stride(0), b.stride(0),
+                                      d.stride(0), (_alignment(a), _alignment(b), _alignment(d)))
+    lib = library()
+    setter = lib.cublasLtMatmulDescSetAttribute
+    _set(setter, desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
+    _set(setter, desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
+    stream = torch.cuda.current_stream(d.device).cuda_stream
+    ws = _workspaces[device]
+    _check(lib.cublasLtMatmul(_handle(device), desc, ctypes.byref(_ONE), a.data_ptr(), a_l, b.data_ptr(), b_l,
+                              ctypes.byref(_ZERO), d.data_ptr(), d_l, d.data_ptr(), d_l, ctypes.byref(algo),
+                              ws.data_ptr(), WORKSPACE_BYTES, stream), "cublasLtMatmul")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t with unit column stride and a row stride cuBLASLt takes (a multiple of 8 elements)."""
+    return t if t.stride(-1) == 1 and t.stride(0) % 8 == 0 else t.contiguous()
+
+
+def _check_inputs(*tensors: torch.Tensor) -> None:
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES or not all(t.is_cuda for t in tensors):
+        raise ValueError(f"cuBLASLt GELU matmuls take CUDA tensors of one 16-bit dtype; got "
+                         f"{[(t.dtype, t.device.type) for t in tensors]}")
+
+
+def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, u): u = x w^T + b, g = gelu_tanh(u), one matmul. x (T, K), w (F, K), b (F,); both (T, F)."""
+    _check_inputs(x, w, b)
+    x, w, b = _rows(x), _rows(w), b.contiguous()
+    t, k = x.shape
+    f = w.shape[0]
+    g = torch.empty((t, f), device=x.device, dtype=x.dtype)
+    u = torch.empty_like(g)
+    if t:
+        _matmul(w, x, g, transa=_OP_T, m=f, n=t, k=k, epilogue="gelu_aux_bias", bias=b, aux=u)
+    return g, u
+
+
+def dgelu_linear(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(du, db): du = (dy w) * gelu_tanh'(u), db = du's column sums (u's dtype), one matmul.
+    dy (T, K), w (K, F) (fc2's weight, (out, in)), u (T, F)."""
+    _check_inputs(dy, w, u)
+    dy, w, u = _rows(dy), _rows(w), u.contiguous()
+    t, k = dy.shape
+    f = w.shape[1]
+    du = torch.empty((t, f), device=u.device, dtype=u.dtype)
+    db = torch.empty((f,), device=u.device, dtype=u.dtype)
+    if t:
+        _matmul(w, dy, du, transa=_OP_N, m=f, n=t, k=k, epilogue="dgelu_bgrad", bias=db, aux=u)
+    else:
+        db.zero_()
+    return du, db

@@ -1,0 +1,66 @@
+"""The MLP's GELU inside cuBLASLt's matmul epilogues (``mlp_impl='cublaslt'``), as two torch operators.
+
+- ``mdtzoo::lt_linear_gelu(x, w1, b1) -> (g, u)``: fc1 with its bias and the tanh GELU in one matmul,
+  which also writes the GELU's input u for the backward (cuBLASLt's GELU_AUX_BIAS epilogue).
+- ``mdtzoo::lt_dgelu_linear(dy, w2, u) -> (du, db1)``: fc2's input gradient with the GELU's backward
+  and fc1's bias gradient in one matmul (DGELU_BGRAD): no dg, no GELU or bias-sum kernels.
+
+Against the default (cuBLAS matmuls and inductor's GELU kernels) this drops the GELU forward's read
+of u and the backward's GELU and column-sum kernels; it keeps g as well as u for fc2's weight gradient
+(the default recomputes g from u), one more (tokens, 4D) tensor per block. ``GeluMLP`` in
+``models.triton_mlp`` is the autograd Function that calls them (with ``fused='cublaslt'``).
+
+On CUDA with bf16 or fp16 inputs the ops call cuBLASLt (``models.cublaslt``); elsewhere (the CPU,
+float32) they are the same maths in torch, so the block, its gradients and its compiled graph are
+tested without a GPU, and the cuBLASLt calls are checked against these on one (``check_mlp``).
+The epilogues compute in float32 from the matmul's accumulator: results agree with the default
+path to bf16 rounding, not bitwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mdtzoo.models.triton_mlp import gelu_tanh_grad
+
+LT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _lt(*tensors: torch.Tensor) -> bool:
+    return all(t.is_cuda and t.dtype in LT_DTYPES for t in tensors)
+
+
+@torch.library.custom_op("mdtzoo::lt_linear_gelu", mutates_args=())
+def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, u) with u = x w^T + b and g = gelu_tanh(u): x (T, K), w (F, K), b (F,) -> (T, F) each."""
+    if _lt(x, w, b):
+        from mdtzoo.models import cublaslt
+
+        return cublaslt.linear_gelu(x, w, b)
+    u = F.linear(x, w, b)
+    return F.gelu(u, approximate="tanh"), u
+
+
+@linear_gelu.register_fake
+def _(x, w, b):
+    out = x.new_empty((x.shape[0], w.shape[0]))
+    return out, torch.empty_like(out)
+
+
+@torch.library.custom_op("mdtzoo::lt_dgelu_linear", mutates_args=())
+def dgelu_linear(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(du, db) with du = (dy w) gelu_tanh'(u) and db its column sums, both u's dtype: dy (T, K),
+    w (K, F) (fc2's weight), u (T, F). Off cuBLASLt: float32 maths (or u's, if wider), then rounded."""
+    if _lt(dy, w, u):
+        from mdtzoo.models import cublaslt
+
+        return cublaslt.dgelu_linear(dy, w, u)
+    wide = torch.promote_types(u.dtype, torch.float32)
+    du = (dy.to(wide) @ w.to(wide)) * gelu_tanh_grad(u.to(wide))
+    return du.to(u.dtype), du.sum(0).to(u.dtype)
+
+
+@dgelu_linear.register_fake
+def _(dy, w, u):
+    return torch.empty_like(u), u.new_empty((u.shape[1],))

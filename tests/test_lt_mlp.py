@@ -1,0 +1,205 @@
+"""The MLP's GELU inside cuBLASLt's matmul epilogues (mlp_impl='cublaslt': models/lt_mlp.py,
+models/cublaslt.py). On the CPU the ops are torch's maths, so the block's wiring, gradients, compiled
+graph and dtype handling are checked here; the cuBLASLt calls themselves are checked on a GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+
+from mdtzoo.models import lt_mlp
+from mdtzoo.models.blocks import Block
+from mdtzoo.models.triton_mlp import gelu_mlp, gelu_tanh_grad
+
+CUDA = torch.cuda.is_available()
+
+
+def _block_pair(dtype=torch.float32, dim=32):
+    torch.manual_seed(0)
+    ref, blk = Block(dim, 2, norm_impl="torch"), Block(dim, 2, norm_impl="torch", mlp_impl="cublaslt")
+    with torch.no_grad():  # adaLN-Zero starts at zero: give the MLP branch a gate so that its gradients flow
+        ref.adaLN_modulation[1].weight.normal_(0, 0.2)
+    blk.load_state_dict(ref.state_dict())  # the option changes no parameters
+    return ref.to(dtype), blk.to(dtype)
+
+
+def _run(block, x0, c):
+    x = x0.clone().requires_grad_(True)
+    block.zero_grad(set_to_none=True)
+    y = block(x, c)
+    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
+    return [y.detach(), x.grad] + [p.grad for p in block.parameters()]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_block_with_cublaslt_mlp_matches_the_torch_mlp_off_cuda(dtype, tol):
+    ref, blk = _block_pair(dtype)
+    x, c = torch.randn(2, 7, 32, dtype=dtype), torch.randn(2, 32, dtype=dtype)
+    got, want = _run(blk, x, c), _run(ref, x, c)
+    assert len(got) == len(want) == 2 + len(list(ref.parameters()))
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert ((g - w).norm() / w.norm().clamp_min(1e-30)).item() < tol
+    assert want[2 + [n for n, _ in ref.named_parameters()].index("mlp.fc1.bias")].abs().sum() > 0
+
+
+def test_block_with_cublaslt_mlp_compiles_in_one_graph():
+    ref, blk = _block_pair()
+    x, c = torch.randn(2, 5, 32), torch.randn(2, 32)
+    want = _run(ref, x, c)
+    torch._dynamo.reset()
+    compiled = torch.compile(blk, fullgraph=True, dynamic=False)  # fullgraph: a graph break fails here
+    got = _run(compiled, x, c)
+    for g, w in zip(got, want):
+        assert ((g - w).norm() / w.norm()).item() < 1e-5
+
+
+def test_the_ops_are_the_closed_form_and_their_fake_kernels_match():
+    g = torch.Generator().manual_seed(0)
+    x, w1, b1 = torch.randn(9, 8, generator=g), torch.randn(24, 8, generator=g), torch.randn(24, generator=g)
+    gl, u = lt_mlp.linear_gelu(x, w1, b1)
+    torch.testing.assert_close(u, x @ w1.t() + b1)
+    torch.testing.assert_close(gl, F.gelu(x @ w1.t() + b1, approximate="tanh"))
+    dy, w2 = torch.randn(9, 8, generator=g), torch.randn(8, 24, generator=g)
+    du, db = lt_mlp.dgelu_linear(dy, w2, u)
+    ud = u.double().requires_grad_(True)
+    (gd,) = torch.autograd.grad(F.gelu(ud, approximate="tanh"), ud, (dy.double() @ w2.double()))
+    torch.testing.assert_close(du.double(), gd, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db.double(), gd.sum(0), rtol=1e-5, atol=1e-5)  # fc1's bias gradient: du's sums
+    for dt in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(torch.ops.mdtzoo.lt_linear_gelu.default, (x.to(dt), w1.to(dt), b1.to(dt)))
+        torch.library.opcheck(torch.ops.mdtzoo.lt_dgelu_linear.default, (dy.to(dt), w2.to(dt), u.to(dt)))
+
+
+def test_bf16_weights_give_the_same_mlp_as_float32_weights_under_autocast():
+    """What train.bf16_weights relies on: the Function casts float32 weights to bf16 as autocast does,
+    and its bias gradients are rounded to bf16 either way, so both runs agree bit for bit."""
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64, act_layer=lambda: torch.nn.GELU(approximate="tanh"))
+    mlp16 = Mlp(16, 64, act_layer=lambda: torch.nn.GELU(approximate="tanh"))
+    mlp16.load_state_dict(mlp.state_dict())
+    mlp16.to(torch.bfloat16)
+    h0 = torch.randn(3, 5, 16)
+    results = []
+    for m in (mlp, mlp16):
+        h = h0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = gelu_mlp(h, m, "cublaslt")
+        y.float().pow(2).sum().backward()
+        results.append([y.float(), h.grad] + [p.grad.float() for p in m.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_check_mlp_passes_the_cublaslt_path_and_refuses_a_wrong_one(monkeypatch):
+    from mdtzoo.bench import check_mlp
+
+    worst = check_mlp(24, batch=2, tokens=5, device="cpu", impl="cublaslt")
+    assert worst["float32"] < 1e-5 and worst["bfloat16"] < 2e-2
+    right = lt_mlp.dgelu_linear
+    monkeypatch.setattr(lt_mlp, "dgelu_linear", lambda dy, w, u: (right(dy, w, u)[0] * 1.001, right(dy, w, u)[1]))
+    with pytest.raises(AssertionError, match="fused MLP float32 dh: relative error"):
+        check_mlp(24, batch=2, tokens=5, device="cpu", impl="cublaslt")
+
+
+def test_cublaslt_names_a_missing_library(monkeypatch):
+    from mdtzoo.models import cublaslt
+
+    monkeypatch.setattr(cublaslt, "_lib", None)
+    monkeypatch.setenv("MDTZOO_CUBLASLT", "/nonexistent/libcublasLt.so.13")
+    with pytest.raises(RuntimeError, match="cannot load libcublasLt from '/nonexistent/libcublasLt.so.13'"):
+        cublaslt.library()
+    with pytest.raises(ValueError, match="CUDA tensors of one 16-bit dtype"):
+        cublaslt.linear_gelu(torch.zeros(2, 8), torch.zeros(8, 8), torch.zeros(8))
+
+
+def test_bf16_weights_accept_the_cublaslt_mlp():
+    from mdtzoo.models import build_model
+    from mdtzoo.training.bf16_weights import check_bf16_model, check_bf16_weights
+
+    check_bf16_weights(precision="bf16", update="auto", world=1, hold_grads=True, mlp_impl="cublaslt")
+    check_bf16_model(build_model("dit_xs2", mlp_impl="cublaslt"))
+    with pytest.raises(ValueError, match="mlp_impl 'triton'.*use 'torch' or 'cublaslt'"):
+        check_bf16_weights(precision="bf16", update="auto", world=1, hold_grads=True, mlp_impl="triton")
+
+
+# ---- on a GPU: the cuBLASLt calls themselves ----
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.skipif(not CUDA, reason="cuBLASLt runs on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t, d", [(1, 64), (300, 64), (64 * 179, 384), (4096, 1152)])
+def test_cublaslt_epilogues_match_the_closed_form_on_cuda(t, d, dtype):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    f = 4 * d
+    x = torch.randn(t, d, generator=g)
+    w1, b1 = torch.randn(f, d, generator=g) / d ** 0.5, torch.randn(f, generator=g)
+    dy, w2 = torch.randn(t, d, generator=g), torch.randn(d, f, generator=g) / f ** 0.5
+    dev = torch.device("cuda")
+    cast = [v.to(dev, dtype) for v in (x, w1, b1, dy, w2)]
+    xc, w1c, b1c, dyc, w2c = cast
+    gl, u = torch.ops.mdtzoo.lt_linear_gelu(xc, w1c, b1c)
+    ref_u = xc.double() @ w1c.double().t() + b1c.double()
+    assert _rel(u, ref_u) < 1e-2 and _rel(gl, F.gelu(ref_u, approximate="tanh")) < 1e-2
+    du, db = torch.ops.mdtzoo.lt_dgelu_linear(dyc, w2c, u)
+    ref_du = (dyc.double() @ w2c.double()) * gelu_tanh_grad(u.double())
+    assert _rel(du, ref_du) < 1e-2
+    assert _rel(db, ref_du.sum(0)) < 1e-2  # the sums of du (fc1's bias gradient), not of dy w
+    # the same calls on inputs that start 2 bytes past an allocation (what cuBLASLt may assume of them)
+    xs = torch.empty(t * d + 1, device=dev, dtype=dtype)[1:].view(t, d).copy_(xc)
+    gl2, u2 = torch.ops.mdtzoo.lt_linear_gelu(xs, w1c, b1c)
+    assert torch.equal(u2, u) or _rel(u2, u) < 1e-3
+
+
+@pytest.mark.skipif(not CUDA, reason="cuBLASLt runs on a GPU")
+def test_cublaslt_calls_replay_in_a_cuda_graph_on_cuda():
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x, w1, b1 = (torch.randn(256, 128, generator=g).to(dev, torch.bfloat16),
+                 torch.randn(512, 128, generator=g).to(dev, torch.bfloat16) / 11, torch.randn(512, generator=g).to(dev))
+    b1 = b1.bfloat16()
+    dy, w2 = torch.randn(256, 128, generator=g).to(dev, torch.bfloat16), torch.randn(128, 512).to(dev, torch.bfloat16)
+    want = [*torch.ops.mdtzoo.lt_linear_gelu(x, w1, b1)]
+    want += [*torch.ops.mdtzoo.lt_dgelu_linear(dy, w2, want[1])]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = [*torch.ops.mdtzoo.lt_linear_gelu(x, w1, b1)]
+        got += [*torch.ops.mdtzoo.lt_dgelu_linear(dy, w2, got[1])]
+    for t in got:
+        t.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not CUDA, reason="cuBLASLt runs on a GPU")
+def test_block_with_cublaslt_mlp_on_cuda():
+    """The compiled block under bf16 autocast against the torch MLP's (bf16 rounding apart), and
+    bf16 weights bit for bit the float32 weights' under autocast."""
+    from mdtzoo.bench import check_mlp
+
+    assert check_mlp(256, device="cuda", impl="cublaslt")["bfloat16"] < 2e-2
+    ref, blk = (m.cuda() for m in _block_pair(dim=256))
+    x, c = torch.randn(4, 64, 256, device="cuda"), torch.randn(4, 256, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = _run(torch.compile(ref, dynamic=False), x, c)
+        got = _run(torch.compile(blk, dynamic=False), x, c)
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 2e-2
+    mlp = blk.mlp
+    mlp16 = Mlp(256, 1024, act_layer=lambda: torch.nn.GELU(approximate="tanh")).cuda()
+    mlp16.load_state_dict(mlp.state_dict())
+    mlp16.to(torch.bfloat16)
+    results = []
+    for m in (mlp, mlp16):
+        h = torch.randn(4, 64, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(0), requires_grad=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = gelu_mlp(h, m, "cublaslt")
+        y.float().pow(2).sum().backward()
+        results.append([y.float(), h.grad] + [p.grad.float() for p in m.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
