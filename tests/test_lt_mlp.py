@@ -27,7 +27,7 @@ def _run(block, x0, c):
     x = x0.clone().requires_grad_(True)
     block.zero_grad(set_to_none=True)
     y = block(x, c)
-    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
+    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype, device=y.device)).sum().backward()
     return [y.detach(), x.grad] + [p.grad for p in block.parameters()]
 
 
@@ -151,7 +151,7 @@ def test_cublaslt_epilogues_match_the_closed_form_on_cuda(t, d, dtype):
     # the same calls on inputs that start 2 bytes past an allocation (what cuBLASLt may assume of them)
     xs = torch.empty(t * d + 1, device=dev, dtype=dtype)[1:].view(t, d).copy_(xc)
     gl2, u2 = torch.ops.mdtzoo.lt_linear_gelu(xs, w1c, b1c)
-    assert torch.equal(u2, u) or _rel(u2, u) < 1e-3
+    assert _rel(u2, ref_u) < 1e-2  # (another algorithm may be chosen: the same up to bf16 rounding)
 
 
 @pytest.mark.skipif(not CUDA, reason="cuBLASLt runs on a GPU")

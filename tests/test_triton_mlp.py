@@ -78,7 +78,7 @@ def test_mlp_impl_off_cuda_is_the_module_and_unknown_names_are_refused():
     from mdtzoo.models.blocks import MLP_IMPLS as impls, Block
     from mdtzoo.models.triton_mlp import gelu_mlp, usable
 
-    assert MLP_IMPLS == impls == ("torch", "triton")
+    assert MLP_IMPLS == impls == ("torch", "triton", "cublaslt")
     torch.manual_seed(0)
     ref, block = Block(16, 2), Block(16, 2, mlp_impl="triton")
     block.load_state_dict(ref.state_dict())  # the option changes no parameters
@@ -87,9 +87,9 @@ def test_mlp_impl_off_cuda_is_the_module_and_unknown_names_are_refused():
     torch.testing.assert_close(block(x, c), ref(x, c))
     torch.testing.assert_close(gelu_mlp(x, ref.mlp), ref.mlp(x), rtol=0, atol=0)  # the module itself
     assert all(b.mlp_impl == "triton" for b in build_model("mdt_xs2", mlp_impl="triton").all_blocks())
-    with pytest.raises(ValueError, match="unknown mlp_impl 'fused'; valid: 'torch', 'triton'"):
+    with pytest.raises(ValueError, match="unknown mlp_impl 'fused'; valid: 'torch', 'triton', 'cublaslt'"):
         Block(16, 2, mlp_impl="fused")
-    with pytest.raises(ValueError, match="unknown mlp_impl 'cutlass'; valid: 'torch', 'triton'"):
+    with pytest.raises(ValueError, match="unknown mlp_impl 'cutlass'; valid: 'torch', 'triton', 'cublaslt'"):
         build_model("dit_xs2", mlp_impl="cutlass")
 
 

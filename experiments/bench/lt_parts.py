@@ -27,6 +27,7 @@ from timm.layers import Mlp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from norm_sweep import graph_time  # noqa: E402  (CUDA-graph replay timing, this folder)
 
+import mdtzoo.models.lt_mlp  # noqa: E402,F401  (registers the mdtzoo::lt_* operators)
 from mdtzoo.models.triton_mlp import gelu_mlp, gelu_tanh_grad  # noqa: E402
 
 SHAPES = {  # name -> (rows T, width D): the full pass and the masked pass (179 of 256 tokens kept)

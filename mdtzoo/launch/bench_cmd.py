@@ -21,7 +21,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 COMPILE_SCOPES = ("blocks", "stacks")
 ATTN_IMPLS = ("auto", "sdpa", "explicit", "flex", "triton")
 NORM_IMPLS = ("torch", "triton")
-MLP_IMPLS = ("torch", "triton")
+MLP_IMPLS = ("torch", "triton", "cublaslt")
 
 
 def run_train_step(args) -> int:
