@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from mdtzoo.models import lt_mlp
+from mdtzoo.models import cublaslt, lt_mlp
 from mdtzoo.models.blocks import Block
 from mdtzoo.models.triton_mlp import gelu_mlp, gelu_tanh_grad
 
@@ -103,8 +103,6 @@ def test_check_mlp_passes_the_cublaslt_path_and_refuses_a_wrong_one(monkeypatch)
 
 
 def test_cublaslt_names_a_missing_library(monkeypatch):
-    from mdtzoo.models import cublaslt
-
     monkeypatch.setattr(cublaslt, "_lib", None)
     monkeypatch.setenv("MDTZOO_CUBLASLT", "/nonexistent/libcublasLt.so.13")
     with pytest.raises(RuntimeError, match="cannot load libcublasLt from '/nonexistent/libcublasLt.so.13'"):
@@ -148,6 +146,8 @@ def test_cublaslt_epilogues_match_the_closed_form_on_cuda(t, d, dtype):
     ref_du = (dyc.double() @ w2c.double()) * gelu_tanh_grad(u.double())
     assert _rel(du, ref_du) < 1e-2
     assert _rel(db, ref_du.sum(0)) < 1e-2  # the sums of du (fc1's bias gradient), not of dy w
+    du_b, db_b = cublaslt.dgelu_linear(dyc, w2c, u, bgrad=True)  # the sums in the epilogue (DGELU_BGRAD)
+    assert _rel(du_b, ref_du) < 1e-2 and _rel(db_b, ref_du.sum(0)) < 1e-2
     # the same calls on inputs that start 2 bytes past an allocation (what cuBLASLt may assume of them)
     xs = torch.empty(t * d + 1, device=dev, dtype=dtype)[1:].view(t, d).copy_(xc)
     gl2, u2 = torch.ops.mdtzoo.lt_linear_gelu(xs, w1c, b1c)
@@ -191,6 +191,7 @@ def test_block_with_cublaslt_mlp_on_cuda():
     for a, b in zip(got, want):
         assert _rel(a, b) < 2e-2
     mlp = blk.mlp
+    mlp.zero_grad(set_to_none=True)  # (the block's runs above left gradients)
     mlp16 = Mlp(256, 1024, act_layer=lambda: torch.nn.GELU(approximate="tanh")).cuda()
     mlp16.load_state_dict(mlp.state_dict())
     mlp16.to(torch.bfloat16)

@@ -198,8 +198,8 @@ lt_tests() {  # the GPU tests of the cuBLASLt MLP, then its parts timed against 
     || echo "!! cuBLASLt MLP tests failed (rc $?)" >&2
   tail -n 3 "$OUT/pytest_lt.log" >&2
   echo "== lt_parts" >&2
-  timeout 150 "$py" experiments/bench/lt_parts.py > "$OUT/lt_parts.log" 2>&1 || echo "!! lt_parts failed (rc $?)" >&2
-  grep -v "^ " "$OUT/lt_parts.log" | tail -n 45 >&2
+  timeout 200 "$py" experiments/bench/lt_parts.py --sweep > "$OUT/lt_parts.log" 2>&1 || echo "!! lt_parts failed (rc $?)" >&2
+  grep -v "^ " "$OUT/lt_parts.log" | tail -n 90 >&2
 }
 variant() {  # variant FLAG VALUE: "FLAG VALUE" as two arguments, nothing for the value '-' (the default)
   [ "$2" != - ] && printf '%s\n%s\n' "$1" "$2"

@@ -8,7 +8,9 @@ float64 closed form (relative error < 1e-2), timed as CUDA-graph replays (median
   * forward: ``torch`` = x W1^T + b1 (cuBLAS) and gelu(u) compiled by inductor, both kept;
     ``cublaslt`` = ``lt_linear_gelu`` (GELU_AUX_BIAS: g and u from one matmul);
   * backward of the GELU: ``torch`` = dg = dy W2, du = gelu'(u) dg and du's column sums, compiled;
-    ``cublaslt`` = ``lt_dgelu_linear`` (DGELU_BGRAD); ``matmul`` = dy W2 alone, the floor;
+    ``cublaslt`` = ``lt_dgelu_linear`` (DGELU, then torch's column sum); ``bgrad`` = the sums in the
+    epilogue too (DGELU_BGRAD); ``matmul`` = dy W2 alone, the floor;
+  * with ``--sweep``, each epilogue with every other algorithm the heuristic offers (``#i``);
   * the whole MLP forward + backward (all four parameter gradients and dh): timm's Mlp compiled
     against ``GeluMLP`` with ``fused='cublaslt'`` compiled.
 Prints one row per shape and path, and the saving against ``torch``.
@@ -28,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from norm_sweep import graph_time  # noqa: E402  (CUDA-graph replay timing, this folder)
 
 import mdtzoo.models.lt_mlp  # noqa: E402,F401  (registers the mdtzoo::lt_* operators)
+from mdtzoo.models import cublaslt  # noqa: E402
+from mdtzoo.models.kernel_ops import overridden  # noqa: E402
 from mdtzoo.models.triton_mlp import gelu_mlp, gelu_tanh_grad  # noqa: E402
 
 SHAPES = {  # name -> (rows T, width D): the full pass and the masked pass (179 of 256 tokens kept)
@@ -44,6 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="also every other algorithm cuBLASLt's heuristic offers")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -84,6 +89,17 @@ def main() -> None:
         mm["forward matmul"] = graph_time(lambda: F.linear(x, w1, b1), args.repeats)
         mm["gelu backward torch"] = graph_time(lambda: bwd_c(dy, w2, u), args.repeats)
         mm["gelu backward cublaslt"] = graph_time(lambda: dgelu(dy, w2, u), args.repeats)
+        du_b, db_b = cublaslt.dgelu_linear(dy, w2, u, bgrad=True)
+        print(f"{name}: DGELU_BGRAD against float64: du {rel(du_b, ref_du):.2e}, db {rel(db_b, ref_du.sum(0)):.2e}")
+        mm["gelu backward bgrad"] = graph_time(lambda: cublaslt.dgelu_linear(dy, w2, u, bgrad=True), args.repeats)
+        if args.sweep:  # every algorithm the heuristic offers, each epilogue (the default runs the first)
+            for epilogue, label, fn in (("gelu_aux_bias", "forward", lambda: lin_gelu(x, w1, b1)),
+                                        ("dgelu", "gelu backward", lambda: dgelu(dy, w2, u)),
+                                        ("dgelu_bgrad", "gelu backward bgrad",
+                                         lambda: cublaslt.dgelu_linear(dy, w2, u, bgrad=True))):
+                for pick in range(1, cublaslt.candidates(epilogue)):
+                    with overridden(cublaslt.ALGO_PICK, {epilogue: pick}):
+                        mm[f"{label} #{pick}"] = graph_time(fn, args.repeats)
         mm["gelu backward matmul"] = graph_time(lambda: dy @ w2, args.repeats)
         mlp = Mlp(d, f, act_layer=lambda: torch.nn.GELU(approximate="tanh")).to(dev, torch.bfloat16)
         h = x.view(64 if name.startswith("xl") else 256, -1, d).detach().requires_grad_(True)
@@ -99,7 +115,8 @@ def main() -> None:
             except Exception as exc:  # reported; the other rows stand
                 print(f"{name} {label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
         for label, s in mm.items():
-            base = mm.get(label.rsplit(" ", 1)[0] + " torch")
+            part = next(p for p in ("forward", "gelu backward", "mlp fwd+bwd") if label.startswith(p))
+            base = mm.get(f"{part} torch")
             flop = 6 * fwd_flop if label.startswith("mlp") else fwd_flop  # the MLP: 2 matmuls forward, 4 backward
             rows.append((name, label, s * 1e6, flop / s / 1e12, (base - s) * 1e6 if base else 0.0))
         print(f"{name} done", flush=True)

@@ -6,9 +6,10 @@ matmul and run the GELU as separate elementwise kernels. cuBLASLt itself has bot
 
 - ``linear_gelu(x, w, b)``: g = gelu_tanh(x w^T + b) and u = x w^T + b from one matmul
   (epilogue GELU_AUX_BIAS: u is written as the "aux" output beside g);
-- ``dgelu_linear(dy, w, u)``: du = (dy w) * gelu_tanh'(u) and its column sums (fc1's bias gradient)
-  from one matmul (epilogue DGELU_BGRAD, reading u as the aux input), so neither dg nor a separate
-  GELU-backward or bias-sum kernel exists.
+- ``dgelu_linear(dy, w, u)``: du = (dy w) * gelu_tanh'(u) from one matmul (epilogue DGELU, reading u
+  as the aux input), so neither dg nor a separate GELU-backward kernel exists, and du's column sums
+  (fc1's bias gradient) from torch. cuBLASLt can sum them in the epilogue too (DGELU_BGRAD,
+  ``bgrad=True``), but its heuristic's algorithm for that took 1.9x the time on an H100 (session 17).
 
 cuBLASLt's GELU is the tanh approximation that DiT and MDT use. Row-major tensors are passed as the
 transposed column-major problem (a row-major (T, F) output is column-major (F, T), whose rows are the
@@ -38,8 +39,12 @@ _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8
 _DESC_AUX_POINTER, _DESC_AUX_LD = 11, 12
 _PREF_MAX_WORKSPACE = 1
 _PREF_MIN_ALIGNMENT = {"a": 5, "b": 6, "c": 7, "d": 8}
-EPILOGUES = {"gelu_aux_bias": 164, "dgelu_bgrad": 208}
+EPILOGUES = {"gelu_aux_bias": 164, "dgelu": 192, "dgelu_bgrad": 208}
 WORKSPACE_BYTES = 32 << 20
+CANDIDATES = 8  # algorithms asked of the heuristic per problem
+# Which of them runs: the heuristic's first (the default, so a problem always gets the same algorithm,
+# and a resumed run the same numbers), or another, by epilogue, for benchmarks (lt_parts.py --sweep).
+ALGO_PICK: dict[str, int] = {}
 
 
 class _Heuristic(ctypes.Structure):
@@ -147,30 +152,38 @@ def _plan(device: int, dtype: torch.dtype, epilogue: str, transa: int, m: int, n
     for name, align in zip(("a", "b", "d"), aligns):
         _set(pset, pref, _PREF_MIN_ALIGNMENT[name], ctypes.c_uint32(align))
     _set(pset, pref, _PREF_MIN_ALIGNMENT["c"], ctypes.c_uint32(aligns[2]))
-    result, count = _Heuristic(), ctypes.c_int(0)
+    results, count = (_Heuristic * CANDIDATES)(), ctypes.c_int(0)
     a_l, b_l, d_l = layouts
-    _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle(device), desc, a_l, b_l, d_l, d_l, pref, 1,
-                                              ctypes.byref(result), ctypes.byref(count)), "cublasLtMatmulAlgoGetHeuristic")
+    _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle(device), desc, a_l, b_l, d_l, d_l, pref, CANDIDATES,
+                                              results, ctypes.byref(count)), "cublasLtMatmulAlgoGetHeuristic")
     lib.cublasLtMatmulPreferenceDestroy(pref)
     if count.value < 1:
         raise RuntimeError(f"cuBLASLt has no algorithm for epilogue {epilogue} at m={m}, n={n}, k={k} ({dtype}, "
                            f"alignments {aligns}); use mlp_impl='torch'")
-    _plans[key] = (desc, a_l, b_l, d_l, result.algo)
+    _plans[key] = (desc, a_l, b_l, d_l, [results[i].algo for i in range(count.value)], results)
     return _plans[key]
+
+
+def candidates(epilogue: str) -> int:
+    """How many algorithms the heuristic offered for the problems with this epilogue met so far (the
+    most of any): the range of ``ALGO_PICK[epilogue]`` worth sweeping."""
+    return max((len(plan[4]) for key, plan in _plans.items() if key[2] == epilogue), default=0)
 
 
 _ONE, _ZERO = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, *, transa: int, m: int, n: int, k: int,
-            epilogue: str, bias: torch.Tensor, aux: torch.Tensor) -> None:
+            epilogue: str, bias: torch.Tensor | None, aux: torch.Tensor) -> None:
     """D = epilogue(op(A) B), column-major views of row-major tensors (see the module docstring)."""
     device = d.device.index if d.device.index is not None else torch.cuda.current_device()
-    desc, a_l, b_l, d_l, algo = _plan(device, d.dtype, epilogue, transa, m, n, k, a.stride(0), b.stride(0),
-                                      d.stride(0), (_alignment(a), _alignment(b), _alignment(d)))
+    desc, a_l, b_l, d_l, algos, _ = _plan(device, d.dtype, epilogue, transa, m, n, k, a.stride(0), b.stride(0),
+                                          d.stride(0), (_alignment(a), _alignment(b), _alignment(d)))
+    algo = algos[min(ALGO_PICK.get(epilogue, 0), len(algos) - 1)]
     lib = library()
     setter = lib.cublasLtMatmulDescSetAttribute
-    _set(setter, desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
+    if bias is not None:
+        _set(setter, desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
     _set(setter, desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
     stream = torch.cuda.current_stream(d.device).cuda_stream
     ws = _workspaces[device]
@@ -204,17 +217,22 @@ def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torc
     return g, u
 
 
-def dgelu_linear(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(du, db): du = (dy w) * gelu_tanh'(u), db = du's column sums (u's dtype), one matmul.
-    dy (T, K), w (K, F) (fc2's weight, (out, in)), u (T, F)."""
+def dgelu_linear(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+                 bgrad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(du, db): du = (dy w) * gelu_tanh'(u), db = du's column sums (u's dtype). dy (T, K), w (K, F)
+    (fc2's weight, (out, in)), u (T, F). One matmul with the DGELU epilogue, then torch's column sum;
+    ``bgrad``: the sums in the epilogue too (DGELU_BGRAD: 1.9x the time on an H100, docs/performance.md,
+    session 17)."""
     _check_inputs(dy, w, u)
     dy, w, u = _rows(dy), _rows(w), u.contiguous()
     t, k = dy.shape
     f = w.shape[1]
     du = torch.empty((t, f), device=u.device, dtype=u.dtype)
+    if not t:
+        return du, torch.zeros((f,), device=u.device, dtype=u.dtype)
+    if not bgrad:
+        _matmul(w, dy, du, transa=_OP_N, m=f, n=t, k=k, epilogue="dgelu", bias=None, aux=u)
+        return du, du.sum(0, dtype=torch.float32).to(u.dtype)
     db = torch.empty((f,), device=u.device, dtype=u.dtype)
-    if t:
-        _matmul(w, dy, du, transa=_OP_N, m=f, n=t, k=k, epilogue="dgelu_bgrad", bias=db, aux=u)
-    else:
-        db.zero_()
+    _matmul(w, dy, du, transa=_OP_N, m=f, n=t, k=k, epilogue="dgelu_bgrad", bias=db, aux=u)
     return du, db

@@ -3,11 +3,11 @@
 - ``mdtzoo::lt_linear_gelu(x, w1, b1) -> (g, u)``: fc1 with its bias and the tanh GELU in one matmul,
   which also writes the GELU's input u for the backward (cuBLASLt's GELU_AUX_BIAS epilogue).
 - ``mdtzoo::lt_dgelu_linear(dy, w2, u) -> (du, db1)``: fc2's input gradient with the GELU's backward
-  and fc1's bias gradient in one matmul (DGELU_BGRAD): no dg, no GELU or bias-sum kernels.
+  in one matmul (DGELU), then fc1's bias gradient as du's column sums: no dg, no GELU-backward kernel.
 
 Against the default (cuBLAS matmuls and inductor's GELU kernels) this drops the GELU forward's read
-of u and the backward's GELU and column-sum kernels; it keeps g as well as u for fc2's weight gradient
-(the default recomputes g from u), one more (tokens, 4D) tensor per block. ``GeluMLP`` in
+of u and the backward's GELU kernel; it keeps g as well as u for fc2's weight gradient (the default
+recomputes g from u), one more (tokens, 4D) tensor per block. ``GeluMLP`` in
 ``models.triton_mlp`` is the autograd Function that calls them (with ``fused='cublaslt'``).
 
 On CUDA with bf16 or fp16 inputs the ops call cuBLASLt (``models.cublaslt``); elsewhere (the CPU,
