@@ -822,6 +822,9 @@ lt17b)  # session 17, after lt17a on the same machine: MDT-S/2 and MDT-XL/2 capt
   # MLP / inductor's
   captured_steps 240 mdt_s2:256:20:lt17 mdt_s2:256:20:graph16 mdt_xl2:64:10:lt17
   ;;
+lt17c)  # session 17, after lt17b on the same machine: DiT-XL/2 again, inductor's MLP first this time
+  captured_steps 170 dit_xl2:64:10:graph16 dit_xl2:64:10:lt17
+  ;;
 prof16)  # session 16: where the GPU time of the steps short of their targets goes with bf16 weights (eager
   # steps: the profile's GPU time per kernel kind is the captured step's work too)
   profile dit_xl2 64 150 40 --bf16-weights
