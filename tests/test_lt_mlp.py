@@ -204,3 +204,18 @@ def test_block_with_cublaslt_mlp_on_cuda():
         results.append([y.float(), h.grad] + [p.grad.float() for p in m.parameters()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_the_trainer_checks_the_library_before_any_work(monkeypatch):
+    from mdtzoo.models import build_model
+
+    model = build_model("dit_xs2", mlp_impl="cublaslt")
+
+    def missing():
+        raise RuntimeError("mlp_impl='cublaslt' needs CUDA's libcublasLt (stand-in)")
+
+    monkeypatch.setattr(cublaslt, "library", missing)
+    lt_mlp.check_library(model, torch.device("cpu"))  # off CUDA the ops are torch's: nothing to load
+    lt_mlp.check_library(build_model("dit_xs2"), torch.device("cuda"))  # no cuBLASLt block: nothing to load
+    with pytest.raises(ValueError, match="needs CUDA's libcublasLt"):
+        lt_mlp.check_library(model, torch.device("cuda"))

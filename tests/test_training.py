@@ -509,24 +509,50 @@ def test_a_graph_step_it_cannot_run_fails_before_the_run_dir_exists(toy, tmp_pat
     assert not run.exists()
 
 
+def test_the_cublaslt_mlp_trains_as_the_torch_mlp(toy, tmp_path, monkeypatch):
+    """models.X.mlp_impl = 'cublaslt' reaches every block through gin; off CUDA its ops are torch's
+    maths, so the losses are the default MLP's up to float32 rounding."""
+    from mdtzoo.models import lt_mlp
+
+    calls = []
+    real = lt_mlp.linear_gelu
+    monkeypatch.setattr(lt_mlp, "linear_gelu", lambda *a: calls.append(1) or real(*a))
+    losses = {}
+    for impl in ("torch", "cublaslt"):
+        setup_gin(tmp_path / impl, steps=3)
+        gin.bind_parameter("models.mdt_xs2.mlp_impl", impl)
+        train()
+        losses[impl] = train_losses(tmp_path / impl)
+        if impl == "torch":
+            assert not calls
+    assert len(calls) >= 3 * len(list(build_model("mdt_xs2").all_blocks()))  # every block, every step
+    assert len(losses["torch"]) == 3
+    torch.testing.assert_close(losses["cublaslt"], losses["torch"], rtol=1e-5, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("bf16_weights", [False, True])
+@pytest.mark.parametrize("bf16_weights, mlp_impl", [(False, "torch"), (True, "torch"), (True, "cublaslt")])
 @pytest.mark.parametrize("model", ["mdt_xs2", "dit_s2"])
 def test_a_captured_step_trains_and_resumes_bit_exactly_as_the_eager_one_on_cuda(toy, tmp_path, monkeypatch, model,
-                                                                                  bf16_weights):
-    """On a GPU, train.graph_step (with and without train.bf16_weights): the logged losses are
-    bitwise the eager trainer's with float32 weights (steps 1-2 eager, then captured and replayed,
-    with a linear warm-up changing the learning rate, a gradient clip, and checkpoints, held-out
-    losses and samples between replays), and a run killed at step 5 resumes from the step-3
-    checkpoint (two eager steps again, a new capture) to the same losses, held-out losses and
-    final weights."""
+                                                                                  bf16_weights, mlp_impl):
+    """On a GPU, train.graph_step (with and without train.bf16_weights; with the cuBLASLt MLP too):
+    the logged losses are bitwise the eager trainer's with float32 weights and the same MLP (steps 1-2
+    eager, then captured and replayed, with a linear warm-up changing the learning rate, a gradient
+    clip, and checkpoints, held-out losses and samples between replays), and a run killed at step 5
+    resumes from the step-3 checkpoint (two eager steps again, a new capture) to the same losses,
+    held-out losses and final weights."""
     kw = dict(model=model, steps=8, warmup_steps=4, grad_clip=1.0, update="fused", device="cuda", heldout_every=3,
               sample_every=4, sample_count=2, sample_respacing="5")
-    setup_gin(tmp_path / "eager", **kw)
+
+    def configure(run, **bindings):  # setup_gin, and the blocks' MLP
+        setup_gin(run, **bindings)
+        gin.bind_parameter(f"models.{model}.mlp_impl", mlp_impl)
+
+    configure(tmp_path / "eager", **kw)
     train()
     reference = train_losses(tmp_path / "eager")
     kw["bf16_weights"] = bf16_weights
-    setup_gin(tmp_path / "graph", graph_step=True, **kw)
+    configure(tmp_path / "graph", graph_step=True, **kw)
     train()
     assert train_losses(tmp_path / "graph") == reference
 
@@ -537,13 +563,13 @@ def test_a_captured_step_trains_and_resumes_bit_exactly_as_the_eager_one_on_cuda
             raise KeyboardInterrupt("killed")
         return original(self, x0, step, *args, **kwargs)
 
-    setup_gin(tmp_path / "crashed", graph_step=True, **kw)
+    configure(tmp_path / "crashed", graph_step=True, **kw)
     monkeypatch.setattr(DiffusionObjective, "draw", crash)
     with pytest.raises(KeyboardInterrupt):
         train()
     monkeypatch.setattr(DiffusionObjective, "draw", original)
     assert len(train_losses(tmp_path / "crashed")) == 4
-    setup_gin(tmp_path / "crashed", graph_step=True, **kw)
+    configure(tmp_path / "crashed", graph_step=True, **kw)
     assert train()["status"] == "done"
     assert train_losses(tmp_path / "crashed") == reference
 

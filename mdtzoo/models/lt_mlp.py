@@ -64,3 +64,16 @@ def dgelu_linear(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> tuple[to
 @dgelu_linear.register_fake
 def _(dy, w, u):
     return torch.empty_like(u), u.new_empty((u.shape[1],))
+
+
+def check_library(model: torch.nn.Module, device: torch.device) -> None:
+    """A ValueError, before any work, if ``model`` has blocks with ``mlp_impl='cublaslt'`` that will
+    run on CUDA and libcublasLt cannot be loaded (off CUDA the ops are torch's maths: nothing needed)."""
+    if device.type != "cuda" or not any(getattr(m, "mlp_impl", None) == "cublaslt" for m in model.modules()):
+        return
+    from mdtzoo.models import cublaslt
+
+    try:
+        cublaslt.library()
+    except RuntimeError as err:
+        raise ValueError(str(err)) from err

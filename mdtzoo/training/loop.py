@@ -21,6 +21,7 @@ import gin
 import torch
 
 from mdtzoo import config as cfg
+from mdtzoo.models.lt_mlp import check_library
 from mdtzoo.models.transformer import check_compile_scope
 from mdtzoo.registry import DATASETS, METRICS
 from mdtzoo.training import checkpoint as ckpt
@@ -370,7 +371,7 @@ def train(
       the model's names, as without the option. With ``graph_step``, ``bench train-step`` gave
       MDT-XL/2 2.1% more img/s, DiT-XL/2 2.5% and MDT-S/2 1.6% (docs/performance.md, session 16).
       Needs bf16 precision, the fused update (AdamW; CUDA), one process, one micro-batch, held
-      gradients, separate passes and mlp_impl 'torch'; each is checked before any work.
+      gradients, separate passes and mlp_impl 'torch' or 'cublaslt'; each is checked before any work.
     heldout_every / heldout_items / heldout_timesteps: the held-out loss (EMA weights) every so many
       steps, on the first ``heldout_items`` held-out items at ``heldout_timesteps`` evenly spaced t.
     keep_every: checkpoints at multiples of this step are never pruned (0: keep only the newest
@@ -410,6 +411,7 @@ def train(
     model = build_for_dataset(data, autoencoder).to(dev)
     check_run(data, model, passes=passes, masked_loss_on=masked_loss_on, global_batch=global_batch,
               eval_every=eval_every, eval_metrics=eval_metrics, graph_step=graph_step, bf16_weights=bf16_weights)
+    check_library(model, dev)  # mlp_impl='cublaslt' on CUDA: the library is there
     diffusion = configured_diffusion()
     writer = _tensorboard_writer(run) if (tensorboard and info.is_main) else None
     if info.is_main:
