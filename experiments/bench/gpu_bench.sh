@@ -159,7 +159,8 @@ window_steps() {  # the table's five compiled steps, step by step and in 3 windo
   done
 }
 trainer_runs() {  # trainer_runs STEPS "MODEL TREE [BATCH]"...: trainer_syncs.py with this code (new), $OLD's
-  # (old), this code with train.graph_step (graph), or with it and train.bf16_weights (graph16)
+  # (old), this code with train.graph_step (graph), with it and train.bf16_weights (graph16), or with both and
+  # the cuBLASLt MLP (lt17)
   local steps=$1 i=0; shift
   for spec in "$@"; do
     set -- $spec
@@ -170,16 +171,17 @@ trainer_runs() {  # trainer_runs STEPS "MODEL TREE [BATCH]"...: trainer_syncs.py
     # code's compiles shared with its bench steps; $OLD's apart)
     PYTHONPATH="$root:${PYTHONPATH:-}" TORCHINDUCTOR_CACHE_DIR=$cache timeout "${TRAINER_LIMIT:-140}" "$py" \
       experiments/bench/trainer_syncs.py --model "$1" --steps "$steps" --batch "${3:-256}" \
-      $([ "${2#graph}" != "$2" ] && echo --graph-step) $([ "$2" = graph16 ] && echo --bf16-weights) \
+      $(case $2 in graph) echo --graph-step ;; graph16) echo --graph-step --bf16-weights ;;
+        lt17) echo --graph-step --bf16-weights --mlp-impl cublaslt ;; esac) \
       > "$OUT/trainer_${i}_$1_$2.log" 2>&1 \
       || echo "!! failed (rc $?)" >&2
     grep "img/s per\|synchronising\|RESULT\|Error" "$OUT/trainer_${i}_$1_$2.log" | cut -c1-300 >&2
   done
 }
-gpu_tests() {  # the GPU-only tests of bf16 weights, the captured step and the trainer (-k on_cuda)
+gpu_tests() {  # the GPU-only tests of bf16 weights, the captured step, the trainer and the cuBLASLt MLP (-k on_cuda)
   echo "== GPU tests" >&2
-  timeout 200 "$py" -m pytest -q -p no:cacheprovider tests/test_bf16_weights.py tests/test_graph_step.py \
-    tests/test_training.py -k "on_cuda" > "$OUT/pytest.log" 2>&1 || echo "!! GPU tests failed (rc $?)" >&2
+  timeout 260 "$py" -m pytest -q -p no:cacheprovider tests/test_bf16_weights.py tests/test_graph_step.py \
+    tests/test_training.py tests/test_lt_mlp.py -k "on_cuda" > "$OUT/pytest.log" 2>&1 || echo "!! GPU tests failed (rc $?)" >&2
   tail -n 3 "$OUT/pytest.log" >&2
 }
 captured_steps() {  # captured_steps LIMIT MODEL:BATCH:STEPS:KIND...: compiled steps with --graph-step, KIND
@@ -821,6 +823,11 @@ lt17a)  # session 17: the MLP's GELU in cuBLASLt's epilogues (--mlp-impl cublasl
 lt17b)  # session 17, after lt17a on the same machine: MDT-S/2 and MDT-XL/2 captured with bf16 weights, cuBLASLt
   # MLP / inductor's
   captured_steps 240 mdt_s2:256:20:lt17 mdt_s2:256:20:graph16 mdt_xl2:64:10:lt17
+  ;;
+lt17d)  # session 17: the GPU tests (now with the cuBLASLt MLP in the trainer's), then the trainer at MDT-XL/2 b64,
+  # captured with bf16 weights and the cuBLASLt MLP
+  gpu_tests
+  TRAINER_LIMIT=250 trainer_runs 60 "mdt_xl2 lt17 64"
   ;;
 lt17c)  # session 17, after lt17b on the same machine: DiT-XL/2 again, inductor's MLP first this time
   captured_steps 170 dit_xl2:64:10:graph16 dit_xl2:64:10:lt17

@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--graph-step", action="store_true", help="train.graph_step: the step captured as CUDA graphs")
     ap.add_argument("--bf16-weights", action="store_true", help="train.bf16_weights: bfloat16 Linear weights, "
                                                                  "float32 masters in the fused update")
+    ap.add_argument("--mlp-impl", default="torch", help="the blocks' mlp_impl (models.X.mlp_impl): torch, triton, "
+                                                          "cublaslt")
     ap.add_argument("--error", action="store_true", help="raise at the first synchronising call of the steady steps "
                                                           "(its traceback says where it is)")
     args = ap.parse_args()
@@ -77,7 +79,8 @@ def main() -> None:
                           f"train.steps = {args.steps}", f"train.global_batch = {args.batch}",
                           f"train.log_every = {args.log_every}", f"train.ckpt_every = {10 * args.steps}",
                           "train.compile = True", "train.precision = 'bf16'", "train.lr = 1e-4",
-                          f"train.graph_step = {args.graph_step}", f"train.bf16_weights = {args.bf16_weights}"])
+                          f"train.graph_step = {args.graph_step}", f"train.bf16_weights = {args.bf16_weights}",
+                          f"models.{args.model}.mlp_impl = {args.mlp_impl!r}"])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train()
@@ -90,6 +93,7 @@ def main() -> None:
         records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     rates = [(r["step"], r["img_per_sec"]) for r in records if r["kind"] == "train"]
     kind = (" graph step" if args.graph_step else "") + (" bf16 weights" if args.bf16_weights else "")
+    kind += f" mlp {args.mlp_impl}" if args.mlp_impl != "torch" else ""
     print(f"{args.model} b{args.batch}{kind}: img/s per log window (step, img/s): "
           + ", ".join(f"({s}, {v:,.1f})" for s, v in rates))
     print(f"synchronising calls in steps {first}..{last - 1}: {state['syncs']}"
