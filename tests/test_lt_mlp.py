@@ -61,14 +61,17 @@ def test_the_ops_are_the_closed_form_and_their_fake_kernels_match():
     torch.testing.assert_close(u, x @ w1.t() + b1)
     torch.testing.assert_close(gl, F.gelu(x @ w1.t() + b1, approximate="tanh"))
     dy, w2 = torch.randn(9, 8, generator=g), torch.randn(8, 24, generator=g)
-    du, db = lt_mlp.dgelu_linear(dy, w2, u)
+    du = lt_mlp.dgelu_linear(dy, w2, u)
     ud = u.double().requires_grad_(True)
     (gd,) = torch.autograd.grad(F.gelu(ud, approximate="tanh"), ud, (dy.double() @ w2.double()))
     torch.testing.assert_close(du.double(), gd, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(db.double(), gd.sum(0), rtol=1e-5, atol=1e-5)  # fc1's bias gradient: du's sums
+    dw, db = lt_mlp.weight_grad(du, x)  # fc1's weight and bias gradients
+    torch.testing.assert_close(dw, du.t() @ x)
+    torch.testing.assert_close(db, du.sum(0))
     for dt in (torch.float32, torch.bfloat16):
         torch.library.opcheck(torch.ops.mdtzoo.lt_linear_gelu.default, (x.to(dt), w1.to(dt), b1.to(dt)))
         torch.library.opcheck(torch.ops.mdtzoo.lt_dgelu_linear.default, (dy.to(dt), w2.to(dt), u.to(dt)))
+        torch.library.opcheck(torch.ops.mdtzoo.lt_weight_grad.default, (du.to(dt), x.to(dt)))
 
 
 def test_bf16_weights_give_the_same_mlp_as_float32_weights_under_autocast():
@@ -97,7 +100,7 @@ def test_check_mlp_passes_the_cublaslt_path_and_refuses_a_wrong_one(monkeypatch)
     worst = check_mlp(24, batch=2, tokens=5, device="cpu", impl="cublaslt")
     assert worst["float32"] < 1e-5 and worst["bfloat16"] < 2e-2
     right = lt_mlp.dgelu_linear
-    monkeypatch.setattr(lt_mlp, "dgelu_linear", lambda dy, w, u: (right(dy, w, u)[0] * 1.001, right(dy, w, u)[1]))
+    monkeypatch.setattr(lt_mlp, "dgelu_linear", lambda dy, w, u: right(dy, w, u) * 1.001)
     with pytest.raises(AssertionError, match="fused MLP float32 dh: relative error"):
         check_mlp(24, batch=2, tokens=5, device="cpu", impl="cublaslt")
 
@@ -142,12 +145,17 @@ def test_cublaslt_epilogues_match_the_closed_form_on_cuda(t, d, dtype):
     gl, u = torch.ops.mdtzoo.lt_linear_gelu(xc, w1c, b1c)
     ref_u = xc.double() @ w1c.double().t() + b1c.double()
     assert _rel(u, ref_u) < 1e-2 and _rel(gl, F.gelu(ref_u, approximate="tanh")) < 1e-2
-    du, db = torch.ops.mdtzoo.lt_dgelu_linear(dyc, w2c, u)
+    du = torch.ops.mdtzoo.lt_dgelu_linear(dyc, w2c, u)
     ref_du = (dyc.double() @ w2c.double()) * gelu_tanh_grad(u.double())
     assert _rel(du, ref_du) < 1e-2
-    assert _rel(db, ref_du.sum(0)) < 1e-2  # the sums of du (fc1's bias gradient), not of dy w
-    du_b, db_b = cublaslt.dgelu_linear(dyc, w2c, u, bgrad=True)  # the sums in the epilogue (DGELU_BGRAD)
+    du_b, db_b = cublaslt.dgelu_linear_bgrad(dyc, w2c, u)  # du's sums in the epilogue (DGELU_BGRAD)
     assert _rel(du_b, ref_du) < 1e-2 and _rel(db_b, ref_du.sum(0)) < 1e-2
+    for grad, inp in ((du, xc), (dyc, gl)):  # fc1's and fc2's weight and bias gradients (BGRADB)
+        dw, db = torch.ops.mdtzoo.lt_weight_grad(grad, inp)
+        assert dw.shape == (grad.shape[1], inp.shape[1]) and db.shape == (grad.shape[1],)
+        if t > 1:
+            assert _rel(dw, grad.double().t() @ inp.double()) < 1e-2
+        assert _rel(db, grad.double().sum(0)) < 1e-2  # the sums of the gradient (B), not of the input
     # the same calls on inputs that start 2 bytes past an allocation (what cuBLASLt may assume of them)
     xs = torch.empty(t * d + 1, device=dev, dtype=dtype)[1:].view(t, d).copy_(xc)
     gl2, u2 = torch.ops.mdtzoo.lt_linear_gelu(xs, w1c, b1c)
@@ -163,11 +171,13 @@ def test_cublaslt_calls_replay_in_a_cuda_graph_on_cuda():
     b1 = b1.bfloat16()
     dy, w2 = torch.randn(256, 128, generator=g).to(dev, torch.bfloat16), torch.randn(128, 512).to(dev, torch.bfloat16)
     want = [*torch.ops.mdtzoo.lt_linear_gelu(x, w1, b1)]
-    want += [*torch.ops.mdtzoo.lt_dgelu_linear(dy, w2, want[1])]
+    want += [torch.ops.mdtzoo.lt_dgelu_linear(dy, w2, want[1])]
+    want += [*torch.ops.mdtzoo.lt_weight_grad(want[2], x)]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         got = [*torch.ops.mdtzoo.lt_linear_gelu(x, w1, b1)]
-        got += [*torch.ops.mdtzoo.lt_dgelu_linear(dy, w2, got[1])]
+        got += [torch.ops.mdtzoo.lt_dgelu_linear(dy, w2, got[1])]
+        got += [*torch.ops.mdtzoo.lt_weight_grad(got[2], x)]
     for t in got:
         t.zero_()
     graph.replay()

@@ -186,12 +186,13 @@ gpu_tests() {  # the GPU-only tests of bf16 weights, the captured step, the trai
 }
 captured_steps() {  # captured_steps LIMIT MODEL:BATCH:STEPS:KIND...: compiled steps with --graph-step, KIND
   # graph16 also with --bf16-weights (graph: float32 weights), lt17 with --bf16-weights --mlp-impl cublaslt,
-  # each timed step by step and in 2 windows
+  # lt17w0 the same with MDTZOO_LT_WGRAD=0 (the bias sums by torch), each timed step by step and in 2 windows
   local limit=$1 spec m b n kind; shift
   for spec in "$@"; do
     IFS=: read -r m b n kind <<< "$spec"
-    step "step_${m}_$kind" "$limit" "$m" "$b" --steps "$n" --compile --windows 2 --graph-step \
-      $(case $kind in graph16) echo --bf16-weights ;; lt17) echo --bf16-weights --mlp-impl cublaslt ;; esac)
+    MDTZOO_LT_WGRAD=$([ "$kind" = lt17w0 ] && echo 0 || echo 1) \
+      step "step_${m}_$kind" "$limit" "$m" "$b" --steps "$n" --compile --windows 2 --graph-step \
+      $(case $kind in graph16) echo --bf16-weights ;; lt17*) echo --bf16-weights --mlp-impl cublaslt ;; esac)
   done
 }
 lt_tests() {  # the GPU tests of the cuBLASLt MLP, then its parts timed against inductor's (lt_parts.py)
@@ -828,6 +829,20 @@ lt17d)  # session 17: the GPU tests (now with the cuBLASLt MLP in the trainer's)
   # captured with bf16 weights and the cuBLASLt MLP
   gpu_tests
   TRAINER_LIMIT=250 trainer_runs 60 "mdt_xl2 lt17 64"
+  ;;
+lt17e)  # session 17: the cuBLASLt MLP with the bias gradients in the weight-gradient matmuls (BGRADB): GPU tests,
+  # parts, then MDT-S/2 captured with / without them (MDTZOO_LT_WGRAD=0: torch's sums, as in lt17a-d)
+  echo "== cuBLASLt MLP tests" >&2
+  timeout 200 "$py" -m pytest -q -p no:cacheprovider tests/test_lt_mlp.py -k "on_cuda" > "$OUT/pytest_lt.log" 2>&1 \
+    || echo "!! cuBLASLt MLP tests failed (rc $?)" >&2
+  tail -n 3 "$OUT/pytest_lt.log" >&2
+  timeout 150 "$py" experiments/bench/lt_parts.py --shapes xl,s,s_masked > "$OUT/lt_parts.log" 2>&1 \
+    || echo "!! lt_parts failed (rc $?)" >&2
+  grep -v "^ " "$OUT/lt_parts.log" | tail -n 60 >&2
+  captured_steps 150 mdt_s2:256:20:lt17 mdt_s2:256:20:lt17w0
+  ;;
+lt17f)  # session 17, after lt17e on the same machine: DiT-XL/2 captured with / without the BGRADB weight gradients
+  captured_steps 170 dit_xl2:64:10:lt17 dit_xl2:64:10:lt17w0
   ;;
 lt17c)  # session 17, after lt17b on the same machine: DiT-XL/2 again, inductor's MLP first this time
   captured_steps 170 dit_xl2:64:10:graph16 dit_xl2:64:10:lt17

@@ -1,4 +1,4 @@
-"""Two cuBLASLt matmuls with fused GELU epilogues, called through ctypes (no compiled extension).
+"""cuBLASLt matmuls with fused GELU and bias-gradient epilogues, called through ctypes (no compiled extension).
 
 The training MLP is y = fc2(gelu(u)), u = fc1(h). torch's cuBLAS calls offer the GELU epilogue only
 in a forward that drops u (``torch._addmm_activation``), so its backward must keep u from another
@@ -7,9 +7,11 @@ matmul and run the GELU as separate elementwise kernels. cuBLASLt itself has bot
 - ``linear_gelu(x, w, b)``: g = gelu_tanh(x w^T + b) and u = x w^T + b from one matmul
   (epilogue GELU_AUX_BIAS: u is written as the "aux" output beside g);
 - ``dgelu_linear(dy, w, u)``: du = (dy w) * gelu_tanh'(u) from one matmul (epilogue DGELU, reading u
-  as the aux input), so neither dg nor a separate GELU-backward kernel exists, and du's column sums
-  (fc1's bias gradient) from torch. cuBLASLt can sum them in the epilogue too (DGELU_BGRAD,
-  ``bgrad=True``), but its heuristic's algorithm for that took 1.9x the time on an H100 (session 17).
+  as the aux input), so neither dg nor a separate GELU-backward kernel exists. cuBLASLt can sum du's
+  columns in the same epilogue (DGELU_BGRAD, ``dgelu_linear_bgrad``), but its algorithms for that
+  took 1.9x the time on an H100 (session 17);
+- ``weight_grad(dy, x)``: a Linear layer's weight gradient dy^T x and its bias gradient, dy's column
+  sums, from one matmul (epilogue BGRADB), for fc2 (dy) and fc1 (du).
 
 cuBLASLt's GELU is the tanh approximation that DiT and MDT use. Row-major tensors are passed as the
 transposed column-major problem (a row-major (T, F) output is column-major (F, T), whose rows are the
@@ -39,7 +41,7 @@ _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8
 _DESC_AUX_POINTER, _DESC_AUX_LD = 11, 12
 _PREF_MAX_WORKSPACE = 1
 _PREF_MIN_ALIGNMENT = {"a": 5, "b": 6, "c": 7, "d": 8}
-EPILOGUES = {"gelu_aux_bias": 164, "dgelu": 192, "dgelu_bgrad": 208}
+EPILOGUES = {"gelu_aux_bias": 164, "dgelu": 192, "dgelu_bgrad": 208, "bgradb": 512}
 WORKSPACE_BYTES = 32 << 20
 CANDIDATES = 8  # algorithms asked of the heuristic per problem
 # Which of them runs: the heuristic's first (the default, so a problem always gets the same algorithm,
@@ -125,11 +127,11 @@ def _alignment(t: torch.Tensor) -> int:
     return min(256, address & -address) if address else 256
 
 
-def _plan(device: int, dtype: torch.dtype, epilogue: str, transa: int, m: int, n: int, k: int, lda: int, ldb: int,
-          ldd: int, aligns: tuple[int, int, int]) -> tuple:
+def _plan(device: int, dtype: torch.dtype, epilogue: str, transa: int, transb: int, m: int, n: int, k: int, lda: int,
+          ldb: int, ldd: int, aligns: tuple[int, int, int]) -> tuple:
     """(descriptor, layouts of A, B, D, algorithm) for D (m, n) = op(A) (m, k) @ B (k, n), column-major,
     B untransposed, with the epilogue; built once per key."""
-    key = (device, dtype, epilogue, transa, m, n, k, lda, ldb, ldd, aligns)
+    key = (device, dtype, epilogue, transa, transb, m, n, k, lda, ldb, ldd, aligns)
     if key in _plans:
         return _plans[key]
     lib, dt = library(), _DTYPES[dtype]
@@ -137,11 +139,12 @@ def _plan(device: int, dtype: torch.dtype, epilogue: str, transa: int, m: int, n
     _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _R_32F), "cublasLtMatmulDescCreate")
     setter = lib.cublasLtMatmulDescSetAttribute
     _set(setter, desc, _DESC_TRANSA, ctypes.c_int32(transa))
-    _set(setter, desc, _DESC_TRANSB, ctypes.c_int32(_OP_N))
+    _set(setter, desc, _DESC_TRANSB, ctypes.c_int32(transb))
     _set(setter, desc, _DESC_EPILOGUE, ctypes.c_uint32(EPILOGUES[epilogue]))
     _set(setter, desc, _DESC_AUX_LD, ctypes.c_int64(ldd))
     layouts = []
-    for rows, cols, ld in (((k, m) if transa == _OP_T else (m, k)) + (lda,), (k, n, ldb), (m, n, ldd)):
+    for rows, cols, ld in (((k, m) if transa == _OP_T else (m, k)) + (lda,), ((n, k) if transb == _OP_T else (k, n)) + (ldb,),
+                           (m, n, ldd)):
         layout = ctypes.c_void_p()
         _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), dt, rows, cols, ld), "cublasLtMatrixLayoutCreate")
         layouts.append(layout)
@@ -174,17 +177,18 @@ _ONE, _ZERO = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, *, transa: int, m: int, n: int, k: int,
-            epilogue: str, bias: torch.Tensor | None, aux: torch.Tensor) -> None:
-    """D = epilogue(op(A) B), column-major views of row-major tensors (see the module docstring)."""
+            epilogue: str, bias: torch.Tensor | None, aux: torch.Tensor | None, transb: int = _OP_N) -> None:
+    """D = epilogue(op(A) op(B)), column-major views of row-major tensors (see the module docstring)."""
     device = d.device.index if d.device.index is not None else torch.cuda.current_device()
-    desc, a_l, b_l, d_l, algos, _ = _plan(device, d.dtype, epilogue, transa, m, n, k, a.stride(0), b.stride(0),
-                                          d.stride(0), (_alignment(a), _alignment(b), _alignment(d)))
+    desc, a_l, b_l, d_l, algos, _ = _plan(device, d.dtype, epilogue, transa, transb, m, n, k, a.stride(0),
+                                          b.stride(0), d.stride(0), (_alignment(a), _alignment(b), _alignment(d)))
     algo = algos[min(ALGO_PICK.get(epilogue, 0), len(algos) - 1)]
     lib = library()
     setter = lib.cublasLtMatmulDescSetAttribute
     if bias is not None:
         _set(setter, desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
-    _set(setter, desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
+    if aux is not None:
+        _set(setter, desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
     stream = torch.cuda.current_stream(d.device).cuda_stream
     ws = _workspaces[device]
     _check(lib.cublasLtMatmul(_handle(device), desc, ctypes.byref(_ONE), a.data_ptr(), a_l, b.data_ptr(), b_l,
@@ -217,22 +221,45 @@ def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torc
     return g, u
 
 
-def dgelu_linear(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
-                 bgrad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(du, db): du = (dy w) * gelu_tanh'(u), db = du's column sums (u's dtype). dy (T, K), w (K, F)
-    (fc2's weight, (out, in)), u (T, F). One matmul with the DGELU epilogue, then torch's column sum;
-    ``bgrad``: the sums in the epilogue too (DGELU_BGRAD: 1.9x the time on an H100, docs/performance.md,
-    session 17)."""
+def dgelu_linear(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """du = (dy w) * gelu_tanh'(u) (u's dtype), one matmul with the DGELU epilogue. dy (T, K), w (K, F)
+    (fc2's weight, (out, in)), u (T, F)."""
     _check_inputs(dy, w, u)
     dy, w, u = _rows(dy), _rows(w), u.contiguous()
     t, k = dy.shape
     f = w.shape[1]
     du = torch.empty((t, f), device=u.device, dtype=u.dtype)
-    if not t:
-        return du, torch.zeros((f,), device=u.device, dtype=u.dtype)
-    if not bgrad:
+    if t:
         _matmul(w, dy, du, transa=_OP_N, m=f, n=t, k=k, epilogue="dgelu", bias=None, aux=u)
-        return du, du.sum(0, dtype=torch.float32).to(u.dtype)
-    db = torch.empty((f,), device=u.device, dtype=u.dtype)
-    _matmul(w, dy, du, transa=_OP_N, m=f, n=t, k=k, epilogue="dgelu_bgrad", bias=db, aux=u)
+    return du
+
+
+def dgelu_linear_bgrad(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(du, db): ``dgelu_linear`` with du's column sums in the epilogue too (DGELU_BGRAD). Not used by
+    the MLP: its algorithms took 1.9x the time of DGELU's on an H100 (docs/performance.md, session 17)."""
+    _check_inputs(dy, w, u)
+    dy, w, u = _rows(dy), _rows(w), u.contiguous()
+    t, k = dy.shape
+    f = w.shape[1]
+    du = torch.empty((t, f), device=u.device, dtype=u.dtype)
+    db = torch.zeros((f,), device=u.device, dtype=u.dtype)
+    if t:
+        _matmul(w, dy, du, transa=_OP_N, m=f, n=t, k=k, epilogue="dgelu_bgrad", bias=db, aux=u)
     return du, db
+
+
+def weight_grad(dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dw, db) of a Linear layer y = x w^T + b: dw = dy^T x (dy's dtype) and db = dy's column sums,
+    from one matmul (epilogue BGRADB: the sums of the B operand, dy, over the reduced dimension).
+    dy (T, F), x (T, K) -> dw (F, K), db (F,)."""
+    _check_inputs(dy, x)
+    dy, x = _rows(dy), _rows(x)
+    t, f = dy.shape
+    k = x.shape[1]
+    dw = torch.empty((f, k), device=dy.device, dtype=dy.dtype)
+    db = torch.empty((f,), device=dy.device, dtype=dy.dtype)
+    if not t:
+        return dw.zero_(), db.zero_()
+    # column-major: dw^T (K, F) = x^T (K, T) @ dy (T, F); x^T is x's memory as is, dy is dy^T's transposed
+    _matmul(x, dy, dw, transa=_OP_N, transb=_OP_T, m=k, n=f, k=t, epilogue="bgradb", bias=db, aux=None)
+    return dw, db

@@ -2,11 +2,13 @@
 
 - ``mdtzoo::lt_linear_gelu(x, w1, b1) -> (g, u)``: fc1 with its bias and the tanh GELU in one matmul,
   which also writes the GELU's input u for the backward (cuBLASLt's GELU_AUX_BIAS epilogue).
-- ``mdtzoo::lt_dgelu_linear(dy, w2, u) -> (du, db1)``: fc2's input gradient with the GELU's backward
-  in one matmul (DGELU), then fc1's bias gradient as du's column sums: no dg, no GELU-backward kernel.
+- ``mdtzoo::lt_dgelu_linear(dy, w2, u) -> du``: fc2's input gradient with the GELU's backward in one
+  matmul (DGELU): no dg, no GELU-backward kernel.
+- ``mdtzoo::lt_weight_grad(dy, x) -> (dw, db)``: a Linear layer's weight gradient with its bias
+  gradient (dy's column sums) in the same matmul (BGRADB), for fc2 (dy, g) and fc1 (du, h).
 
 Against the default (cuBLAS matmuls and inductor's GELU kernels) this drops the GELU forward's read
-of u and the backward's GELU kernel; it keeps g as well as u for fc2's weight gradient (the default
+of u, the backward's GELU kernel and both bias sums; it keeps g as well as u for fc2's weight gradient (the default
 recomputes g from u), one more (tokens, 4D) tensor per block. ``GeluMLP`` in
 ``models.triton_mlp`` is the autograd Function that calls them (with ``fused='cublaslt'``).
 
@@ -19,12 +21,17 @@ path to bf16 rounding, not bitwise.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from mdtzoo.models.triton_mlp import gelu_tanh_grad
 
 LT_DTYPES = (torch.bfloat16, torch.float16)
+# The weight and bias gradients from one cuBLASLt matmul (BGRADB); MDTZOO_LT_WGRAD=0 before import:
+# torch's matmul and column sum instead (the benchmarks' baseline, docs/performance.md, session 17).
+WGRAD_EPILOGUE = os.environ.get("MDTZOO_LT_WGRAD", "1") != "0"
 
 
 def _lt(*tensors: torch.Tensor) -> bool:
@@ -49,21 +56,37 @@ def _(x, w, b):
 
 
 @torch.library.custom_op("mdtzoo::lt_dgelu_linear", mutates_args=())
-def dgelu_linear(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(du, db) with du = (dy w) gelu_tanh'(u) and db its column sums, both u's dtype: dy (T, K),
-    w (K, F) (fc2's weight), u (T, F). Off cuBLASLt: float32 maths (or u's, if wider), then rounded."""
+def dgelu_linear(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """du = (dy w) gelu_tanh'(u) in u's dtype: dy (T, K), w (K, F) (fc2's weight), u (T, F).
+    Off cuBLASLt: float32 maths (or u's, if wider), then rounded."""
     if _lt(dy, w, u):
         from mdtzoo.models import cublaslt
 
         return cublaslt.dgelu_linear(dy, w, u)
     wide = torch.promote_types(u.dtype, torch.float32)
-    du = (dy.to(wide) @ w.to(wide)) * gelu_tanh_grad(u.to(wide))
-    return du.to(u.dtype), du.sum(0).to(u.dtype)
+    return ((dy.to(wide) @ w.to(wide)) * gelu_tanh_grad(u.to(wide))).to(u.dtype)
 
 
 @dgelu_linear.register_fake
 def _(dy, w, u):
-    return torch.empty_like(u), u.new_empty((u.shape[1],))
+    return torch.empty_like(u)
+
+
+@torch.library.custom_op("mdtzoo::lt_weight_grad", mutates_args=())
+def weight_grad(dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dw, db) of y = x w^T + b: dw = dy^T x and db = dy's column sums, both dy's dtype (the sums
+    accumulated in float32): dy (T, F), x (T, K) -> (F, K), (F,). On cuBLASLt one matmul (BGRADB),
+    unless ``WGRAD_EPILOGUE`` is off; elsewhere torch's matmul and sum."""
+    if WGRAD_EPILOGUE and _lt(dy, x):
+        from mdtzoo.models import cublaslt
+
+        return cublaslt.weight_grad(dy, x)
+    return dy.t() @ x, dy.sum(0, dtype=torch.float32).to(dy.dtype)
+
+
+@weight_grad.register_fake
+def _(dy, x):
+    return dy.new_empty((dy.shape[1], x.shape[1])), dy.new_empty((dy.shape[1],))
 
 
 def check_library(model: torch.nn.Module, device: torch.device) -> None:

@@ -171,18 +171,22 @@ class GeluMLP(torch.autograd.Function):
         hc, w1c, u, g, w2c = ctx.saved_tensors
         h_dt, w1_dt, b1_dt, w2_dt, b2_dt = ctx.dtypes
         d, hidden = hc.shape[-1], u.shape[-1]
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(u.dtype)
-        dw2 = (dy2.t() @ g.reshape(-1, hidden)).to(w2_dt)
-        db2 = dy2.sum(0, dtype=torch.float32).to(u.dtype).to(b2_dt)  # in the compute dtype, as nn.Linear's
-        if ctx.fused == "cublaslt":
-            from mdtzoo.models.lt_mlp import dgelu_linear
+        dy2, h2 = dy.reshape(-1, dy.shape[-1]).to(u.dtype), hc.reshape(-1, d)
+        u2, g2 = u.reshape(-1, hidden), g.reshape(-1, hidden)
+        if ctx.fused == "cublaslt":  # each bias gradient inside its weight gradient's matmul
+            from mdtzoo.models.lt_mlp import dgelu_linear, weight_grad
 
-            du, db1 = dgelu_linear(dy2, w2c, u.reshape(-1, hidden))
+            dw2, db2 = weight_grad(dy2, g2)
+            du = dgelu_linear(dy2, w2c, u2)
+            dw1, db1 = weight_grad(du, h2)
         else:
-            du, db1 = linear_dgelu(dy2, w2c, u.reshape(-1, hidden))
-        dw1 = (du.t() @ hc.reshape(-1, d)).to(w1_dt)
+            dw2 = dy2.t() @ g2
+            db2 = dy2.sum(0, dtype=torch.float32)
+            du, db1 = linear_dgelu(dy2, w2c, u2)
+            dw1 = du.t() @ h2
         dh = (du @ w1c).reshape(hc.shape).to(h_dt)
-        return dh, dw1, db1.to(u.dtype).to(b1_dt), dw2, db2, None
+        # the bias gradients in the compute dtype first, as nn.Linear's under autocast
+        return (dh, dw1.to(w1_dt), db1.to(u.dtype).to(b1_dt), dw2.to(w2_dt), db2.to(u.dtype).to(b2_dt), None)
 
 
 def usable(h: torch.Tensor, fused: str = "triton") -> bool:
