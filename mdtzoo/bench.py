@@ -239,6 +239,10 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                             norm_impl=norm_impl, mlp_impl=mlp_impl)
         if mlp_impl != "torch" and cuda:  # the fused GELU, checked at the model's width first
             result["mlp_errors"] = check_mlp(model.hidden_size, device=dev, impl=mlp_impl)
+            if mlp_impl == "cublaslt":
+                from mdtzoo.models import lt_mlp
+
+                result["lt_wgrad_epilogue"] = lt_mlp.WGRAD_EPILOGUE  # (MDTZOO_LT_WGRAD)
             log(f"fused MLP checked against timm's Mlp: {result['mlp_errors']}")
         if norm_impl == "triton" and cuda and model.hidden_size <= MAX_NORM_WIDTH:  # the kernels the blocks will run,
             # checked at the model's width before anything is timed (wider rows take the torch maths)
