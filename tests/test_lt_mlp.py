@@ -78,15 +78,20 @@ def test_bf16_weights_give_the_same_mlp_as_float32_weights_under_autocast():
     """What train.bf16_weights relies on: the Function casts float32 weights to bf16 as autocast does,
     and its bias gradients are rounded to bf16 either way, so both runs agree bit for bit."""
     torch.manual_seed(0)
-    mlp = Mlp(16, 64, act_layer=lambda: torch.nn.GELU(approximate="tanh"))
-    mlp16 = Mlp(16, 64, act_layer=lambda: torch.nn.GELU(approximate="tanh"))
+    assert_bf16_weights_bitwise(Mlp(16, 64, act_layer=lambda: torch.nn.GELU(approximate="tanh")),
+                                torch.randn(3, 5, 16))
+
+
+def assert_bf16_weights_bitwise(mlp, h0):
+    """``gelu_mlp(..., 'cublaslt')`` under bf16 autocast with ``mlp``'s float32 weights and with a bf16
+    copy of them: the output and every gradient bit for bit (the bf16 copy's upcast)."""
+    mlp16 = Mlp(mlp.fc1.in_features, mlp.fc1.out_features, act_layer=lambda: torch.nn.GELU(approximate="tanh"))
     mlp16.load_state_dict(mlp.state_dict())
-    mlp16.to(torch.bfloat16)
-    h0 = torch.randn(3, 5, 16)
+    mlp16.to(h0.device, torch.bfloat16)
     results = []
     for m in (mlp, mlp16):
         h = h0.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(h0.device.type, dtype=torch.bfloat16):
             y = gelu_mlp(h, m, "cublaslt")
         y.float().pow(2).sum().backward()
         results.append([y.float(), h.grad] + [p.grad.float() for p in m.parameters()])
@@ -200,20 +205,9 @@ def test_block_with_cublaslt_mlp_on_cuda():
         got = _run(torch.compile(blk, dynamic=False), x, c)
     for a, b in zip(got, want):
         assert _rel(a, b) < 2e-2
-    mlp = blk.mlp
-    mlp.zero_grad(set_to_none=True)  # (the block's runs above left gradients)
-    mlp16 = Mlp(256, 1024, act_layer=lambda: torch.nn.GELU(approximate="tanh")).cuda()
-    mlp16.load_state_dict(mlp.state_dict())
-    mlp16.to(torch.bfloat16)
-    results = []
-    for m in (mlp, mlp16):
-        h = torch.randn(4, 64, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(0), requires_grad=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = gelu_mlp(h, m, "cublaslt")
-        y.float().pow(2).sum().backward()
-        results.append([y.float(), h.grad] + [p.grad.float() for p in m.parameters()])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    blk.mlp.zero_grad(set_to_none=True)  # (the block's runs above left gradients)
+    h0 = torch.randn(4, 64, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    assert_bf16_weights_bitwise(blk.mlp, h0)
 
 
 def test_the_trainer_checks_the_library_before_any_work(monkeypatch):

@@ -9,7 +9,7 @@ matmul and run the GELU as separate elementwise kernels. cuBLASLt itself has bot
 - ``dgelu_linear(dy, w, u)``: du = (dy w) * gelu_tanh'(u) from one matmul (epilogue DGELU, reading u
   as the aux input), so neither dg nor a separate GELU-backward kernel exists. cuBLASLt can sum du's
   columns in the same epilogue (DGELU_BGRAD, ``dgelu_linear_bgrad``), but its algorithms for that
-  took 1.9x the time on an H100 (session 17);
+  took 2.2-3.5x DGELU's time on an H100, more than the sum saves (docs/performance.md, session 17);
 - ``weight_grad(dy, x)``: a Linear layer's weight gradient dy^T x and its bias gradient, dy's column
   sums, from one matmul (epilogue BGRADB), for fc2 (dy) and fc1 (du).
 
@@ -197,8 +197,10 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, *, transa: int, m
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t with unit column stride and a row stride cuBLASLt takes (a multiple of 8 elements)."""
-    return t if t.stride(-1) == 1 and t.stride(0) % 8 == 0 else t.contiguous()
+    """t with unit column stride (a contiguous copy otherwise); its row stride is the leading dimension.
+    A problem cuBLASLt has no algorithm for (e.g. widths that are not multiples of 8) is refused by name
+    in ``_plan``."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _check_inputs(*tensors: torch.Tensor) -> None:
@@ -236,7 +238,7 @@ def dgelu_linear(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Te
 
 def dgelu_linear_bgrad(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(du, db): ``dgelu_linear`` with du's column sums in the epilogue too (DGELU_BGRAD). Not used by
-    the MLP: its algorithms took 1.9x the time of DGELU's on an H100 (docs/performance.md, session 17)."""
+    the MLP: its algorithms took 2.2-3.5x DGELU's time on an H100 (docs/performance.md, session 17)."""
     _check_inputs(dy, w, u)
     dy, w, u = _rows(dy), _rows(w), u.contiguous()
     t, k = dy.shape
