@@ -129,8 +129,8 @@ def _alignment(t: torch.Tensor) -> int:
 
 def _plan(device: int, dtype: torch.dtype, epilogue: str, transa: int, transb: int, m: int, n: int, k: int, lda: int,
           ldb: int, ldd: int, aligns: tuple[int, int, int]) -> tuple:
-    """(descriptor, layouts of A, B, D, algorithm) for D (m, n) = op(A) (m, k) @ B (k, n), column-major,
-    B untransposed, with the epilogue; built once per key."""
+    """(descriptor, layouts of A, B, D, the heuristic's algorithms, their results' buffer) for
+    D (m, n) = op(A) (m, k) @ op(B) (k, n), column-major, with the epilogue; built once per key."""
     key = (device, dtype, epilogue, transa, transb, m, n, k, lda, ldb, ldd, aligns)
     if key in _plans:
         return _plans[key]
@@ -143,8 +143,9 @@ def _plan(device: int, dtype: torch.dtype, epilogue: str, transa: int, transb: i
     _set(setter, desc, _DESC_EPILOGUE, ctypes.c_uint32(EPILOGUES[epilogue]))
     _set(setter, desc, _DESC_AUX_LD, ctypes.c_int64(ldd))
     layouts = []
-    for rows, cols, ld in (((k, m) if transa == _OP_T else (m, k)) + (lda,), ((n, k) if transb == _OP_T else (k, n)) + (ldb,),
-                           (m, n, ldd)):
+    a_shape = (k, m) if transa == _OP_T else (m, k)  # (rows, cols) as stored
+    b_shape = (n, k) if transb == _OP_T else (k, n)
+    for rows, cols, ld in (a_shape + (lda,), b_shape + (ldb,), (m, n, ldd)):
         layout = ctypes.c_void_p()
         _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), dt, rows, cols, ld), "cublasLtMatrixLayoutCreate")
         layouts.append(layout)
@@ -152,9 +153,8 @@ def _plan(device: int, dtype: torch.dtype, epilogue: str, transa: int, transb: i
     _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "cublasLtMatmulPreferenceCreate")
     pset = lib.cublasLtMatmulPreferenceSetAttribute
     _set(pset, pref, _PREF_MAX_WORKSPACE, ctypes.c_uint64(WORKSPACE_BYTES))
-    for name, align in zip(("a", "b", "d"), aligns):
+    for name, align in zip(("a", "b", "c", "d"), aligns + aligns[2:]):  # C is D (beta = 0)
         _set(pset, pref, _PREF_MIN_ALIGNMENT[name], ctypes.c_uint32(align))
-    _set(pset, pref, _PREF_MIN_ALIGNMENT["c"], ctypes.c_uint32(aligns[2]))
     results, count = (_Heuristic * CANDIDATES)(), ctypes.c_int(0)
     a_l, b_l, d_l = layouts
     _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle(device), desc, a_l, b_l, d_l, d_l, pref, CANDIDATES,
@@ -163,6 +163,7 @@ def _plan(device: int, dtype: torch.dtype, epilogue: str, transa: int, transb: i
     if count.value < 1:
         raise RuntimeError(f"cuBLASLt has no algorithm for epilogue {epilogue} at m={m}, n={n}, k={k} ({dtype}, "
                            f"alignments {aligns}); use mlp_impl='torch'")
+    # (the algorithms are views into ``results``, which the plan keeps alive)
     _plans[key] = (desc, a_l, b_l, d_l, [results[i].algo for i in range(count.value)], results)
     return _plans[key]
 
@@ -179,7 +180,7 @@ _ONE, _ZERO = ctypes.c_float(1.0), ctypes.c_float(0.0)
 def _matmul(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, *, transa: int, m: int, n: int, k: int,
             epilogue: str, bias: torch.Tensor | None, aux: torch.Tensor | None, transb: int = _OP_N) -> None:
     """D = epilogue(op(A) op(B)), column-major views of row-major tensors (see the module docstring)."""
-    device = d.device.index if d.device.index is not None else torch.cuda.current_device()
+    device = d.device.index
     desc, a_l, b_l, d_l, algos, _ = _plan(device, d.dtype, epilogue, transa, transb, m, n, k, a.stride(0),
                                           b.stride(0), d.stride(0), (_alignment(a), _alignment(b), _alignment(d)))
     algo = algos[min(ALGO_PICK.get(epilogue, 0), len(algos) - 1)]
@@ -206,7 +207,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _check_inputs(*tensors: torch.Tensor) -> None:
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES or not all(t.is_cuda for t in tensors):
-        raise ValueError(f"cuBLASLt GELU matmuls take CUDA tensors of one 16-bit dtype; got "
+        raise ValueError(f"cuBLASLt matmuls here take CUDA tensors of one 16-bit dtype; got "
                          f"{[(t.dtype, t.device.type) for t in tensors]}")
 
 
@@ -223,31 +224,31 @@ def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torc
     return g, u
 
 
-def dgelu_linear(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """du = (dy w) * gelu_tanh'(u) (u's dtype), one matmul with the DGELU epilogue. dy (T, K), w (K, F)
-    (fc2's weight, (out, in)), u (T, F)."""
+def _dgelu(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor:
+    """du = (dy w) * gelu_tanh'(u) (u's dtype), one matmul: epilogue DGELU, or with ``db`` DGELU_BGRAD
+    (du's column sums written to db)."""
     _check_inputs(dy, w, u)
     dy, w, u = _rows(dy), _rows(w), u.contiguous()
     t, k = dy.shape
     f = w.shape[1]
     du = torch.empty((t, f), device=u.device, dtype=u.dtype)
     if t:
-        _matmul(w, dy, du, transa=_OP_N, m=f, n=t, k=k, epilogue="dgelu", bias=None, aux=u)
+        _matmul(w, dy, du, transa=_OP_N, m=f, n=t, k=k, epilogue="dgelu" if db is None else "dgelu_bgrad", bias=db,
+                aux=u)
     return du
+
+
+def dgelu_linear(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """du = (dy w) * gelu_tanh'(u) (u's dtype), one matmul with the DGELU epilogue. dy (T, K), w (K, F)
+    (fc2's weight, (out, in)), u (T, F)."""
+    return _dgelu(dy, w, u, None)
 
 
 def dgelu_linear_bgrad(dy: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(du, db): ``dgelu_linear`` with du's column sums in the epilogue too (DGELU_BGRAD). Not used by
     the MLP: its algorithms took 2.2-3.5x DGELU's time on an H100 (docs/performance.md, session 17)."""
-    _check_inputs(dy, w, u)
-    dy, w, u = _rows(dy), _rows(w), u.contiguous()
-    t, k = dy.shape
-    f = w.shape[1]
-    du = torch.empty((t, f), device=u.device, dtype=u.dtype)
-    db = torch.zeros((f,), device=u.device, dtype=u.dtype)
-    if t:
-        _matmul(w, dy, du, transa=_OP_N, m=f, n=t, k=k, epilogue="dgelu_bgrad", bias=db, aux=u)
-    return du, db
+    db = torch.zeros((w.shape[1],), device=u.device, dtype=u.dtype)
+    return _dgelu(dy, w, u, db), db
 
 
 def weight_grad(dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
