@@ -54,6 +54,17 @@ def test_block_with_cublaslt_mlp_compiles_in_one_graph():
         assert ((g - w).norm() / w.norm()).item() < 1e-5
 
 
+def test_block_with_cublaslt_mlp_under_activation_checkpointing_and_no_grad():
+    ref, blk = _block_pair()
+    x, c = torch.randn(2, 6, 32), torch.randn(2, 32)
+    want = _run(ref, x, c)
+    blk.checkpoint_activations = True  # the forward runs again in the backward: the same gradients
+    for g, w in zip(_run(blk, x, c), want):
+        assert ((g - w).norm() / w.norm()).item() < 1e-5
+    with torch.no_grad():  # (sampling)
+        torch.testing.assert_close(blk(x, c), want[0])
+
+
 def test_the_ops_are_the_closed_form_and_their_fake_kernels_match():
     g = torch.Generator().manual_seed(0)
     x, w1, b1 = torch.randn(9, 8, generator=g), torch.randn(24, 8, generator=g), torch.randn(24, generator=g)
