@@ -78,6 +78,8 @@
 #   bash experiments/bench/gpu_bench.sh autotune  # max-autotune (Triton matmul templates, epilogue fusion) vs default
 #   bash experiments/bench/gpu_bench.sh lt17a     # the cuBLASLt GELU-epilogue MLP: GPU tests, lt_parts.py, DiT-XL/2 captured with / without it
 #   bash experiments/bench/gpu_bench.sh lt17b     # the same at MDT-S/2 (with / without) and MDT-XL/2 (with), after lt17a
+#   bash experiments/bench/gpu_bench.sh lt17e     # the cuBLASLt MLP's bias gradients in its weight-gradient matmuls (BGRADB): tests, parts, MDT-S/2 with / without
+#   bash experiments/bench/gpu_bench.sh s2next    # (prepared) the GPU tests, then MDT-S/2 with the attention forward in 3 stages, alternating
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
 set -u
@@ -843,6 +845,17 @@ lt17e)  # session 17: the cuBLASLt MLP with the bias gradients in the weight-gra
   ;;
 lt17f)  # session 17, after lt17e on the same machine: DiT-XL/2 captured with / without the BGRADB weight gradients
   captured_steps 170 dit_xl2:64:10:lt17 dit_xl2:64:10:lt17w0
+  ;;
+s2next)  # prepared for session 18, not run: the GPU tests (the trainer's with the cuBLASLt MLP's BGRADB weight
+  # gradients, not yet run on a GPU), then MDT-S/2 captured with bf16 weights and the cuBLASLt MLP, the biased
+  # attention's forward in 3 stages (0.141 against 0.164 ms per full-pass call in session 8's sweep) against the
+  # default, alternating
+  gpu_tests
+  for spec in "- 1" "fwd_stages=3 1" "- 2" "fwd_stages=3 2"; do
+    set -- $spec
+    step "step_mdt_s2_lt17_${1//[=,]/_}_$2" 150 mdt_s2 256 --steps 20 --compile --windows 2 --graph-step \
+      --bf16-weights --mlp-impl cublaslt $(variant --triton-options "$1")
+  done
   ;;
 lt17c)  # session 17, after lt17b on the same machine: DiT-XL/2 again, inductor's MLP first this time
   captured_steps 170 dit_xl2:64:10:graph16 dit_xl2:64:10:lt17
