@@ -8,9 +8,9 @@
   gradient (dy's column sums) in the same matmul (BGRADB), for fc2 (dy, g) and fc1 (du, h).
 
 Against the default (cuBLAS matmuls and inductor's GELU kernels) this drops the GELU forward's read
-of u, the backward's GELU kernel and both bias sums; it keeps g as well as u for fc2's weight gradient (the default
-recomputes g from u), one more (tokens, 4D) tensor per block. ``GeluMLP`` in
-``models.triton_mlp`` is the autograd Function that calls them (with ``fused='cublaslt'``).
+of u, the backward's GELU kernel and both bias sums; it keeps g as well as u for fc2's weight
+gradient (the default may keep u alone and recompute g), one more (tokens, 4D) tensor per block.
+``GeluMLP`` in ``models.triton_mlp`` is the autograd Function that calls them (with ``fused='cublaslt'``).
 
 On CUDA with bf16 or fp16 inputs the ops call cuBLASLt (``models.cublaslt``); elsewhere (the CPU,
 float32) they are the same maths in torch, so the block, its gradients and its compiled graph are
