@@ -1,4 +1,4 @@
-"""The MLP's GELU inside cuBLASLt's matmul epilogues (``mlp_impl='cublaslt'``), as two torch operators.
+"""The MLP's GELU inside cuBLASLt's matmul epilogues (``mlp_impl='cublaslt'``), as three torch operators.
 
 - ``mdtzoo::lt_linear_gelu(x, w1, b1) -> (g, u)``: fc1 with its bias and the tanh GELU in one matmul,
   which also writes the GELU's input u for the backward (cuBLASLt's GELU_AUX_BIAS epilogue).

@@ -147,7 +147,7 @@ class GeluMLP(torch.autograd.Function):
     """y = fc2(gelu_tanh(fc1(h))) with a fused GELU backward. h: (..., D). ``fused``: 'triton' (the GELU
     forward by inductor, its backward in ``linear_dgelu``) or 'cublaslt' (both inside cuBLASLt's
     matmuls, ``models.lt_mlp``: fc1's forward with the GELU in its epilogue, fc2's input gradient with
-    the GELU's backward and fc1's bias gradient in its epilogue)."""
+    the GELU's backward in its epilogue, each bias gradient in its weight gradient's matmul)."""
 
     @staticmethod
     def forward(ctx, h, w1, b1, w2, b2, fused="triton"):
