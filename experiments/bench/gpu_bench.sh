@@ -197,13 +197,16 @@ captured_steps() {  # captured_steps LIMIT MODEL:BATCH:STEPS:KIND...: compiled s
       $(case $kind in graph16) echo --bf16-weights ;; lt17*) echo --bf16-weights --mlp-impl cublaslt ;; esac)
   done
 }
-lt_tests() {  # the GPU tests of the cuBLASLt MLP, then its parts timed against inductor's (lt_parts.py)
+lt_tests() {  # lt_tests LIMIT ARGS...: the GPU tests of the cuBLASLt MLP, then its parts timed against inductor's
+  # (lt_parts.py ARGS, at most LIMIT seconds)
+  local limit=$1; shift
   echo "== cuBLASLt MLP tests" >&2
   timeout 200 "$py" -m pytest -q -p no:cacheprovider tests/test_lt_mlp.py -k "on_cuda" > "$OUT/pytest_lt.log" 2>&1 \
     || echo "!! cuBLASLt MLP tests failed (rc $?)" >&2
   tail -n 3 "$OUT/pytest_lt.log" >&2
   echo "== lt_parts" >&2
-  timeout 200 "$py" experiments/bench/lt_parts.py --sweep > "$OUT/lt_parts.log" 2>&1 || echo "!! lt_parts failed (rc $?)" >&2
+  timeout "$limit" "$py" experiments/bench/lt_parts.py "$@" > "$OUT/lt_parts.log" 2>&1 \
+    || echo "!! lt_parts failed (rc $?)" >&2
   grep -v "^ " "$OUT/lt_parts.log" | tail -n 90 >&2
 }
 variant() {  # variant FLAG VALUE: "FLAG VALUE" as two arguments, nothing for the value '-' (the default)
@@ -820,7 +823,7 @@ final16c|final16d)  # session 16, after bf16 weights went into the trainer: 16c 
   ;;
 lt17a)  # session 17: the MLP's GELU in cuBLASLt's epilogues (--mlp-impl cublaslt): its GPU tests and parts, then
   # DiT-XL/2 captured with bf16 weights, cuBLASLt MLP / inductor's
-  lt_tests
+  lt_tests 200 --sweep
   captured_steps 170 dit_xl2:64:10:lt17 dit_xl2:64:10:graph16
   ;;
 lt17b)  # session 17, after lt17a on the same machine: MDT-S/2 and MDT-XL/2 captured with bf16 weights, cuBLASLt
@@ -834,13 +837,7 @@ lt17d)  # session 17: the GPU tests (now with the cuBLASLt MLP in the trainer's)
   ;;
 lt17e)  # session 17: the cuBLASLt MLP with the bias gradients in the weight-gradient matmuls (BGRADB): GPU tests,
   # parts, then MDT-S/2 captured with / without them (MDTZOO_LT_WGRAD=0: torch's sums, as in lt17a-d)
-  echo "== cuBLASLt MLP tests" >&2
-  timeout 200 "$py" -m pytest -q -p no:cacheprovider tests/test_lt_mlp.py -k "on_cuda" > "$OUT/pytest_lt.log" 2>&1 \
-    || echo "!! cuBLASLt MLP tests failed (rc $?)" >&2
-  tail -n 3 "$OUT/pytest_lt.log" >&2
-  timeout 150 "$py" experiments/bench/lt_parts.py --shapes xl,s,s_masked > "$OUT/lt_parts.log" 2>&1 \
-    || echo "!! lt_parts failed (rc $?)" >&2
-  grep -v "^ " "$OUT/lt_parts.log" | tail -n 60 >&2
+  lt_tests 150 --shapes xl,s,s_masked
   captured_steps 150 mdt_s2:256:20:lt17 mdt_s2:256:20:lt17w0
   ;;
 lt17f)  # session 17, after lt17e on the same machine: DiT-XL/2 captured with / without the BGRADB weight gradients
