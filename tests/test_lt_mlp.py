@@ -234,3 +234,11 @@ def test_the_trainer_checks_the_library_before_any_work(monkeypatch):
     lt_mlp.check_library(build_model("dit_xs2"), torch.device("cuda"))  # no cuBLASLt block: nothing to load
     with pytest.raises(ValueError, match="needs CUDA's libcublasLt"):
         lt_mlp.check_library(model, torch.device("cuda"))
+
+
+@pytest.mark.skipif(not CUDA, reason="cuBLASLt runs on a GPU")
+def test_the_trainer_check_runs_each_width_once_on_cuda():
+    from mdtzoo.models import build_model
+
+    lt_mlp.check_library(build_model("dit_xs2", mlp_impl="cublaslt"), torch.device("cuda"))  # passes
+    assert any(key[2] == "gelu_aux_bias" and key[6] == 8 for key in cublaslt._plans)  # its 8-row probe ran

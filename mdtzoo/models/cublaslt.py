@@ -74,8 +74,7 @@ def _library_path() -> str | None:
                     return path
     except OSError:
         pass
-    name = ctypes.util.find_library("cublasLt")
-    return name
+    return ctypes.util.find_library("cublasLt")
 
 
 def library():
@@ -199,8 +198,8 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, *, transa: int, m
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t with unit column stride (a contiguous copy otherwise); its row stride is the leading dimension.
-    A problem cuBLASLt has no algorithm for (e.g. widths that are not multiples of 8) is refused by name
-    in ``_plan``."""
+    A problem cuBLASLt has no algorithm for is refused by name in ``_plan`` (the trainer probes each
+    model width first: ``lt_mlp.check_library``)."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 

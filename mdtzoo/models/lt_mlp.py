@@ -91,8 +91,12 @@ def _(dy, x):
 
 def check_library(model: torch.nn.Module, device: torch.device) -> None:
     """A ValueError, before any work, if ``model`` has blocks with ``mlp_impl='cublaslt'`` that will
-    run on CUDA and libcublasLt cannot be loaded (off CUDA the ops are torch's maths: nothing needed)."""
-    if device.type != "cuda" or not any(getattr(m, "mlp_impl", None) == "cublaslt" for m in model.modules()):
+    run on CUDA and libcublasLt cannot be loaded, or has no algorithm for their widths (each width's
+    three matmuls are run once on 8 rows of bf16 zeros). Off CUDA the ops are torch's maths: nothing
+    to check."""
+    widths = sorted({(m.mlp.fc1.in_features, m.mlp.fc1.out_features) for m in model.modules()
+                     if getattr(m, "mlp_impl", None) == "cublaslt"})
+    if device.type != "cuda" or not widths:
         return
     from mdtzoo.models import cublaslt
 
@@ -100,3 +104,11 @@ def check_library(model: torch.nn.Module, device: torch.device) -> None:
         cublaslt.library()
     except RuntimeError as err:
         raise ValueError(str(err)) from err
+    for d, f in widths:
+        try:
+            x, dy = (torch.zeros(8, d, device=device, dtype=torch.bfloat16) for _ in range(2))
+            w1, w2 = torch.zeros(f, d, device=device, dtype=x.dtype), torch.zeros(d, f, device=device, dtype=x.dtype)
+            _, u = cublaslt.linear_gelu(x, w1, torch.zeros(f, device=device, dtype=x.dtype))
+            cublaslt.weight_grad(cublaslt.dgelu_linear(dy, w2, u), x)
+        except RuntimeError as err:
+            raise ValueError(f"mlp_impl='cublaslt' at width {d} (hidden {f}): {err}") from err
