@@ -846,10 +846,11 @@ lt17f)  # session 17, after lt17e on the same machine: DiT-XL/2 captured with / 
 s2next)  # prepared for session 18, not run: the GPU tests (the trainer's with the cuBLASLt MLP's BGRADB weight
   # gradients, not yet run on a GPU), then MDT-S/2 captured with bf16 weights and the cuBLASLt MLP, the biased
   # attention's forward in 3 stages (0.141 against 0.164 ms per full-pass call in session 8's sweep) against the
-  # default, alternating
+  # default, alternating, with the eager step's profile (bf16 weights, cuBLASLt MLP) between the pairs
   gpu_tests
-  for spec in "- 1" "fwd_stages=3 1" "- 2" "fwd_stages=3 2"; do
+  for spec in "- 1" "fwd_stages=3 1" "profile" "- 2" "fwd_stages=3 2"; do
     set -- $spec
+    if [ "$1" = profile ]; then profile mdt_s2 256 150 60 --bf16-weights --mlp-impl cublaslt; continue; fi
     step "step_mdt_s2_lt17_${1//[=,]/_}_$2" 150 mdt_s2 256 --steps 20 --compile --windows 2 --graph-step \
       --bf16-weights --mlp-impl cublaslt $(variant --triton-options "$1")
   done
