@@ -321,6 +321,56 @@ def test_compiled_pieces_around_the_blocks_trace_without_graph_breaks():
         assert explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("overrides", [{}, {"dense_skips": True}, {"symmetric": True}], ids=["plain", "dense", "symmetric"])
+def test_compiled_input_embedding_and_interpolator_pieces_match_eager(overrides):
+    """``compile_blocks`` compiles the input embedding (patches, positions, the kept tokens' gather)
+    and the interpolator's scatter-back and masked shortcut with inductor. Only their regions are
+    compiled here (the blocks' own compiled kernels are covered above): full and masked pass give
+    eager's outputs bit for bit (exact elementwise maths), and every gradient to float32 rounding (the
+    batch sums of the positions' and mask tokens' gradients may add in another order). Each piece
+    traces in one graph."""
+    import copy
+
+    import torch._dynamo
+
+    from mdtzoo.interp.side import _GLUE as INTERP_GLUE
+    from mdtzoo.models.transformer import _GLUE
+
+    torch.manual_seed(0)
+    model = build_model("mdt_xs2", input_size=8, num_classes=4, **overrides)
+    with torch.no_grad():  # away from adaLN-Zero's init, so every parameter gets a gradient
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([5, 700, 20]), torch.tensor([1, 3, 0])
+    mask = model.sample_mask(3, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for compiled in (False, True):
+        m = copy.deepcopy(model)
+        if compiled:
+            m._stacks.update({name: torch.compile(fn, dynamic=False) for name, fn in _GLUE.items()})
+            m.interp.compile_glue()
+            assert m.interp._glue["fill"] is not INTERP_GLUE["fill"]
+        outs = [m(x, t, y, drop_labels=False), m(x, t, y, mask, drop_labels=False)]
+        (outs[0].square().sum() + outs[1].square().sum()).backward()
+        runs.append((outs, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (eager_outs, eager_grads), (outs, grads) = runs
+    for a, b in zip(outs, eager_outs):
+        assert torch.equal(a, b)
+    assert grads.keys() == eager_grads.keys() and "pos_embed.weight" in grads
+    for name, g in eager_grads.items():
+        assert (grads[name] - g).norm() <= 1e-5 * g.norm(), name
+    out = mask.in_grid_order()
+    removed = out.mask if model.symmetric else None
+    keep = None if model.symmetric else out.ids_keep
+    h = torch.randn(3, 16 if model.symmetric else out.num_keep, 128)
+    for fn, args in ((_GLUE["embed"], (model, x, None, None)), (_GLUE["embed"], (model, x, removed, keep)),
+                     (INTERP_GLUE["fill"], (model.interp, h, None if model.symmetric else out.ids_restore)),
+                     (INTERP_GLUE["shortcut"], (torch.randn(3, 16, 128), torch.randn(3, 16, 128), out.mask))):
+        explanation = torch._dynamo.explain(fn)(*args)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+
+
 @pytest.mark.parametrize("overrides", [{}, {"long_skips": True, "dense_skips": True}], ids=["plain", "skips"])
 def test_compile_scopes_give_eager_outputs_and_gradients_and_copies_run_their_own_weights(overrides, monkeypatch):
     """``compile_blocks(scope=...)``: each block a region, or the encoder's and decoder's stacks as

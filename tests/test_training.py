@@ -400,10 +400,12 @@ def test_unknown_compile_mode_fails_before_the_run_dir_exists(toy, tmp_path):
 
 def test_stacks_compile_scope_compiles_each_stack_as_one_region(toy, tmp_path, monkeypatch):
     """train.compile_scope = 'stacks': the encoder's blocks and the decoder's as one compiled region
-    each (the model an argument), the side-interpolator's blocks one by one; compilation stubbed
+    each (the model an argument), the side-interpolator's blocks one by one, the input embedding and the
+    interpolator's pieces around its blocks as regions of their own; compilation stubbed
     (its equivalence with eager: tests/test_models.py). An unknown scope fails before the run dir."""
     from mdtzoo.diffusion import GaussianDiffusion
-    from mdtzoo.models.transformer import _STACKS
+    from mdtzoo.interp.side import _GLUE as INTERP_GLUE
+    from mdtzoo.models.transformer import _GLUE, _STACKS
 
     modules, functions = [], []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: modules.append(type(self).__name__))
@@ -411,7 +413,8 @@ def test_stacks_compile_scope_compiles_each_stack_as_one_region(toy, tmp_path, m
     monkeypatch.setattr(GaussianDiffusion, "compile_losses", lambda self, device: None)
     setup_gin(tmp_path / "run", steps=2, compile=True, compile_scope="stacks")
     assert train()["status"] == "done"
-    assert functions == [(_STACKS["encode"], {"dynamic": False}), (_STACKS["decode"], {"dynamic": False})]
+    stacks = [_GLUE["embed"], _STACKS["encode"], _STACKS["decode"], INTERP_GLUE["fill"], INTERP_GLUE["shortcut"]]
+    assert functions == [(fn, {"dynamic": False}) for fn in stacks]
     interp_blocks = len(build_model("mdt_xs2").interp.blocks)
     assert sorted(modules) == sorted(["Block"] * interp_blocks + ["TimestepEmbedder", "FinalLayer"])
     run = tmp_path / "bad"

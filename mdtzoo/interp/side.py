@@ -22,14 +22,36 @@ from mdtzoo.registry import INTERP
 
 def scatter_back(x: torch.Tensor, mask_out: MaskOut, fill: torch.Tensor | None) -> torch.Tensor:
     """Kept tokens x: (B, K, D) -> (B, N, D) in grid order; removed places get ``fill`` (D,) or 0."""
+    return _scatter_back(x, mask_out.ids_restore, fill)
+
+
+def _scatter_back(x: torch.Tensor, ids_restore: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
     b, k, d = x.shape
-    n = mask_out.ids_restore.shape[1]
+    n = ids_restore.shape[1]
     if fill is None:
         filler = x.new_zeros(b, n - k, d)
     else:
         filler = fill.to(x.dtype).expand(b, n - k, d)
     shuffled = torch.cat([x, filler], dim=1)
-    return torch.gather(shuffled, 1, mask_out.ids_restore.unsqueeze(-1).expand(b, n, d))
+    return torch.gather(shuffled, 1, ids_restore.unsqueeze(-1).expand(b, n, d))
+
+
+def _fill(interp: "Interpolator", x: torch.Tensor, ids_restore: torch.Tensor | None) -> torch.Tensor:
+    """The blocks' input q: kept tokens scattered back (unless x is already the grid), removed places
+    taking the mask token, plus the interpolator's positions."""
+    if ids_restore is not None:
+        x = _scatter_back(x, ids_restore, None if interp.mask_token is None else interp.mask_token.reshape(-1))
+    return interp.unmasked(x)
+
+
+def _shortcut(h: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The masked shortcut: removed places (mask 1) take the blocks' output h, kept places keep q.
+    Products by 0 or 1 and one add: exact, so compiled it is the eager result bit for bit."""
+    m = mask.to(h.dtype).unsqueeze(-1)
+    return m * h + (1 - m) * q
+
+
+_GLUE = {"fill": _fill, "shortcut": _shortcut}  # the pieces around the blocks; compile_glue compiles them
 
 
 class Interpolator(nn.Module):
@@ -57,22 +79,25 @@ class Interpolator(nn.Module):
             nn.init.normal_(self.mask_token, std=0.02)
         self.pos_embed = posenc.build(pos_embed, "absolute", dim, grid, num_heads=0)
         self.shortcut = bool(shortcut)
+        self._glue = dict(_GLUE)
+
+    def compile_glue(self, **options) -> None:
+        """The scatter-back with the mask token and positions, and the masked shortcut, compiled
+        (static shapes; ``options`` go to torch.compile). The blocks are compiled by the model."""
+        self._glue = {name: torch.compile(fn, dynamic=False, **options) for name, fn in _GLUE.items()}
 
     def unmasked(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.pos_embed is None else x + self.pos_embed()
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, mask_out: MaskOut) -> torch.Tensor:
-        if x.shape[1] != mask_out.ids_restore.shape[1]:
-            fill = None if self.mask_token is None else self.mask_token.reshape(-1)
-            x = scatter_back(x, mask_out, fill)
-        q = self.unmasked(x)
+        scattered = x.shape[1] != mask_out.ids_restore.shape[1]
+        q = self._glue["fill"](self, x, mask_out.ids_restore if scattered else None)
         h = q
         for block in self.blocks:
             h = block(h, c)
         if not self.shortcut or not len(self.blocks):
             return h
-        m = mask_out.mask.to(h.dtype).unsqueeze(-1)
-        return m * h + (1 - m) * q
+        return self._glue["shortcut"](h, q, mask_out.mask)
 
     def extra_repr(self) -> str:
         return f"num_blocks={len(self.blocks)}, mask_token={self.mask_token is not None}, shortcut={self.shortcut}"

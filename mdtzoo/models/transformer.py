@@ -107,7 +107,8 @@ class DiffusionTransformer(nn.Module):
         )
         self.input_mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if self.symmetric else None
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self._stacks = dict(_STACKS)  # how forward runs the encoder's and decoder's blocks (compile_blocks)
+        # how forward runs the input embedding and the encoder's and decoder's blocks (compile_blocks)
+        self._stacks = {**_STACKS, **_GLUE}
         self.initialize_weights()
         assert num_patches == self.x_embedder.num_patches
 
@@ -147,15 +148,20 @@ class DiffusionTransformer(nn.Module):
         masked pass (a fixed kept count compiles once) -- not one per layer. 'stacks': the
         encoder's blocks as one region and the decoder's as another (the side-interpolator's
         blocks one by one): fewer region calls per step, each with its guards and autograd
-        wrappers on the host, for a longer compile. Masks, gathers and the loss stay eager, where
-        the per-step random generators live; state-dict keys are unchanged. ``mode``: a
+        wrappers on the host, for a longer compile. At either scope the input embedding (patches,
+        positions, the kept tokens' gather) and the side-interpolator's pieces around its blocks
+        (``Interpolator.compile_glue``) are compiled too, bitwise the eager maths. Masks and label
+        dropout stay eager, where the per-step random generators live; state-dict keys are unchanged. ``mode``: a
         torch.compile mode (None or 'default': the default; 'reduce-overhead' replays each
         region as CUDA graphs).
         """
         check_compile_scope(scope)
         options = {} if mode in (None, "default") else {"mode": mode}
-        if scope == "stacks":  # the model is an argument, so copies (EMA) run their own weights
-            self._stacks = {name: torch.compile(fn, dynamic=False, **options) for name, fn in _STACKS.items()}
+        # the model is an argument, so copies (EMA) run their own weights
+        compiled = {**_GLUE, **(_STACKS if scope == "stacks" else {})}
+        self._stacks = {**_STACKS, **{name: torch.compile(fn, dynamic=False, **options) for name, fn in compiled.items()}}
+        if hasattr(self.interp, "compile_glue"):
+            self.interp.compile_glue(**options)
         stacked = set(self.blocks) if scope == "stacks" else set()
         for block in self.all_blocks():
             if block not in stacked:
@@ -232,25 +238,36 @@ class DiffusionTransformer(nn.Module):
         drop = self.training if drop_labels is None else drop_labels
         c = self.t_embedder(t) + self.y_embedder(y, drop, generator)
 
-        h = self.x_embedder(x)  # (B, N, D)
-        if mask_out is not None and self.symmetric:
-            # Symmetric encoder (paper Table 5a): removed tokens stay, replaced by a learned token.
-            m = mask_out.mask.to(h.dtype).unsqueeze(-1)
-            h = h * (1 - m) + m * self.input_mask_token.to(h.dtype)
-        if self.pos_embed is not None:
-            h = h + self.pos_embed()
-        input_skip = h if self.dense_skips else None
         ids_keep = None
         if mask_out is not None and not self.symmetric:
             mask_out = mask_out.in_grid_order()  # the same result; contiguous bias reads in attention
             ids_keep = mask_out.ids_keep
-            h = torch.gather(h, 1, ids_keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        removed = mask_out.mask if mask_out is not None and self.symmetric else None
+        h, input_skip = self._stacks["embed"](self, x, removed, ids_keep)
 
         h = self._stacks["encode"](self, h, c, ids_keep)
         if self.interp is not None:
             h = self.interp(h, c, mask_out) if mask_out is not None else self.interp.unmasked(h)
         h = self._stacks["decode"](self, h, c, input_skip)
         return self.unpatchify(self.final_layer(h, c))
+
+    def _embed(self, x, removed, ids_keep):
+        """Tokens (B, N, D) with their absolute positions, then the kept ones (B, K, D) where ``ids_keep``
+        is given; also the tokens before that gather when the decoder takes them (dense skips), else
+        None. ``removed`` (B, N), 1 = removed: a symmetric encoder's mask, its places take the input
+        mask token. Elementwise maths only (products by 0 or 1 and single adds), so compiled
+        (``compile_blocks``) it gives the eager result bit for bit."""
+        h = self.x_embedder(x)  # (B, N, D)
+        if removed is not None:
+            # Symmetric encoder (paper Table 5a): removed tokens stay, replaced by a learned token.
+            m = removed.to(h.dtype).unsqueeze(-1)
+            h = h * (1 - m) + m * self.input_mask_token.to(h.dtype)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed()
+        input_skip = h if self.dense_skips else None
+        if ids_keep is not None:
+            h = torch.gather(h, 1, ids_keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        return h, input_skip
 
     def _decode(self, h, c, input_skip):
         for block in self.blocks[self.num_encoder_blocks :]:
@@ -301,3 +318,5 @@ def check_compile_scope(scope: str) -> str:
 
 # how forward runs the encoder's and the decoder's blocks: eager, or compiled by compile_blocks(scope='stacks')
 _STACKS = {"encode": DiffusionTransformer._encode, "decode": DiffusionTransformer._decode}
+# the eager pieces between the compiled blocks, compiled by compile_blocks at either scope
+_GLUE = {"embed": DiffusionTransformer._embed}
