@@ -79,6 +79,7 @@
 #   bash experiments/bench/gpu_bench.sh lt17a     # the cuBLASLt GELU-epilogue MLP: GPU tests, lt_parts.py, DiT-XL/2 captured with / without it
 #   bash experiments/bench/gpu_bench.sh lt17b     # the same at MDT-S/2 (with / without) and MDT-XL/2 (with), after lt17a
 #   bash experiments/bench/gpu_bench.sh lt17e     # the cuBLASLt MLP's bias gradients in its weight-gradient matmuls (BGRADB): tests, parts, MDT-S/2 with / without
+#   bash experiments/bench/gpu_bench.sh s18a      # GPU tests of the cuBLASLt ops; MDT-S/2: OLD / compiled glue / + linear_impl cublaslt, alternating
 #   bash experiments/bench/gpu_bench.sh s2next    # (prepared) the GPU tests, then MDT-S/2 with the attention forward in 3 stages, alternating
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -853,6 +854,22 @@ s2next)  # prepared for session 18, not run: the GPU tests (the trainer's with t
     if [ "$1" = profile ]; then profile mdt_s2 256 150 60 --bf16-weights --mlp-impl cublaslt; continue; fi
     step "step_mdt_s2_lt17_${1//[=,]/_}_$2" 150 mdt_s2 256 --steps 20 --compile --windows 2 --graph-step \
       --bf16-weights --mlp-impl cublaslt $(variant --triton-options "$1")
+  done
+  ;;
+s18a)  # session 18: the GPU tests of the cuBLASLt ops (linear_impl's among them), then MDT-S/2 captured with bf16
+  # weights and the cuBLASLt MLP: the code before the compiled input embedding and interpolator pieces (OLD=dir
+  # holding that commit's mdtzoo/), this code, and this code with --linear-impl cublaslt, alternating
+  echo "== cuBLASLt tests" >&2
+  timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/test_lt_mlp.py -k "on_cuda" > "$OUT/pytest_lt.log" 2>&1 \
+    || echo "!! cuBLASLt tests failed (rc $?)" >&2
+  tail -n 3 "$OUT/pytest_lt.log" >&2
+  for round in 1 2; do
+    old_step "step_mdt_s2_old_$round" 150 mdt_s2 256 --steps 20 --compile --windows 2 --graph-step --bf16-weights \
+      --mlp-impl cublaslt
+    for lin in torch cublaslt; do
+      step "step_mdt_s2_glue_${lin}_$round" 150 mdt_s2 256 --steps 20 --compile --windows 2 --graph-step \
+        --bf16-weights --mlp-impl cublaslt --linear-impl "$lin"
+    done
   done
   ;;
 lt17c)  # session 17, after lt17b on the same machine: DiT-XL/2 again, inductor's MLP first this time
