@@ -135,7 +135,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                      precision: str = "auto", passes: str = "auto", steps: int = 10, warmup: int = 3,
                      peak_tflops: float = DEFAULT_PEAK_TFLOPS, device: str | None = None,
                      seed: int = 0, attn_impl: str = "auto", norm_impl: str = "triton", mlp_impl: str = "torch",
-                     linear_impl: str = "torch", separate_passes: bool = True,
+                     separate_passes: bool = True,
                      activation_checkpointing: bool = False, profile: bool = False, flex_options: str | None = None,
                      triton_options: str | None = None, inductor_options: str | None = None,
                      update: str = "auto", hold_grads: bool = True, windows: int = 0, graph_step: bool = False,
@@ -150,9 +150,6 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     ``norm_impl``: the blocks' ``norm_impl`` ('torch', 'triton': ``models.triton_norm``);
     ``mlp_impl``: the blocks' ``mlp_impl`` ('torch', 'triton': ``models.triton_mlp``, 'cublaslt':
     ``models.lt_mlp``);
-    ``linear_impl``: the blocks' ``linear_impl`` ('torch', 'cublaslt': the attention projections' and skip
-    layer's bias gradients inside their weight gradients' cuBLASLt matmuls, ``lt_mlp.BiasGradLinear``;
-    checked against float64 first, ``check_linear``);
     ``windows``: after the per-step timing, that many windows of ``steps`` steps each enqueued back to
     back between two CUDA events (one sync per window, as a training loop that does not wait for each
     step): ``window_step_ms`` (median per step) and ``window_img_per_s``.
@@ -175,7 +172,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     from mdtzoo.training import distributed as dist_util
     from mdtzoo.diffusion import build_diffusion
     from mdtzoo.models import build_model
-    from mdtzoo.models.blocks import check_linear_impl, check_mlp_impl, check_norm_impl
+    from mdtzoo.models.blocks import check_mlp_impl, check_norm_impl
     from mdtzoo.models.transformer import check_compile_scope
     from mdtzoo.models.triton_norm import MAX_WIDTH as MAX_NORM_WIDTH
     from mdtzoo.training.ema import EMA
@@ -195,7 +192,6 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     check_update_mode(update)
     check_norm_impl(norm_impl)
     check_mlp_impl(mlp_impl)
-    check_linear_impl(linear_impl)
     check_compile_scope(compile_scope)
     if graph_step and warmup <= GRAPH_WARMUP:
         raise ValueError(f"graph_step needs warmup > {GRAPH_WARMUP} (eager steps, then the capture); got {warmup}")
@@ -223,8 +219,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
         model=model_name, batch=batch, precision=precision, compile=compile if isinstance(compile, str) else bool(compile),
         passes=passes, compile_scope=compile_scope,
         steps=steps, warmup=warmup, peak_tflops=peak_tflops, device=dev.type, world=info.world,
-        attn_impl=attn_impl, norm_impl=norm_impl, mlp_impl=mlp_impl, linear_impl=linear_impl, flex_options=flex_options,
-        triton_options=triton_options,
+        attn_impl=attn_impl, norm_impl=norm_impl, mlp_impl=mlp_impl, flex_options=flex_options, triton_options=triton_options,
         inductor_options=inductor_options, separate_passes=bool(separate_passes), kernel_ops=_kernel_ops_mode(),
         graph_step=bool(graph_step), bf16_weights=bool(bf16_weights),
         activation_checkpointing=bool(activation_checkpointing),
@@ -241,10 +236,7 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
     try:
         # ImageNet latents: 32x32x4, 1000 classes (the presets' defaults, stated for clarity).
         model = build_model(model_name, input_size=32, in_channels=4, num_classes=1000, attn_impl=attn_impl,
-                            norm_impl=norm_impl, mlp_impl=mlp_impl, linear_impl=linear_impl)
-        if linear_impl != "torch" and cuda:  # each layer's bias gradient in its weight gradient's matmul, checked
-            result["linear_errors"] = check_linear(model, device=dev)
-            log(f"BiasGradLinear checked against float64: {result['linear_errors']}")
+                            norm_impl=norm_impl, mlp_impl=mlp_impl)
         if mlp_impl != "torch" and cuda:  # the fused GELU, checked at the model's width first
             result["mlp_errors"] = check_mlp(model.hidden_size, device=dev, impl=mlp_impl)
             if mlp_impl == "cublaslt":
@@ -589,35 +581,6 @@ def check_mlp(dim: int, *, batch: int = 4, tokens: int = 256, device=None, impl:
                            "fused MLP")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    return worst
-
-
-def check_linear(model, *, tokens: int = 1024, device=None) -> dict:
-    """Relative errors of ``lt_mlp.BiasGradLinear`` against float64 maths for each distinct shape of
-    ``model``'s layers with ``linear_impl='cublaslt'``: the output and the input, weight and bias
-    gradients under bf16 autocast (< 2e-2; ``nn.Linear`` itself under autocast is checked alike, its
-    errors under ``module_...`` for scale). Raises AssertionError past the bound; returns the worst."""
-    from mdtzoo.models import lt_mlp
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    g = torch.Generator(device="cpu").manual_seed(0)
-    worst = {}
-    for k, f in sorted({(m.in_features, m.out_features) for m in lt_mlp._lt_linears(model)}):
-        layer = torch.nn.Linear(k, f).to(dev)
-        x0, dy = torch.randn(tokens, k, generator=g).to(dev), torch.randn(tokens, f, generator=g).to(dev)
-
-        def run(forward, dtype, autocast):
-            x = x0.to(dtype, copy=True).requires_grad_(True)
-            layer.to(dtype).zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, torch.bfloat16, enabled=autocast):
-                y = forward(x)
-            y.to(dtype).backward(dy.to(dtype))
-            return [t.double() for t in (y, x.grad, layer.weight.grad, layer.bias.grad)]
-
-        ref = run(layer, torch.float64, False)
-        for key, forward in (("bfloat16", lambda x: lt_mlp.linear(x, layer)), ("module_bfloat16", layer)):
-            _record_errors(worst, f"{key}_{k}x{f}", ("y", "dx", "dw", "db"), run(forward, torch.float32, True), ref,
-                           2e-2, "BiasGradLinear")
     return worst
 
 

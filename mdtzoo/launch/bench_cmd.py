@@ -15,14 +15,13 @@ import json
 import sys
 
 # = mdtzoo.training.objective.COMPILE_MODES, mdtzoo.models.transformer.COMPILE_SCOPES,
-# mdtzoo.models.attention.IMPLS and mdtzoo.models.blocks.NORM_IMPLS, MLP_IMPLS and LINEAR_IMPLS (tests keep them equal), spelled
+# mdtzoo.models.attention.IMPLS and mdtzoo.models.blocks.NORM_IMPLS (tests keep them equal), spelled
 # here so `mdtzoo --help` stays torch-free
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_SCOPES = ("blocks", "stacks")
 ATTN_IMPLS = ("auto", "sdpa", "explicit", "flex", "triton")
 NORM_IMPLS = ("torch", "triton")
 MLP_IMPLS = ("torch", "triton", "cublaslt")
-LINEAR_IMPLS = ("torch", "cublaslt")
 
 
 def run_train_step(args) -> int:
@@ -35,7 +34,6 @@ def run_train_step(args) -> int:
         precision=args.precision, passes=args.passes,
         steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops, device=args.device,
         seed=args.seed, attn_impl=args.attn, norm_impl=args.norm_impl, mlp_impl=args.mlp_impl,
-        linear_impl=args.linear_impl,
         separate_passes=not args.joint_backward,
         activation_checkpointing=args.activation_checkpointing, profile=args.profile, flex_options=args.flex_options,
         triton_options=args.triton_options, inductor_options=args.inductor_options, update=args.update,
@@ -161,9 +159,6 @@ def add_parser(sub) -> None:
                         "into the second linear's input-gradient matmul (triton, models/triton_mlp.py; CUDA; measured "
                         "slower, docs/performance.md session 13), or with the GELU and its backward inside cuBLASLt's "
                         "matmul epilogues (cublaslt, models/lt_mlp.py; bf16 on CUDA)")
-    t.add_argument("--linear-impl", default="torch", choices=LINEAR_IMPLS,
-                   help="the blocks' attention projections and skip layer: nn.Linear (torch), or with each bias "
-                        "gradient inside its weight gradient's cuBLASLt matmul (cublaslt, models/lt_mlp.py; bf16 on CUDA)")
     t.add_argument("--windows", type=int, default=0,
                    help="also time this many windows of --steps steps enqueued back to back (one sync per window)")
     t.add_argument("--graph-step", action="store_true",

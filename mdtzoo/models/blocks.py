@@ -17,7 +17,6 @@ from mdtzoo.models.attention import attention, check_impl
 
 NORM_IMPLS = ("torch", "triton")
 MLP_IMPLS = ("torch", "triton", "cublaslt")
-LINEAR_IMPLS = ("torch", "cublaslt")
 
 
 def check_norm_impl(impl: str) -> str:
@@ -32,20 +31,6 @@ def check_mlp_impl(impl: str) -> str:
     return impl
 
 
-def check_linear_impl(impl: str) -> str:
-    if impl not in LINEAR_IMPLS:
-        raise ValueError(f"unknown linear_impl {impl!r}; valid: {', '.join(repr(i) for i in LINEAR_IMPLS)}")
-    return impl
-
-
-def _linear(x: torch.Tensor, layer: nn.Linear, impl: str) -> torch.Tensor:
-    if impl == "torch":
-        return layer(x)
-    from mdtzoo.models.lt_mlp import linear
-
-    return linear(x, layer)
-
-
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation. x: (B, N, D); shift, scale: (B, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -58,8 +43,7 @@ class Attention(nn.Module):
     positions the N = K tokens sit at in the masked pass.
     """
 
-    def __init__(self, dim: int, num_heads: int, rel_pos_bias: nn.Module | None = None, impl: str = "auto",
-                 linear_impl: str = "torch"):
+    def __init__(self, dim: int, num_heads: int, rel_pos_bias: nn.Module | None = None, impl: str = "auto"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
@@ -68,14 +52,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_bias = rel_pos_bias
         self.impl = check_impl(impl)
-        self.linear_impl = check_linear_impl(linear_impl)
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
-        qkv = _linear(x, self.qkv, self.linear_impl).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         out = attention(q, k, v, self.rel_pos_bias, ids_keep, impl=self.impl, qkv=qkv)
-        return _linear(out.transpose(1, 2).reshape(b, n, d), self.proj, self.linear_impl)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class Block(nn.Module):
@@ -90,9 +73,7 @@ class Block(nn.Module):
     timm's Mlp, compiled by inductor), 'triton' (the same maths with the GELU's backward fused into the
     second linear's input-gradient matmul, ``models.triton_mlp``; CUDA, elsewhere the module itself) or
     'cublaslt' (the GELU and its backward in cuBLASLt's matmul epilogues, ``models.lt_mlp``; bf16/fp16
-    on CUDA, elsewhere the same maths in torch ops). ``linear_impl``: 'torch' (default: ``nn.Linear``)
-    or 'cublaslt' (the attention's qkv and output projections and the skip layer with each bias
-    gradient inside its weight gradient's cuBLASLt matmul, ``lt_mlp.BiasGradLinear``; the same maths).
+    on CUDA, elsewhere the same maths in torch ops).
     """
 
     def __init__(
@@ -105,23 +86,17 @@ class Block(nn.Module):
         attn_impl: str = "auto",
         norm_impl: str = "triton",
         mlp_impl: str = "torch",
-        linear_impl: str = "torch",
     ):
         super().__init__()
         self.norm_impl = check_norm_impl(norm_impl)
         self.mlp_impl = check_mlp_impl(mlp_impl)
-        self.linear_impl = check_linear_impl(linear_impl)
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads, rel_pos_bias=rel_pos_bias, impl=attn_impl, linear_impl=linear_impl)
+        self.attn = Attention(dim, num_heads, rel_pos_bias=rel_pos_bias, impl=attn_impl)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
         self.checkpoint_activations = False
-
-    def lt_linears(self) -> list[nn.Linear]:
-        """The Linear layers ``linear_impl`` routes (the attention's qkv and proj, the skip layer)."""
-        return [self.attn.qkv, self.attn.proj] + ([self.skip_linear] if self.skip_linear is not None else [])
 
     def forward(self, x, c, skip=None, ids_keep=None):
         if self.checkpoint_activations and torch.is_grad_enabled():
@@ -132,7 +107,7 @@ class Block(nn.Module):
         if self.skip_linear is not None:
             if skip is None:
                 raise ValueError("this block fuses a skip input (skip_linear) but got none")
-            x = _linear(torch.cat([x, skip], dim=-1), self.skip_linear, self.linear_impl)
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         if self.norm_impl == "triton":
             from mdtzoo.models.triton_norm import gated_residual_norm, norm_fork

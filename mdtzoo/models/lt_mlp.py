@@ -11,9 +11,6 @@ Against the default (cuBLAS matmuls and inductor's GELU kernels) this drops the 
 of u, the backward's GELU kernel and both bias sums; it keeps g as well as u for fc2's weight
 gradient (the default may keep u alone and recompute g), one more (tokens, 4D) tensor per block.
 ``GeluMLP`` in ``models.triton_mlp`` is the autograd Function that calls them (with ``fused='cublaslt'``).
-``BiasGradLinear`` (``linear_impl='cublaslt'``) gives the blocks' other token-wise Linear layers (the
-attention's qkv and output projections, a skip layer) the third: their bias gradients inside their
-weight gradients' matmuls, where inductor would sum them in a kernel of their own.
 
 On CUDA with bf16 or fp16 inputs the ops call cuBLASLt (``models.cublaslt``); elsewhere (the CPU,
 float32) they are the same maths in torch, so the block, its gradients and its compiled graph are
@@ -92,54 +89,14 @@ def _(dy, x):
     return dy.new_empty((dy.shape[1], x.shape[1])), dy.new_empty((dy.shape[1],))
 
 
-class BiasGradLinear(torch.autograd.Function):
-    """y = x w^T + b as ``nn.Linear`` computes it (under autocast in autocast's dtype, the bias gradient
-    rounded to it), with the weight gradient and the bias gradient from one matmul
-    (``lt_weight_grad``: cuBLASLt's BGRADB on CUDA in bf16/fp16). The blocks' attention projections
-    and skip layer with ``linear_impl='cublaslt'`` (``Block``). x: (..., K), w: (F, K), b: (F,)."""
-
-    @staticmethod
-    def forward(ctx, x, w, b):
-        from mdtzoo.models.triton_mlp import _compute_dtype
-
-        dt = _compute_dtype(x)
-        xc, wc = x.to(dt), w.to(dt)
-        ctx.save_for_backward(xc, wc)
-        ctx.dtypes = (x.dtype, w.dtype, b.dtype)
-        return F.linear(xc, wc, b.to(dt))
-
-    @staticmethod
-    def backward(ctx, dy):
-        xc, wc = ctx.saved_tensors
-        x_dt, w_dt, b_dt = ctx.dtypes
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(xc.dtype)
-        dw, db = weight_grad(dy2, xc.reshape(-1, xc.shape[-1]))
-        dx = (dy2 @ wc).reshape(xc.shape).to(x_dt) if ctx.needs_input_grad[0] else None
-        return dx, dw.to(w_dt), db.to(b_dt)
-
-
-def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    """``layer(x)`` through ``BiasGradLinear`` (16- or 32-bit floats; the layer itself otherwise)."""
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or layer.bias is None:
-        return layer(x)
-    return BiasGradLinear.apply(x, layer.weight, layer.bias)
-
-
-def _lt_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
-    """The Linear layers of ``model``'s blocks with ``linear_impl='cublaslt'``."""
-    return [layer for m in model.modules() if getattr(m, "linear_impl", None) == "cublaslt"
-            and hasattr(m, "lt_linears") for layer in m.lt_linears()]
-
-
 def check_library(model: torch.nn.Module, device: torch.device) -> None:
-    """A ValueError, before any work, if ``model`` has blocks with ``mlp_impl='cublaslt'`` or
-    ``linear_impl='cublaslt'`` that will run on CUDA and libcublasLt cannot be loaded, or has no
-    algorithm for their widths (each MLP width's three matmuls and each layer's weight gradient are
-    run once on 8 rows of bf16 zeros). Off CUDA the ops are torch's maths: nothing to check."""
+    """A ValueError, before any work, if ``model`` has blocks with ``mlp_impl='cublaslt'`` that will
+    run on CUDA and libcublasLt cannot be loaded, or has no algorithm for their widths (each width's
+    three matmuls are run once on 8 rows of bf16 zeros). Off CUDA the ops are torch's maths: nothing
+    to check."""
     widths = sorted({(m.mlp.fc1.in_features, m.mlp.fc1.out_features) for m in model.modules()
                      if getattr(m, "mlp_impl", None) == "cublaslt"})
-    layers = sorted({(layer.in_features, layer.out_features) for layer in _lt_linears(model)})
-    if device.type != "cuda" or not (widths or layers):
+    if device.type != "cuda" or not widths:
         return
     from mdtzoo.models import cublaslt
 
@@ -147,19 +104,11 @@ def check_library(model: torch.nn.Module, device: torch.device) -> None:
         cublaslt.library()
     except RuntimeError as err:
         raise ValueError(str(err)) from err
-
-    def zeros(*shape):
-        return torch.zeros(*shape, device=device, dtype=torch.bfloat16)
-
     for d, f in widths:
         try:
-            x, dy = zeros(8, d), zeros(8, d)
-            _, u = cublaslt.linear_gelu(x, zeros(f, d), zeros(f))
-            cublaslt.weight_grad(cublaslt.dgelu_linear(dy, zeros(d, f), u), x)
+            x, dy = (torch.zeros(8, d, device=device, dtype=torch.bfloat16) for _ in range(2))
+            w1, w2 = torch.zeros(f, d, device=device, dtype=x.dtype), torch.zeros(d, f, device=device, dtype=x.dtype)
+            _, u = cublaslt.linear_gelu(x, w1, torch.zeros(f, device=device, dtype=x.dtype))
+            cublaslt.weight_grad(cublaslt.dgelu_linear(dy, w2, u), x)
         except RuntimeError as err:
             raise ValueError(f"mlp_impl='cublaslt' at width {d} (hidden {f}): {err}") from err
-    for k, f in layers:
-        try:
-            cublaslt.weight_grad(zeros(8, f), zeros(8, k))
-        except RuntimeError as err:
-            raise ValueError(f"linear_impl='cublaslt' for a Linear({k}, {f}): {err}") from err

@@ -23,8 +23,8 @@ from torch import nn
 from mdtzoo import masking as masking_lib
 from mdtzoo import posenc
 from mdtzoo.masking.base import MaskOut
-from mdtzoo.models.blocks import (Block, FinalLayer, LabelEmbedder, TimestepEmbedder, check_linear_impl,
-                                  check_mlp_impl, check_norm_impl)
+from mdtzoo.models.blocks import (Block, FinalLayer, LabelEmbedder, TimestepEmbedder, check_mlp_impl,
+                                  check_norm_impl)
 from mdtzoo.registry import INTERP, MASKING
 
 
@@ -35,8 +35,8 @@ class DiffusionTransformer(nn.Module):
     M (B, N) 1 = removed (or a MaskOut, or ``True`` to draw one with ``self.masking``).
     x: (B, C, H, W), t: (B,) int or float timesteps, y: (B,) int64 labels
     -> (B, 2C, H, W) with learned sigma, else (B, C, H, W).
-    ``attn_impl``, ``norm_impl``, ``mlp_impl`` and ``linear_impl`` pick the blocks' kernels (``Attention``,
-    ``Block``); none changes the maths.
+    ``attn_impl``, ``norm_impl`` and ``mlp_impl`` pick the blocks' kernels (``Attention``, ``Block``);
+    none changes the maths.
     """
 
     def __init__(
@@ -62,7 +62,6 @@ class DiffusionTransformer(nn.Module):
         attn_impl: str = "auto",
         norm_impl: str = "triton",
         mlp_impl: str = "torch",
-        linear_impl: str = "torch",
     ):
         super().__init__()
         if input_size % patch_size:
@@ -73,7 +72,6 @@ class DiffusionTransformer(nn.Module):
             )
         check_norm_impl(norm_impl)  # before any parameters are made
         check_mlp_impl(mlp_impl)
-        check_linear_impl(linear_impl)
         if not 0 <= decode_layer <= depth:
             raise ValueError(f"decode_layer (side-interpolator position) must be in 0..{depth}; got {decode_layer}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
@@ -92,7 +90,7 @@ class DiffusionTransformer(nn.Module):
         def make_block(skip: bool = False) -> Block:
             bias = posenc.build(rel_pos, "relative", hidden_size, self.grid, num_heads)
             return Block(hidden_size, num_heads, mlp_ratio, rel_pos_bias=bias, skip=skip, attn_impl=attn_impl,
-                         norm_impl=norm_impl, mlp_impl=mlp_impl, linear_impl=linear_impl)
+                         norm_impl=norm_impl, mlp_impl=mlp_impl)
 
         n_enc = depth - self.decode_layer
         # U-ViT long skips: the first half of the encoder feeds the second half, last in first out.
