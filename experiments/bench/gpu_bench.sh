@@ -80,6 +80,7 @@
 #   bash experiments/bench/gpu_bench.sh lt17b     # the same at MDT-S/2 (with / without) and MDT-XL/2 (with), after lt17a
 #   bash experiments/bench/gpu_bench.sh lt17e     # the cuBLASLt MLP's bias gradients in its weight-gradient matmuls (BGRADB): tests, parts, MDT-S/2 with / without
 #   bash experiments/bench/gpu_bench.sh s18a      # GPU tests of the cuBLASLt ops; MDT-S/2: OLD / compiled glue / + linear_impl cublaslt, alternating
+#   bash experiments/bench/gpu_bench.sh s18b      # the trainer at MDT-S/2 (captured, bf16 weights, cuBLASLt MLP), then the S/2 and MDT-XL/2 steps
 #   bash experiments/bench/gpu_bench.sh s2next    # (prepared) the GPU tests, then MDT-S/2 with the attention forward in 3 stages, alternating
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -856,9 +857,10 @@ s2next)  # prepared for session 18, not run: the GPU tests (the trainer's with t
       --bf16-weights --mlp-impl cublaslt $(variant --triton-options "$1")
   done
   ;;
-s18a)  # session 18: the GPU tests of the cuBLASLt ops (linear_impl's among them), then MDT-S/2 captured with bf16
-  # weights and the cuBLASLt MLP: the code before the compiled input embedding and interpolator pieces (OLD=dir
-  # holding that commit's mdtzoo/), this code, and this code with --linear-impl cublaslt, alternating
+s18a)  # session 18, ran at 8a64923 (call c2): the GPU tests of the cuBLASLt ops (linear_impl's among them), then
+  # MDT-S/2 captured with bf16 weights and the cuBLASLt MLP: the code before the compiled input embedding and
+  # interpolator pieces (OLD=dir holding that commit's mdtzoo/), this code, and this code with --linear-impl
+  # cublaslt, alternating. linear_impl measured slower and was removed after, so this code no longer takes it.
   echo "== cuBLASLt tests" >&2
   timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/test_lt_mlp.py -k "on_cuda" > "$OUT/pytest_lt.log" 2>&1 \
     || echo "!! cuBLASLt tests failed (rc $?)" >&2
@@ -871,6 +873,12 @@ s18a)  # session 18: the GPU tests of the cuBLASLt ops (linear_impl's among them
         --bf16-weights --mlp-impl cublaslt --linear-impl "$lin"
     done
   done
+  ;;
+s18b)  # session 18: the trainer at MDT-S/2 b256 captured with bf16 weights and the cuBLASLt MLP (the compiled input
+  # embedding and interpolator pieces in), then the same step benchmarked, then MDT-XL/2's step, on one machine
+  TRAINER_LIMIT=200 trainer_runs 60 "mdt_s2 lt17"
+  captured_steps 150 mdt_s2:256:20:lt17
+  captured_steps 230 mdt_xl2:64:10:lt17
   ;;
 lt17c)  # session 17, after lt17b on the same machine: DiT-XL/2 again, inductor's MLP first this time
   captured_steps 170 dit_xl2:64:10:graph16 dit_xl2:64:10:lt17
