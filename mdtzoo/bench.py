@@ -358,6 +358,10 @@ def bench_train_step(model_name: str = "mdt_xl2", batch: int = 64, *, compile: b
                 result["peak_allocated_gib"] = result["peak_mem_gib"]
                 result["peak_mem_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
                 result["peak_mem_kind"] = "reserved"
+            if mlp_impl == "cublaslt":  # how many of the MLP's matmul problems ran a tuned algorithm
+                from mdtzoo.models import cublaslt
+
+                result["lt_tuned_plans"] = cublaslt.tuned_plans()
     if result["status"] == "ok":
         median = statistics.median(times)
         tflops = flops / median / 1e12  # per GPU

@@ -242,3 +242,64 @@ def test_the_trainer_check_runs_each_width_once_on_cuda():
 
     lt_mlp.check_library(build_model("dit_xs2", mlp_impl="cublaslt"), torch.device("cuda"))  # passes
     assert any(key[2] == "gelu_aux_bias" and key[6] == 8 for key in cublaslt._plans)  # its 8-row probe ran
+
+
+# ---- the tuned algorithm table (cublaslt_algos.json, experiments/bench/lt_tune.py) ----
+
+KEY = (0, torch.bfloat16, "dgelu", 0, 0, 1536, 65536, 384, 1536, 384, 1536, (256, 256, 256))
+
+
+def test_a_problem_runs_the_tuned_table_s_algorithm_else_the_first(monkeypatch):
+    """The index comes from ALGO_PICK (benchmarks) first, then the table entry for the problem, else 0;
+    an index past what the heuristic offered falls back to 0; the choice is kept per problem."""
+    name = cublaslt.problem_name(KEY)
+    assert name == "dgelu bfloat16 0 0 1536 65536 384 1536 384 1536 256/256/256"
+    monkeypatch.setattr(cublaslt, "_tuned", {0: {name: 3}})
+    monkeypatch.setattr(cublaslt, "_picks", {})
+    assert cublaslt._pick(KEY, 8) == 3 and cublaslt.tuned_plans() == 1
+    other = KEY[:5] + (3072,) + KEY[6:]
+    assert cublaslt._pick(other, 8) == 0 and cublaslt.tuned_plans() == 1
+    monkeypatch.setitem(cublaslt.ALGO_PICK, "dgelu", 5)  # (a benchmark's override, capped at what was offered)
+    assert cublaslt._pick(KEY, 8) == 5 and cublaslt._pick(KEY, 4) == 3
+    monkeypatch.setattr(cublaslt, "_picks", {})
+    monkeypatch.delitem(cublaslt.ALGO_PICK, "dgelu")
+    assert cublaslt._pick(KEY, 3) == 0  # the table's 3 is not among the 3 the heuristic offered
+
+
+def test_the_shipped_table_names_valid_problems(monkeypatch):
+    """Every entry of cublaslt_algos.json: a card|version key, problems named as ``problem_name`` names
+    them (an epilogue cuBLASLt runs here, a dtype, 9 integers, 3 alignments), and an index the heuristic
+    can offer (1 .. CANDIDATES-1; the first is the default and not stored). MDTZOO_LT_TUNED=0: not read."""
+    import json
+
+    with open(cublaslt.TUNED_FILE) as f:
+        table = json.load(f)
+    for card, entries in table.items():
+        assert "|" in card and card.split("|")[1].isdigit()
+        for problem, index in entries.items():
+            epilogue, dtype, *numbers, aligns = problem.split()
+            assert epilogue in cublaslt.EPILOGUES and dtype in ("bfloat16", "float16")
+            assert len(numbers) == 8 and all(n.isdigit() for n in numbers)
+            assert all(a.isdigit() for a in aligns.split("/")) and len(aligns.split("/")) == 3
+            assert isinstance(index, int) and 1 <= index < cublaslt.CANDIDATES
+    monkeypatch.setenv("MDTZOO_LT_TUNED", "0")
+    monkeypatch.setattr(cublaslt, "_tuned", {})
+    assert cublaslt.tuned(0) == {}  # (without touching the library)
+
+
+@pytest.mark.skipif(not CUDA, reason="cuBLASLt runs on a GPU")
+def test_a_tuned_algorithm_runs_and_repeats_on_cuda(monkeypatch):
+    """A table entry moves one problem to the heuristic's second algorithm: the result agrees with the
+    first's to bf16 rounding and two calls give the same bits."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    dy, w, u = (torch.randn(*shape, generator=g).cuda().to(torch.bfloat16)
+                for shape in ((4096, 384), (384, 1536), (4096, 1536)))
+    first = cublaslt.dgelu_linear(dy, w, u)
+    key = next(k for k in cublaslt._plans if k[2] == "dgelu" and k[6] == 4096)
+    if len(cublaslt._plans[key][4]) < 2:
+        pytest.skip("the heuristic offered one algorithm")
+    monkeypatch.setattr(cublaslt, "_tuned", {0: {cublaslt.problem_name(key): 1}})
+    monkeypatch.setattr(cublaslt, "_picks", {})
+    a, b = cublaslt.dgelu_linear(dy, w, u), cublaslt.dgelu_linear(dy, w, u)
+    assert cublaslt.tuned_plans() == 1 and torch.equal(a, b)
+    assert _rel(a, first) < 1e-2

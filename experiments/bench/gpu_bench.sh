@@ -81,6 +81,7 @@
 #   bash experiments/bench/gpu_bench.sh lt17e     # the cuBLASLt MLP's bias gradients in its weight-gradient matmuls (BGRADB): tests, parts, MDT-S/2 with / without
 #   bash experiments/bench/gpu_bench.sh s18a      # GPU tests of the cuBLASLt ops; MDT-S/2: OLD / compiled glue / + linear_impl cublaslt, alternating
 #   bash experiments/bench/gpu_bench.sh s18b      # the trainer at MDT-S/2 (captured, bf16 weights, cuBLASLt MLP), then the S/2 and MDT-XL/2 steps
+#   bash experiments/bench/gpu_bench.sh s18c      # tune the cuBLASLt MLP's algorithms at S/2 (lt_tune.py), MDT-S/2 with / without the table, the trainer
 #   bash experiments/bench/gpu_bench.sh s2next    # (prepared) the GPU tests, then MDT-S/2 with the attention forward in 3 stages, alternating
 # Every kernel is checked against the explicit reference before it is timed (bench attention /
 # sample --check); a run that fails or times out leaves an error line, the rest go on.
@@ -879,6 +880,23 @@ s18b)  # session 18: the trainer at MDT-S/2 b256 captured with bf16 weights and 
   TRAINER_LIMIT=200 trainer_runs 60 "mdt_s2 lt17"
   captured_steps 150 mdt_s2:256:20:lt17
   captured_steps 230 mdt_xl2:64:10:lt17
+  ;;
+s18c)  # session 18: tune the cuBLASLt MLP's algorithms at MDT-S/2's shapes (lt_tune.py --write: the table in this
+  # tree, copied to $OUT), then MDT-S/2 captured with bf16 weights and the cuBLASLt MLP with the table / without
+  # (MDTZOO_LT_TUNED=0), the trainer with it, and the GPU test of a tuned algorithm
+  echo "== lt_tune" >&2
+  timeout 90 "$py" experiments/bench/lt_tune.py --shapes s,s_masked --write > "$OUT/lt_tune.log" 2>&1 \
+    || echo "!! lt_tune failed (rc $?)" >&2
+  cat "$OUT/lt_tune.log" >&2
+  cp mdtzoo/models/cublaslt_algos.json "$OUT/"
+  for tuned in 1 0; do
+    MDTZOO_LT_TUNED=$tuned step "step_mdt_s2_tuned$tuned" 110 mdt_s2 256 --steps 20 --compile --windows 2 \
+      --graph-step --bf16-weights --mlp-impl cublaslt
+  done
+  TRAINER_LIMIT=130 trainer_runs 60 "mdt_s2 lt17"
+  timeout 40 "$py" -m pytest -q -p no:cacheprovider tests/test_lt_mlp.py -k "tuned_algorithm" > "$OUT/pytest_tuned.log" 2>&1 \
+    || echo "!! tuned test failed (rc $?)" >&2
+  tail -n 1 "$OUT/pytest_tuned.log" >&2
   ;;
 lt17c)  # session 17, after lt17b on the same machine: DiT-XL/2 again, inductor's MLP first this time
   captured_steps 170 dit_xl2:64:10:graph16 dit_xl2:64:10:lt17

@@ -20,7 +20,9 @@ features, so the bias and its gradient run along cuBLASLt's rows).
 The library is the libcublasLt that torch's CUDA build has loaded (found in the process's memory
 map; ``MDTZOO_CUBLASLT`` names another file). Handles, descriptors and chosen algorithms are cached
 per device and problem; each device gets a 32 MiB workspace once, so the calls can be captured in
-CUDA graphs. Calls run on torch's current stream. 16-bit inputs only (bf16 or fp16, all the same
+CUDA graphs. A problem runs the heuristic's first algorithm unless the tuned table
+(``cublaslt_algos.json``, measured by experiments/bench/lt_tune.py for a card and library version)
+names a faster one of those the heuristic offers; the choice is fixed per problem, so results repeat. Calls run on torch's current stream. 16-bit inputs only (bf16 or fp16, all the same
 dtype), float32 accumulation.
 """
 
@@ -44,9 +46,13 @@ _PREF_MIN_ALIGNMENT = {"a": 5, "b": 6, "c": 7, "d": 8}
 EPILOGUES = {"gelu_aux_bias": 164, "dgelu": 192, "dgelu_bgrad": 208, "bgradb": 512}
 WORKSPACE_BYTES = 32 << 20
 CANDIDATES = 8  # algorithms asked of the heuristic per problem
-# Which of them runs: the heuristic's first (the default, so a problem always gets the same algorithm,
-# and a resumed run the same numbers), or another, by epilogue, for benchmarks (lt_parts.py --sweep).
+# Which of them runs: for benchmarks, ALGO_PICK[epilogue] (lt_parts.py --sweep); else the index the tuned
+# table gives for the problem on this card and library version (``tuned``); else the heuristic's first.
+# Either way a problem always gets the same algorithm, so a resumed run computes what the first run did.
 ALGO_PICK: dict[str, int] = {}
+# cublaslt_algos.json: {"<card>|<libcublasLt version>": {"<problem>": index}}, written by
+# experiments/bench/lt_tune.py from timed sweeps; MDTZOO_LT_TUNED=0 (before the first call): not read.
+TUNED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cublaslt_algos.json")
 
 
 class _Heuristic(ctypes.Structure):
@@ -58,6 +64,8 @@ _lib = None
 _handles: dict[int, ctypes.c_void_p] = {}
 _workspaces: dict[int, torch.Tensor] = {}
 _plans: dict[tuple, tuple] = {}
+_tuned: dict[int, dict[str, int]] = {}  # device -> this card's and library's table
+_picks: dict[tuple, int] = {}  # plan key -> the index it runs (ALGO_PICK aside)
 
 
 def _library_path() -> str | None:
@@ -167,6 +175,48 @@ def _plan(device: int, dtype: torch.dtype, epilogue: str, transa: int, transb: i
     return _plans[key]
 
 
+def problem_name(key: tuple) -> str:
+    """A plan key as the tuned table names it: epilogue, dtype, transposes, m, n, k, leading dims, alignments."""
+    _, dtype, epilogue, transa, transb, m, n, k, lda, ldb, ldd, aligns = key
+    return " ".join(map(str, (epilogue, str(dtype).replace("torch.", ""), transa, transb, m, n, k, lda, ldb, ldd,
+                              "/".join(map(str, aligns)))))
+
+
+def table_name(device: int) -> str:
+    """This card and library version, the tuned table's top-level key (e.g. 'NVIDIA H100 80GB HBM3|130200')."""
+    lib = library()
+    lib.cublasLtGetVersion.restype = ctypes.c_size_t
+    return f"{torch.cuda.get_device_name(device)}|{lib.cublasLtGetVersion()}"
+
+
+def tuned(device: int) -> dict[str, int]:
+    """The tuned table's entries for this device's card and library version ({} if none or MDTZOO_LT_TUNED=0)."""
+    if device not in _tuned:
+        table = {}
+        if os.environ.get("MDTZOO_LT_TUNED", "1") != "0" and os.path.exists(TUNED_FILE):
+            import json
+
+            with open(TUNED_FILE) as f:
+                table = json.load(f).get(table_name(device), {})
+        _tuned[device] = table
+    return _tuned[device]
+
+
+def _pick(key: tuple, count: int) -> int:
+    """The algorithm index a plan runs: ALGO_PICK's for its epilogue, else the tuned table's, else 0."""
+    if key[2] in ALGO_PICK:
+        return min(ALGO_PICK[key[2]], count - 1)
+    if key not in _picks:
+        index = tuned(key[0]).get(problem_name(key), 0)
+        _picks[key] = index if 0 <= index < count else 0
+    return _picks[key]
+
+
+def tuned_plans() -> int:
+    """How many of the plans made so far run a tuned (not the first) algorithm: what the bench records."""
+    return sum(1 for index in _picks.values() if index)
+
+
 def candidates(epilogue: str) -> int:
     """How many algorithms the heuristic offered for the problems with this epilogue met so far (the
     most of any): the range of ``ALGO_PICK[epilogue]`` worth sweeping."""
@@ -180,9 +230,10 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, *, transa: int, m
             epilogue: str, bias: torch.Tensor | None, aux: torch.Tensor | None, transb: int = _OP_N) -> None:
     """D = epilogue(op(A) op(B)), column-major views of row-major tensors (see the module docstring)."""
     device = d.device.index
-    desc, a_l, b_l, d_l, algos, _ = _plan(device, d.dtype, epilogue, transa, transb, m, n, k, a.stride(0),
-                                          b.stride(0), d.stride(0), (_alignment(a), _alignment(b), _alignment(d)))
-    algo = algos[min(ALGO_PICK.get(epilogue, 0), len(algos) - 1)]
+    key = (device, d.dtype, epilogue, transa, transb, m, n, k, a.stride(0), b.stride(0), d.stride(0),
+           (_alignment(a), _alignment(b), _alignment(d)))
+    desc, a_l, b_l, d_l, algos, _ = _plan(*key)
+    algo = algos[_pick(key, len(algos))]
     lib = library()
     setter = lib.cublasLtMatmulDescSetAttribute
     if bias is not None:
