@@ -303,3 +303,16 @@ def test_a_tuned_algorithm_runs_and_repeats_on_cuda(monkeypatch):
     a, b = cublaslt.dgelu_linear(dy, w, u), cublaslt.dgelu_linear(dy, w, u)
     assert cublaslt.tuned_plans() == 1 and torch.equal(a, b)
     assert _rel(a, first) < 1e-2
+
+
+def test_a_corrupt_table_is_named(monkeypatch, tmp_path):
+    bad = tmp_path / "cublaslt_algos.json"
+    bad.write_text("{not json")
+    monkeypatch.setattr(cublaslt, "TUNED_FILE", str(bad))
+    monkeypatch.setattr(cublaslt, "_tuned", {})
+    monkeypatch.setattr(cublaslt, "table_name", lambda device: "card|1")
+    monkeypatch.delenv("MDTZOO_LT_TUNED", raising=False)
+    with pytest.raises(RuntimeError, match="cannot read the tuned cuBLASLt algorithms in .*MDTZOO_LT_TUNED=0"):
+        cublaslt.tuned(0)
+    bad.write_text('{"card|1": {"dgelu bfloat16 0 0 8 8 8 8 8 8 256/256/256": 2}}')
+    assert cublaslt.tuned(0) == {"dgelu bfloat16 0 0 8 8 8 8 8 8 256/256/256": 2}

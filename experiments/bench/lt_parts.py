@@ -46,6 +46,16 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def mlp_tensors(t: int, d: int, dev) -> tuple[torch.Tensor, ...]:
+    """x, dy (T, D), w1 (4D, D), b1 (4D,), w2 (D, 4D): bf16, seeded, the weights at unit-variance outputs."""
+    f = 4 * d
+    g = torch.Generator(device="cpu").manual_seed(0)
+    bf = dict(device=dev, dtype=torch.bfloat16)
+    x, dy = torch.randn(t, d, generator=g).to(**bf), torch.randn(t, d, generator=g).to(**bf)
+    w1, b1 = (torch.randn(f, d, generator=g) / d ** 0.5).to(**bf), torch.randn(f, generator=g).to(**bf)
+    return x, dy, w1, b1, (torch.randn(d, f, generator=g) / f ** 0.5).to(**bf)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
@@ -76,11 +86,7 @@ def main() -> None:
             raise SystemExit(f"unknown shape {name!r}; valid: {', '.join(SHAPES)}")
         t, d = SHAPES[name]
         f = 4 * d
-        g = torch.Generator(device="cpu").manual_seed(0)
-        bf = dict(device=dev, dtype=torch.bfloat16)
-        x, dy = torch.randn(t, d, generator=g).to(**bf), torch.randn(t, d, generator=g).to(**bf)
-        w1, b1 = (torch.randn(f, d, generator=g) / d ** 0.5).to(**bf), torch.randn(f, generator=g).to(**bf)
-        w2 = (torch.randn(d, f, generator=g) / f ** 0.5).to(**bf)
+        x, dy, w1, b1, w2 = mlp_tensors(t, d, dev)
         gl, u = lin_gelu(x, w1, b1)
         ref_u = x.double() @ w1.double().t() + b1.double()
         du = dgelu(dy, w2, u)

@@ -24,7 +24,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lt_parts import SHAPES  # noqa: E402  (the blocks' shapes, this folder)
+from lt_parts import SHAPES, mlp_tensors  # noqa: E402  (the blocks' shapes and tensors, this folder)
 from norm_sweep import graph_time  # noqa: E402  (CUDA-graph replay timing, this folder)
 
 from mdtzoo.models import cublaslt  # noqa: E402
@@ -37,12 +37,7 @@ def rel(a, b) -> float:
 
 def problems(t: int, d: int, dev) -> list[tuple[str, str, object]]:
     """(label, epilogue, fn) for the four matmuls at T x D (hidden 4D), on bf16 tensors made here."""
-    f = 4 * d
-    g = torch.Generator(device="cpu").manual_seed(0)
-    bf = dict(device=dev, dtype=torch.bfloat16)
-    x, dy = torch.randn(t, d, generator=g).to(**bf), torch.randn(t, d, generator=g).to(**bf)
-    w1, b1 = (torch.randn(f, d, generator=g) / d ** 0.5).to(**bf), torch.randn(f, generator=g).to(**bf)
-    w2 = (torch.randn(d, f, generator=g) / f ** 0.5).to(**bf)
+    x, dy, w1, b1, w2 = mlp_tensors(t, d, dev)
     gl, u = cublaslt.linear_gelu(x, w1, b1)
     du = cublaslt.dgelu_linear(dy, w2, u)
     return [("fc1 forward", "gelu_aux_bias", lambda: cublaslt.linear_gelu(x, w1, b1)),

@@ -105,6 +105,7 @@ def library():
         lib.cublasLtMatrixLayoutCreate.argtypes = [p, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64]
         lib.cublasLtMatmulDescCreate.argtypes = [p, ctypes.c_int, ctypes.c_int]
         lib.cublasLtMatmulAlgoGetHeuristic.argtypes = [p, p, p, p, p, p, p, ctypes.c_int, p, p]
+        lib.cublasLtGetVersion.restype = ctypes.c_size_t
         _lib = lib
     return _lib
 
@@ -184,9 +185,7 @@ def problem_name(key: tuple) -> str:
 
 def table_name(device: int) -> str:
     """This card and library version, the tuned table's top-level key (e.g. 'NVIDIA H100 80GB HBM3|130200')."""
-    lib = library()
-    lib.cublasLtGetVersion.restype = ctypes.c_size_t
-    return f"{torch.cuda.get_device_name(device)}|{lib.cublasLtGetVersion()}"
+    return f"{torch.cuda.get_device_name(device)}|{library().cublasLtGetVersion()}"
 
 
 def tuned(device: int) -> dict[str, int]:
@@ -196,8 +195,12 @@ def tuned(device: int) -> dict[str, int]:
         if os.environ.get("MDTZOO_LT_TUNED", "1") != "0" and os.path.exists(TUNED_FILE):
             import json
 
-            with open(TUNED_FILE) as f:
-                table = json.load(f).get(table_name(device), {})
+            try:
+                with open(TUNED_FILE) as f:
+                    table = json.load(f).get(table_name(device), {})
+            except (ValueError, AttributeError) as err:
+                raise RuntimeError(f"cannot read the tuned cuBLASLt algorithms in {TUNED_FILE} ({err}); rewrite it "
+                                   "with experiments/bench/lt_tune.py --write, or set MDTZOO_LT_TUNED=0") from err
         _tuned[device] = table
     return _tuned[device]
 
