@@ -150,8 +150,9 @@ class DiffusionTransformer(nn.Module):
         blocks one by one): fewer region calls per step, each with its guards and autograd
         wrappers on the host, for a longer compile. At either scope the input embedding (patches,
         positions, the kept tokens' gather) and the side-interpolator's pieces around its blocks
-        (``Interpolator.compile_glue``) are compiled too, bitwise the eager maths. Masks and label
-        dropout stay eager, where the per-step random generators live; state-dict keys are unchanged. ``mode``: a
+        (``Interpolator.compile_glue``) are compiled too: outputs bitwise the eager ones, gradients to
+        float32 rounding (batch sums in another order). Masks and label dropout stay eager, where the
+        per-step random generators live; state-dict keys are unchanged. ``mode``: a
         torch.compile mode (None or 'default': the default; 'reduce-overhead' replays each
         region as CUDA graphs).
         """
@@ -159,7 +160,8 @@ class DiffusionTransformer(nn.Module):
         options = {} if mode in (None, "default") else {"mode": mode}
         # the model is an argument, so copies (EMA) run their own weights
         compiled = {**_GLUE, **(_STACKS if scope == "stacks" else {})}
-        self._stacks = {**_STACKS, **{name: torch.compile(fn, dynamic=False, **options) for name, fn in compiled.items()}}
+        self._stacks = {**_STACKS, **{name: torch.compile(fn, dynamic=False, **options)
+                                      for name, fn in compiled.items()}}
         if hasattr(self.interp, "compile_glue"):
             self.interp.compile_glue(**options)
         stacked = set(self.blocks) if scope == "stacks" else set()
@@ -256,7 +258,7 @@ class DiffusionTransformer(nn.Module):
         is given; also the tokens before that gather when the decoder takes them (dense skips), else
         None. ``removed`` (B, N), 1 = removed: a symmetric encoder's mask, its places take the input
         mask token. Elementwise maths only (products by 0 or 1 and single adds), so compiled
-        (``compile_blocks``) it gives the eager result bit for bit."""
+        (``compile_blocks``) its output is the eager one bit for bit."""
         h = self.x_embedder(x)  # (B, N, D)
         if removed is not None:
             # Symmetric encoder (paper Table 5a): removed tokens stay, replaced by a learned token.
