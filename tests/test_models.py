@@ -347,7 +347,7 @@ def test_compiled_input_embedding_and_interpolator_pieces_match_eager(overrides)
     for compiled in (False, True):
         m = copy.deepcopy(model)
         if compiled:
-            m._stacks.update({name: torch.compile(fn, dynamic=False) for name, fn in _GLUE.items()})
+            m._regions.update({name: torch.compile(fn, dynamic=False) for name, fn in _GLUE.items()})
             m.interp.compile_glue()
             assert m.interp._glue["fill"] is not INTERP_GLUE["fill"]
         outs = [m(x, t, y, drop_labels=False), m(x, t, y, mask, drop_labels=False)]
@@ -385,7 +385,8 @@ def test_compile_scopes_give_eager_outputs_and_gradients_and_copies_run_their_ow
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
 
-    from mdtzoo.models.transformer import COMPILE_SCOPES, _STACKS
+    from mdtzoo.interp.side import _GLUE as INTERP_GLUE
+    from mdtzoo.models.transformer import _GLUE, COMPILE_SCOPES, _STACKS
 
     torch.manual_seed(0)
     model = build_model("mdt_xs2", input_size=8, num_classes=4, **overrides)
@@ -411,7 +412,11 @@ def test_compile_scopes_give_eager_outputs_and_gradients_and_copies_run_their_ow
         for name, g in eager_grads.items():
             torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=f"{scope}: {name}")
     stacked = runs["stacks"][2]
-    assert stacked._stacks["encode"] is not _STACKS["encode"]  # compiled, not the eager loop
+    assert stacked._regions["encode"] is not _STACKS["encode"]  # compiled, not the eager loop
+    for scope in COMPILE_SCOPES:  # the input embedding and the interpolator's pieces compiled at either scope
+        compiled = runs[scope][2]
+        assert compiled._regions["embed"] is not _GLUE["embed"]
+        assert all(compiled.interp._glue[name] is not fn for name, fn in INTERP_GLUE.items())
     copy_ = copy.deepcopy(stacked)
     with torch.no_grad():
         copy_.blocks[0].mlp.fc1.weight.zero_()

@@ -138,7 +138,9 @@ def _alignment(t: torch.Tensor) -> int:
 def _plan(device: int, dtype: torch.dtype, epilogue: str, transa: int, transb: int, m: int, n: int, k: int, lda: int,
           ldb: int, ldd: int, aligns: tuple[int, int, int]) -> tuple:
     """(descriptor, layouts of A, B, D, the heuristic's algorithms, their results' buffer) for
-    D (m, n) = op(A) (m, k) @ op(B) (k, n), column-major, with the epilogue; built once per key."""
+    D (m, n) = op(A) (m, k) @ op(B) (k, n), column-major, with the epilogue; built once per key. A
+    problem cuBLASLt has no algorithm for is refused by name here (the trainer probes each model width
+    first: ``lt_mlp.check_library``)."""
     key = (device, dtype, epilogue, transa, transb, m, n, k, lda, ldb, ldd, aligns)
     if key in _plans:
         return _plans[key]
@@ -251,9 +253,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, *, transa: int, m
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t with unit column stride (a contiguous copy otherwise); its row stride is the leading dimension.
-    A problem cuBLASLt has no algorithm for is refused by name in ``_plan`` (the trainer probes each
-    model width first: ``lt_mlp.check_library``)."""
+    """t with unit column stride (a contiguous copy otherwise); its row stride is the leading dimension."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 

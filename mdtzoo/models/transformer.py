@@ -107,8 +107,9 @@ class DiffusionTransformer(nn.Module):
         )
         self.input_mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if self.symmetric else None
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        # how forward runs the input embedding and the encoder's and decoder's blocks (compile_blocks)
-        self._stacks = {**_STACKS, **_GLUE}
+        # the functions forward runs for the input embedding and the encoder's and decoder's blocks: eager,
+        # or compiled by compile_blocks (the model is their argument)
+        self._regions = {**_STACKS, **_GLUE}
         self.initialize_weights()
         assert num_patches == self.x_embedder.num_patches
 
@@ -160,7 +161,7 @@ class DiffusionTransformer(nn.Module):
         options = {} if mode in (None, "default") else {"mode": mode}
         # the model is an argument, so copies (EMA) run their own weights
         compiled = {**_GLUE, **(_STACKS if scope == "stacks" else {})}
-        self._stacks = {**_STACKS, **{name: torch.compile(fn, dynamic=False, **options)
+        self._regions = {**_STACKS, **{name: torch.compile(fn, dynamic=False, **options)
                                       for name, fn in compiled.items()}}
         if hasattr(self.interp, "compile_glue"):
             self.interp.compile_glue(**options)
@@ -245,12 +246,12 @@ class DiffusionTransformer(nn.Module):
             mask_out = mask_out.in_grid_order()  # the same result; contiguous bias reads in attention
             ids_keep = mask_out.ids_keep
         removed = mask_out.mask if mask_out is not None and self.symmetric else None
-        h, input_skip = self._stacks["embed"](self, x, removed, ids_keep)
+        h, input_skip = self._regions["embed"](self, x, removed, ids_keep)
 
-        h = self._stacks["encode"](self, h, c, ids_keep)
+        h = self._regions["encode"](self, h, c, ids_keep)
         if self.interp is not None:
             h = self.interp(h, c, mask_out) if mask_out is not None else self.interp.unmasked(h)
-        h = self._stacks["decode"](self, h, c, input_skip)
+        h = self._regions["decode"](self, h, c, input_skip)
         return self.unpatchify(self.final_layer(h, c))
 
     def _embed(self, x, removed, ids_keep):
