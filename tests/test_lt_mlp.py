@@ -314,5 +314,8 @@ def test_a_corrupt_table_is_named(monkeypatch, tmp_path):
     monkeypatch.delenv("MDTZOO_LT_TUNED", raising=False)
     with pytest.raises(RuntimeError, match="cannot read the tuned cuBLASLt algorithms in .*MDTZOO_LT_TUNED=0"):
         cublaslt.tuned(0)
+    bad.write_text('{"card|1": {"dgelu bfloat16 0 0 8 8 8 8 8 8 256/256/256": "2"}}')
+    with pytest.raises(RuntimeError, match="an algorithm index is not an integer"):
+        cublaslt.tuned(0)
     bad.write_text('{"card|1": {"dgelu bfloat16 0 0 8 8 8 8 8 8 256/256/256": 2}}')
     assert cublaslt.tuned(0) == {"dgelu bfloat16 0 0 8 8 8 8 8 8 256/256/256": 2}

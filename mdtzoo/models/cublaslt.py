@@ -200,6 +200,8 @@ def tuned(device: int) -> dict[str, int]:
             try:
                 with open(TUNED_FILE) as f:
                     table = json.load(f).get(table_name(device), {})
+                if not all(isinstance(index, int) for index in table.values()):
+                    raise ValueError("an algorithm index is not an integer")
             except (ValueError, AttributeError) as err:
                 raise RuntimeError(f"cannot read the tuned cuBLASLt algorithms in {TUNED_FILE} ({err}); rewrite it "
                                    "with experiments/bench/lt_tune.py --write, or set MDTZOO_LT_TUNED=0") from err
